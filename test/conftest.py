@@ -1,0 +1,21 @@
+"""Shared test setup: DDS kept on loopback with a per-run domain, and one tiny checkpoint per session."""
+import os
+import pathlib
+
+import pytest
+
+# Set before anything imports rclpy (child processes inherit them). A per-run domain keeps parallel
+# runs on this machine from seeing each other's nodes.
+os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 100))
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='session')
+def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
+    """A random LLaVA checkpoint of the `tiny` preset, built offline once per test session."""
+    from zip_vlm_ros.tiny_model import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp('models') / 'tiny', preset='tiny')
