@@ -1,0 +1,311 @@
+"""Offline LLaVA checkpoints with random weights: ``vlm_tiny_model OUT_DIR --preset tiny|bench``.
+
+No model weights can be downloaded where this package is tested, so the tests and benchmarks build
+their own LLaVA checkpoints: a ``LlavaConfig`` (CLIP vision tower + Llama language model) with
+random but seeded weights, a byte-level BPE tokenizer trained on a few KB of scene descriptions, a
+``CLIPImageProcessor`` and a ``LlavaProcessor`` with a LLaVA-1.5 chat template, all written with
+``save_pretrained``. They load through exactly the code path of a real checkpoint
+(``LlavaForConditionalGeneration.from_pretrained`` + ``AutoProcessor.from_pretrained``).
+
+Presets:
+  tiny   56 px images (16 patches + CLS), 3 CLIP layers, a 2-layer 64-wide Llama: builds and runs
+         in about a second, and budgets such as 4 or 8 tokens reduce the 16 visual tokens.
+  bench  LLaVA-1.5's token geometry (336 px, patch 14, 576 patches + CLS, 24 encoder layers,
+         feature layer -2, "default" select strategy) with LLaVA-1.5-7B's cost proportions: a
+         narrow vision tower that takes about 5 % of full-token time to first token and an
+         8-layer, 2048-wide Llama whose 600-token prefill takes seconds on 2 CPU cores.
+
+The text they generate is meaningless; they exist to exercise and time the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
+# Written last: its presence means the directory holds a complete checkpoint of that preset.
+MARKER_FILE = "zip_vlm_tiny_model.json"
+MARKER_FORMAT = 1
+
+# LLaVA-1.5 style: "USER: <image>\n{question} ASSISTANT:". Images come before the text of a turn.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] != 'system' -%}{{ message['role'] | upper }}: {% endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }} "
+    "{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'image' -%}<image>\n{% endfor -%}"
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{ item['text'] }} {% endfor -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+)
+
+# Training text for the tokenizer: the words a robot's camera questions and answers use.
+TOKENIZER_CORPUS = """\
+USER: What is in the image? ASSISTANT: The image shows a person standing in front of a wall.
+Describe the scene. The scene shows a kitchen with a table, two chairs and a coffee cup.
+Is there a person in front of the robot? Yes, there is a person about two meters ahead.
+What color is the cup? The cup is white and sits on a wooden table next to a plate.
+How many people are in the room? There are three people in the room near the door.
+Is the path clear? No, a box is blocking the path on the left side of the corridor.
+A cat is sitting on the floor and looking at the camera.
+A rocket stands on the launch pad under a blue sky with a few clouds.
+An astronaut in a white suit holds a helmet and smiles at the camera.
+The street is busy with cars, a bus, bicycles and people crossing at the light.
+There is a door on the right, and the hallway turns left after the stairs.
+The shelf holds books, a plant, a clock and a small red box.
+A dog runs across the grass toward a ball near the fence.
+Where is the nearest exit? The nearest exit is behind the robot, past the elevator.
+Can the robot pass between the chairs? Yes, the gap between the chairs is wide enough.
+Is the floor wet? The floor looks dry, but there is a cable on the ground.
+What is the person holding? The person is holding a phone in the right hand.
+Count the objects on the table: one laptop, two mugs, a notebook and a pen.
+The light is on, the window is open and the curtains move in the wind.
+A forklift carries a pallet through the warehouse between tall racks.
+The camera sees a parking lot with five cars and a truck near the gate.
+A child rides a bike on the sidewalk while an adult walks beside her.
+The motorcycle is parked in front of a brick building with large windows.
+Is anything on fire? No smoke or fire is visible in the image.
+Read the sign. The sign says stop, and an arrow points to the left.
+The robot arm is above the bin; the green object is closest to the gripper.
+What changed since the last frame? A person walked in from the left and sat down.
+Answer briefly. Yes. No. Left. Right. Up. Down. Near. Far. Open. Closed.
+one two three four five six seven eight nine ten zero meters seconds degrees
+red orange yellow green blue purple black white gray brown pink
+"""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Geometry and size of one offline checkpoint."""
+
+    image_size: int
+    patch_size: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden_size: int
+    text_intermediate_size: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    max_position_embeddings: int
+    tokenizer_vocab_size: int
+    # Larger than the usual 0.02 so that attention and MLP outputs are not swamped by the residual
+    # stream: the random model's next token then depends on the image and the whole prompt.
+    text_initializer_range: float
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        image_size=56, patch_size=14,
+        vision_hidden_size=32, vision_intermediate_size=64, vision_layers=3, vision_heads=4,
+        text_hidden_size=64, text_intermediate_size=128, text_layers=2, text_heads=4, text_kv_heads=2,
+        max_position_embeddings=1024, tokenizer_vocab_size=600, text_initializer_range=0.2,
+    ),
+    "bench": Preset(
+        image_size=336, patch_size=14,
+        vision_hidden_size=128, vision_intermediate_size=512, vision_layers=24, vision_heads=2,
+        text_hidden_size=2048, text_intermediate_size=5504, text_layers=8, text_heads=16, text_kv_heads=16,
+        max_position_embeddings=4096, tokenizer_vocab_size=1000, text_initializer_range=0.02,
+    ),
+}
+
+
+def _train_tokenizer(vocab_size: int):
+    """Byte-level BPE trained on TOKENIZER_CORPUS, wrapped as a transformers fast tokenizer.
+
+    Byte-level pre-tokenization encodes any text without <unk>. "<image>" is a special added token,
+    so the text on either side of it is tokenized independently (as in real LLaVA tokenizers).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TOKENIZER_CORPUS.splitlines(), trainer=trainer)
+    bos_id = tokenizer.token_to_id("<s>")
+    # Llama-style: every encoded text starts with <s>.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        padding_side="left",
+    )
+
+
+def _llava_config(preset: Preset, tokenizer):
+    """LlavaConfig for `preset` with token ids taken from `tokenizer`."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision_config = CLIPVisionConfig(
+        hidden_size=preset.vision_hidden_size,
+        intermediate_size=preset.vision_intermediate_size,
+        num_hidden_layers=preset.vision_layers,
+        num_attention_heads=preset.vision_heads,
+        image_size=preset.image_size,
+        patch_size=preset.patch_size,
+        projection_dim=preset.vision_hidden_size,
+        hidden_act="quick_gelu",
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=preset.text_hidden_size,
+        intermediate_size=preset.text_intermediate_size,
+        num_hidden_layers=preset.text_layers,
+        num_attention_heads=preset.text_heads,
+        num_key_value_heads=preset.text_kv_heads,
+        max_position_embeddings=preset.max_position_embeddings,
+        initializer_range=preset.text_initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    num_patches = (preset.image_size // preset.patch_size) ** 2
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=num_patches,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+def _processor(preset: Preset, tokenizer):
+    """LlavaProcessor: CLIP preprocessing at the preset's resolution + tokenizer + chat template."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    # The PIL backend needs no torchvision; OpenAI CLIP's mean/std are its defaults.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": preset.image_size},
+        crop_size={"height": preset.image_size, "width": preset.image_size},
+        do_center_crop=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=preset.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+
+
+def _read_marker(out_dir: pathlib.Path) -> dict | None:
+    try:
+        return json.loads((out_dir / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_complete(out_dir: pathlib.Path, preset: str, seed: int) -> bool:
+    marker = _read_marker(out_dir)
+    return marker is not None and marker.get("format") == MARKER_FORMAT and \
+        marker.get("preset") == preset and marker.get("seed") == seed
+
+
+def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0) -> pathlib.Path:
+    """Write a random-weight LLaVA checkpoint of `preset` into `out_dir` and return its path.
+
+    Idempotent: if `out_dir` already holds a complete checkpoint of this preset and seed it is
+    returned as is. The checkpoint is built in a sibling temporary directory and renamed into place,
+    so a reader never sees a half-written one and concurrent builders do not collide.
+    Raises ValueError for an unknown preset or an `out_dir` that holds something else.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    out_dir = pathlib.Path(out_dir).expanduser().absolute()
+    if _is_complete(out_dir, preset, seed):
+        return out_dir
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        marker = _read_marker(out_dir)
+        found = f"a {marker.get('preset')!r} checkpoint with seed {marker.get('seed')}" if marker else "other files"
+        raise ValueError(f"{out_dir} already holds {found}; give an empty or new directory for the "
+                         f"{preset!r} checkpoint with seed {seed}")
+
+    import torch
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    spec = PRESETS[preset]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tokenizer = _train_tokenizer(spec.tokenizer_vocab_size)
+        config = _llava_config(spec, tokenizer)
+        # Weight init draws from torch's global generator: seed it, and leave it as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlavaForConditionalGeneration(config).eval()
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model.save_pretrained(staging)
+        _processor(spec, tokenizer).save_pretrained(staging)
+        marker = {"format": MARKER_FORMAT, "preset": preset, "seed": seed, "preset_spec": asdict(spec)}
+        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        os.chmod(staging, 0o755)
+        try:
+            # rename(2) replaces an empty directory atomically; a non-empty one means another
+            # builder won the race.
+            os.replace(staging, out_dir)
+        except OSError:
+            if not _is_complete(out_dir, preset, seed):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vlm_tiny_model",
+        description="Write a random-weight LLaVA checkpoint (CLIP + Llama, tokenizer, processor) "
+                    "that loads like a real one. For tests and benchmarks: the text it generates "
+                    "is meaningless.",
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (empty or new)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="tiny: seconds to build and run; bench: LLaVA-1.5 token geometry and "
+                             "cost proportions (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="weight init seed (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        path = build_checkpoint(args.out_dir, preset=args.preset, seed=args.seed)
+    except ValueError as error:
+        print(f"vlm_tiny_model: {error}", file=sys.stderr)
+        return 2
+    spec = PRESETS[args.preset]
+    patches = (spec.image_size // spec.patch_size) ** 2
+    print(f"{path}: {args.preset} LLaVA checkpoint (seed {args.seed}), {spec.image_size} px images, "
+          f"{patches} visual tokens, {spec.vision_layers}-layer vision tower, "
+          f"{spec.text_layers}-layer {spec.text_hidden_size}-wide Llama")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
