@@ -49,12 +49,14 @@ def test_processor_expands_the_image_token_to_one_per_patch(tiny_model_dir):
     assert inputs.input_ids[0, 0].item() == processor.tokenizer.bos_token_id
 
 
-def test_tokenizer_round_trips_text_outside_its_training_corpus(tiny_model_dir):
+def test_tokenizer_round_trips_text_and_marks_unknown_characters(tiny_model_dir):
     tokenizer = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer
-    text = "Zebra crossing at 7:45 — café, naïve façade!"
+    text = "Is the red box near the door?\nYes, two meters ahead."
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert tokenizer.unk_token_id not in ids
     assert tokenizer.decode(ids) == text
+    # Characters outside the training alphabet (so every token decodes to printable text).
+    assert tokenizer.unk_token_id in tokenizer("café", add_special_tokens=False).input_ids
 
 
 def test_random_model_generates_image_dependent_text(tiny_model_dir):
@@ -66,10 +68,11 @@ def test_random_model_generates_image_dependent_text(tiny_model_dir):
         inputs = processor(images=image, text=text, return_tensors="pt")
         output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
         answers.append(output[0, inputs.input_ids.shape[1]:].tolist())
-    # Not stuck on EOS, not one token repeated, and the image matters.
+    # Not stuck on EOS, not one token repeated, printable, and the image matters.
     for answer in answers:
         assert len(answer) == 12
         assert len(set(answer)) > 3
+        assert processor.decode(answer, skip_special_tokens=True).replace("\n", " ").isprintable()
     assert answers[0] != answers[1]
 
 

@@ -122,21 +122,24 @@ PRESETS: dict[str, Preset] = {
 
 
 def _train_tokenizer(vocab_size: int):
-    """Byte-level BPE trained on TOKENIZER_CORPUS, wrapped as a transformers fast tokenizer.
+    """BPE (sentencepiece-style "▁" word marks, as Llama) trained on TOKENIZER_CORPUS, wrapped as a
+    transformers fast tokenizer.
 
-    Byte-level pre-tokenization encodes any text without <unk>. "<image>" is a special added token,
-    so the text on either side of it is tokenized independently (as in real LLaVA tokenizers).
+    The alphabet is the corpus's characters plus newline, so every token decodes to printable text
+    (a random model emits arbitrary tokens, and ROS strings should not carry control bytes); other
+    characters encode as <unk>. "<image>" is a special added token, so the text on either side of it
+    is tokenized independently (as in real LLaVA tokenizers).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=["\n"],
         show_progress=False,
     )
     tokenizer.train_from_iterator(TOKENIZER_CORPUS.splitlines(), trainer=trainer)
