@@ -1,0 +1,769 @@
+"""The LLaVA engine: model loading, prompts, VisionZip-reduced generation and a per-frame prefix cache.
+
+No ROS here: the node, replay and bench tools hand it ``HxWx3 uint8 RGB`` numpy images and prompts
+and get ``VlmOutput`` records back.
+
+One request runs in four stages, each timed:
+
+1. vision     the checkpoint's image processor and vision tower (+ multimodal projector);
+2. reduction  VisionZip (``zip_vlm_ros.visionzip``) keeps ``token_budget`` of the visual tokens when the
+              budget is below the model's full count (576 for LLaVA-1.5); otherwise the stock LLaVA
+              features are used unchanged;
+3. prefill    the language model reads the prompt: first the *prefix* (the prompt up to and including
+              the visual tokens), then the question's own tokens (the *suffix*);
+4. decode     greedy or sampled tokens until EOS or ``max_new_tokens``.
+
+VisionZip's selection does not depend on the question, so the prefix - vision, reduction, projection
+and its LLM key/value cache - is the same for every question about one frame. It is computed once per
+frame (``frame_key``) and kept in a small LRU cache; each question prefills only its suffix on a copy of
+the cached keys/values. Every path prefills prefix and suffix separately, so an answer computed with a
+reused prefix is token-for-token the answer computed from scratch.
+
+The engine is thread-compatible, not thread-safe: call it from one thread (the node's worker).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import gc
+import json
+import math
+import operator
+import os
+import pathlib
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from zip_vlm_ros.visionzip import encode_for_visionzip, split_budget, visionzip_compress
+
+__all__ = [
+    "EngineConfig",
+    "EngineError",
+    "ModelLoadError",
+    "RequestError",
+    "SamplingOptions",
+    "VlmEngine",
+    "VlmOutput",
+]
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Used when a checkpoint's processor has no chat template.
+LLAVA_1_5_PROMPT = "USER: {image}\n{prompt} ASSISTANT:"
+
+
+class EngineError(Exception):
+    """A problem the user can fix; ``str(error)`` is one line saying what is wrong and how to fix it."""
+
+
+class ModelLoadError(EngineError):
+    """The engine cannot be built from its EngineConfig (missing path, not LLaVA, no CUDA, bad values)."""
+
+
+class RequestError(EngineError):
+    """One request is invalid (token budget, prompt, image, sampling options); the engine stays usable."""
+
+
+@dataclass
+class EngineConfig:
+    model: str                          # local checkpoint dir or hub id (LlavaForConditionalGeneration)
+    device: str = "auto"                # auto|cpu|cuda|cuda:N   (auto: CUDA when available)
+    dtype: str = "auto"                 # auto|float16|bfloat16|float32 (auto: fp16 on CUDA, fp32 on CPU)
+    token_budget: int = 64              # default budget; >= visual_tokens_full means no reduction
+    contextual_ratio: float = 10 / 64   # contextual = round(T * ratio), dominant = T - contextual
+    max_new_tokens: int = 64
+    prefix_cache_entries: int = 8       # 0 disables the per-frame prefix cache
+    prefix_cache_bytes: int = 1 << 30
+
+
+@dataclass
+class SamplingOptions:
+    """Decoding options; the default is greedy. ``seed`` makes sampling reproducible."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0: no top-k filtering
+    seed: int | None = None
+
+
+@dataclass
+class VlmOutput:
+    """One answer with its token counts and timing breakdown (mirrors msg/VlmResult)."""
+
+    prompt: str
+    text: str
+    model: str
+    reduction: str                      # "visionzip" or "none"
+    token_budget: int                   # effective budget (visual_tokens_full when no reduction)
+    visual_tokens: int                  # fed to the LLM
+    visual_tokens_full: int             # before reduction (576 for LLaVA-1.5)
+    generated_tokens: int               # new tokens, counting the EOS token when generation stopped on it
+    vision_ms: float                    # image preprocessing, vision encoder and projector
+    reduction_ms: float                 # VisionZip selection + merge (0 for "none")
+    prefill_ms: float                   # LLM forward over the prompt (prefix + question)
+    ttft_ms: float                      # request start to the first generated token
+    decode_ms: float                    # the remaining tokens
+    total_ms: float
+    prefix_reused: bool                 # the frame's prefix (vision + its KV cache) came from the cache
+    kv_cache_bytes: int                 # KV cache bytes held for the prompt prefix incl. visual tokens
+
+
+@dataclass
+class _Prefix:
+    """A frame's prompt prefix after prefill: the LLM key/value cache up to the last visual token.
+
+    ``kv_cache`` is shared by every question on the frame and is never mutated: each question
+    continues from a deep copy.
+    """
+
+    kv_cache: object                    # transformers Cache, [1, kv_heads, length, head_dim] per layer
+    length: int
+    nbytes: int
+
+
+class _PrefixCache:
+    """LRU map of prefix key -> _Prefix, bounded by entry count and total bytes.
+
+    An entry larger than the byte bound is not stored (it would evict everything for nothing).
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: collections.OrderedDict[Hashable, _Prefix] = collections.OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> _Prefix | None:
+        prefix = self._entries.get(key)
+        if prefix is not None:
+            self._entries.move_to_end(key)
+        return prefix
+
+    def put(self, key: Hashable, prefix: _Prefix) -> None:
+        if self.max_entries < 1 or prefix.nbytes > self.max_bytes:
+            return
+        if key in self._entries:
+            self.nbytes -= self._entries.pop(key).nbytes
+        while self._entries and (len(self._entries) >= self.max_entries
+                                 or self.nbytes + prefix.nbytes > self.max_bytes):
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+        self._entries[key] = prefix
+        self.nbytes += prefix.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+
+@dataclass
+class _VisualFeatures:
+    """Projected visual tokens for a batch of images, ready to be placed at the image placeholders."""
+
+    features: torch.Tensor              # [batch, visual_tokens, text_hidden]
+    reduction: str
+    vision_ms: float
+    reduction_ms: float
+
+
+class VlmEngine:
+    """LLaVA + VisionZip inference. See the module docstring for the stages and the prefix cache.
+
+    Attributes: ``config``, ``model_name``, ``device``, ``dtype``, ``visual_tokens_full`` (visual
+    tokens the stock model feeds per image, 576 for LLaVA-1.5), ``model`` and ``processor`` (the
+    loaded transformers objects).
+    """
+
+    def __init__(self, config: EngineConfig):
+        """Load the checkpoint and its processor. Raises ModelLoadError (one line) on any problem."""
+        _check_engine_config(config)
+        self.config = config
+        self.model_name = config.model.rstrip("/") or config.model
+        self.device = _resolve_device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device)
+        llava_config = _load_llava_config(config.model)
+        self.model, self.processor = _load_model_and_processor(config.model, self.dtype, self.device)
+        self.tokenizer = self.processor.tokenizer
+        self.image_processor = self.processor.image_processor
+
+        vision_config = llava_config.vision_config
+        self.feature_layer = llava_config.vision_feature_layer
+        self.select_strategy = llava_config.vision_feature_select_strategy
+        num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
+        # "default" drops CLS from the stock features, "full" keeps it.
+        self.visual_tokens_full = num_patches + (1 if self.select_strategy == "full" else 0)
+        self.image_token_id = llava_config.image_token_id
+        self.image_token = getattr(self.processor, "image_token", None) or "<image>"
+        if self.tokenizer.convert_tokens_to_ids(self.image_token) != self.image_token_id:
+            raise ModelLoadError(
+                f"{self.model_name}: the tokenizer's {self.image_token!r} token is not the model's image token id "
+                f"{self.image_token_id}; the processor and model files come from different checkpoints")
+        self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
+        self.pad_token_id = _first_not_none(self.tokenizer.pad_token_id, self.model.generation_config.pad_token_id,
+                                            min(self.eos_token_ids))
+        self._check_prompt_template()
+        self._prefix_cache = _PrefixCache(config.prefix_cache_entries, config.prefix_cache_bytes)
+        self._closed = False
+
+    # ------------------------------------------------------------------ validation
+
+    def check_budget(self, token_budget: int | None) -> int:
+        """The effective visual-token budget for a request.
+
+        None means ``config.token_budget``. Budgets at or above ``visual_tokens_full`` mean no
+        reduction and return ``visual_tokens_full``. Raises RequestError for a budget below 1.
+        """
+        budget = self.config.token_budget if token_budget is None else token_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+            raise RequestError(f"token_budget must be a whole number of visual tokens (>= 1; >= "
+                               f"{self.visual_tokens_full} means no reduction); got {budget!r}")
+        budget = int(budget)
+        if budget < 1:
+            raise RequestError(f"token_budget must be >= 1 (>= {self.visual_tokens_full} means no reduction); "
+                               f"got {budget}")
+        return min(budget, self.visual_tokens_full)
+
+    def _check_max_new_tokens(self, max_new_tokens: int | None) -> int:
+        value = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise RequestError(f"max_new_tokens must be a whole number >= 1 (e.g. 64); got {value!r}")
+        return int(value)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError(f"the engine for {self.model_name} was closed; create a new VlmEngine")
+
+    def _check_prompt(self, prompt) -> str:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError(f"prompt must be a non-empty question such as 'Describe the scene.'; got {prompt!r}")
+        if self.image_token in prompt:
+            raise RequestError(f"prompt must not contain the image placeholder {self.image_token!r}: the engine "
+                               f"places the image itself; remove it from {prompt!r}")
+        return prompt
+
+    def _check_prompt_template(self) -> None:
+        """Fail at load time if the chat template cannot hold one image followed by the question."""
+        probe = "Describe the scene."
+        text = self._render_prompt(probe)
+        if text.count(self.image_token) != 1 or probe not in text.split(self.image_token, 1)[1]:
+            raise ModelLoadError(
+                f"{self.model_name}: its chat template renders {text!r}, which does not place one "
+                f"{self.image_token!r} before the question; use a LLaVA-1.5 style template")
+
+    # ------------------------------------------------------------------ public inference API
+
+    def generate(self, image: np.ndarray, prompt: str, *, token_budget: int | None = None,
+                 max_new_tokens: int | None = None, frame_key: Hashable | None = None,
+                 sampling: SamplingOptions | None = None) -> VlmOutput:
+        """Answer `prompt` about `image` (``HxWx3 uint8 RGB``).
+
+        `frame_key` names the image's pixels (same key => same pixels) so that later prompts on the
+        frame reuse its prefix; None disables reuse. Raises RequestError for bad arguments.
+        """
+        return self.generate_many(image, [prompt], token_budget=token_budget, max_new_tokens=max_new_tokens,
+                                  frame_key=frame_key, sampling=sampling)[0]
+
+    @torch.inference_mode()
+    def generate_many(self, image: np.ndarray, prompts: Sequence[str], *, token_budget: int | None = None,
+                      max_new_tokens: int | None = None, frame_key: Hashable | None = None,
+                      sampling: SamplingOptions | None = None) -> list[VlmOutput]:
+        """Answer several prompts about one image, in order, computing the image prefix once.
+
+        The first prompt pays for vision, reduction and the prefix prefill (unless `frame_key` finds
+        them cached); the others report ``prefix_reused=True`` and only their own work in the timings.
+        With a seed, each prompt samples from a generator seeded afresh, as separate calls would.
+        """
+        self._check_open()
+        _check_image(image)
+        prompts = self._check_prompts(prompts)
+        budget = self.check_budget(token_budget)
+        max_new = self._check_max_new_tokens(max_new_tokens)
+        sampling = _check_sampling(sampling)
+        cache_key_base = None
+        if frame_key is not None:
+            try:
+                hash(frame_key)
+            except TypeError:
+                raise RequestError(f"frame_key must be hashable, e.g. ('front', 17); got {frame_key!r}") from None
+            cache_key_base = (self.model_name, frame_key, budget, self._reduction_settings(budget))
+
+        visual: _VisualFeatures | None = None
+        prefixes_this_call: dict[tuple[int, ...], _Prefix] = {}
+        outputs = []
+        for prompt in prompts:
+            start = self._clock()
+            prefix_ids, suffix_ids = self._tokenize_prompt(prompt, budget)
+            cache_key = None if cache_key_base is None else cache_key_base + (prefix_ids,)
+            prefix = prefixes_this_call.get(prefix_ids)
+            if prefix is None and cache_key is not None:
+                prefix = self._prefix_cache.get(cache_key)
+            reused = prefix is not None
+            vision_ms = reduction_ms = prefix_prefill_ms = 0.0
+            if prefix is None:
+                if visual is None:
+                    visual = self._encode_images([image], budget)
+                    vision_ms, reduction_ms = visual.vision_ms, visual.reduction_ms
+                prefill_start = self._clock()
+                prefix = self._prefill_prefix(prefix_ids, visual.features)
+                prefix_prefill_ms = self._ms_since(prefill_start)
+                prefixes_this_call[prefix_ids] = prefix
+                if cache_key is not None:
+                    self._prefix_cache.put(cache_key, prefix)
+
+            suffix_start = self._clock()
+            kv_cache = copy.deepcopy(prefix.kv_cache)
+            suffix = torch.tensor([suffix_ids], dtype=torch.long, device=self.device)
+            logits = self.model(input_ids=suffix, past_key_values=kv_cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1].float()
+            prefill_ms = prefix_prefill_ms + self._ms_since(suffix_start)
+            tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling)
+            outputs.append(self._output(
+                prompt, tokens[0], budget, reduction=self._reduction_name(budget), vision_ms=vision_ms,
+                reduction_ms=reduction_ms, prefill_ms=prefill_ms, start=start, first_token_time=first_token_time,
+                end_time=end_time, prefix_reused=reused, kv_cache_bytes=prefix.nbytes))
+        return outputs
+
+    @torch.inference_mode()
+    def generate_batch(self, images: Sequence[np.ndarray], prompts: Sequence[str], *,
+                       token_budget: int | None = None, max_new_tokens: int | None = None,
+                       sampling: SamplingOptions | None = None) -> list[VlmOutput]:
+        """Answer ``prompts[i]`` about ``images[i]`` for several cameras in one batched forward.
+
+        Prompts are left-padded with an attention mask; each row stops at its own EOS. Vision,
+        reduction, prefill and decode times are the batch's (the same in every output); token counts
+        are per row and ``kv_cache_bytes`` is the row's share of the batch's prompt cache. The
+        prefix cache is not used.
+        """
+        self._check_open()
+        if not isinstance(images, Sequence) or isinstance(images, np.ndarray):
+            raise RequestError(f"images must be a list of HxWx3 uint8 arrays; got {type(images).__name__}")
+        prompts = self._check_prompts(prompts)
+        if len(images) != len(prompts):
+            raise RequestError(f"generate_batch needs one prompt per image; got {len(images)} images and "
+                               f"{len(prompts)} prompts")
+        for index, image in enumerate(images):
+            _check_image(image, f"images[{index}]")
+        budget = self.check_budget(token_budget)
+        max_new = self._check_max_new_tokens(max_new_tokens)
+        sampling = _check_sampling(sampling)
+
+        start = self._clock()
+        rows = [prefix + suffix for prefix, suffix in (self._tokenize_prompt(p, budget) for p in prompts)]
+        visual = self._encode_images(list(images), budget)
+        prefill_start = self._clock()
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, length - len(row):] = torch.tensor(row)
+            attention_mask[index, length - len(row):] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        # As stock generate: positions count real tokens only, padding sits at position 0.
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        inputs_embeds = self._embed_with_image(input_ids, visual.features)
+        output = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=True, logits_to_keep=1)
+        kv_cache = output.past_key_values
+        kv_bytes_per_row = _cache_nbytes(kv_cache) // len(rows)
+        logits = output.logits[:, -1].float()
+        prefill_ms = self._ms_since(prefill_start)
+        tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling,
+                                                          attention_mask=attention_mask, position_ids=position_ids)
+        return [
+            self._output(prompt, row_tokens, budget, reduction=visual.reduction, vision_ms=visual.vision_ms,
+                         reduction_ms=visual.reduction_ms, prefill_ms=prefill_ms, start=start,
+                         first_token_time=first_token_time, end_time=end_time, prefix_reused=False,
+                         kv_cache_bytes=kv_bytes_per_row)
+            for prompt, row_tokens in zip(prompts, tokens)
+        ]
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every cached frame prefix (and the device memory it holds)."""
+        self._prefix_cache.clear()
+
+    def close(self) -> None:
+        """Free the model, the prefix cache and their CUDA memory. The engine cannot be used afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self._prefix_cache.clear()
+        del self.model, self.processor, self.tokenizer, self.image_processor
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ prompts
+
+    def _check_prompts(self, prompts) -> list[str]:
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise RequestError(f"prompts must be a non-empty list of questions; got {prompts!r}")
+        return [self._check_prompt(prompt) for prompt in prompts]
+
+    def _render_prompt(self, prompt: str) -> str:
+        """The model's prompt text for one image + `prompt`, with a single image placeholder."""
+        if getattr(self.processor, "chat_template", None):
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return LLAVA_1_5_PROMPT.format(image=self.image_token, prompt=prompt)
+
+    def _tokenize_prompt(self, prompt: str, visual_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Token ids of the prompt, split after the last visual token: ``(prefix, suffix)``.
+
+        The text is tokenized in one piece with the placeholder repeated `visual_tokens` times, as the
+        LLaVA processor does, so the ids equal the stock processor's; the image token is special, so
+        the prefix ids do not depend on the question that follows.
+        """
+        text = self._render_prompt(prompt).replace(self.image_token, self.image_token * visual_tokens)
+        # A template that writes <s> itself must not get a second one from the tokenizer.
+        bos = self.tokenizer.bos_token
+        add_special_tokens = not (bos and text.startswith(bos))
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        image_positions = [index for index, token in enumerate(ids) if token == self.image_token_id]
+        if len(image_positions) != visual_tokens:
+            raise RequestError(f"the prompt produced {len(image_positions)} image tokens instead of {visual_tokens}; "
+                               f"remove special tokens from {prompt!r}")
+        split = image_positions[-1] + 1
+        return tuple(ids[:split]), tuple(ids[split:])
+
+    # ------------------------------------------------------------------ vision and reduction
+
+    def _reduction_name(self, budget: int) -> str:
+        return "visionzip" if budget < self.visual_tokens_full else "none"
+
+    def _reduction_settings(self, budget: int) -> tuple:
+        """What besides the budget decides a frame's visual tokens (part of the prefix cache key)."""
+        if budget >= self.visual_tokens_full:
+            return ("none", self.feature_layer, self.select_strategy)
+        return ("visionzip", self.feature_layer, split_budget(budget, self.config.contextual_ratio))
+
+    def _encode_images(self, images: list[np.ndarray], budget: int) -> _VisualFeatures:
+        """Visual tokens for `images`: ``features [len(images), budget, text_hidden]``.
+
+        Budget below ``visual_tokens_full``: VisionZip on the feature layer, CLS kept among the dominant
+        tokens, then the projector. Otherwise the model's own ``get_image_features``.
+        """
+        start = self._clock()
+        pixel_values = self.image_processor(images=images, return_tensors="pt",
+                                            input_data_format="channels_last")["pixel_values"]
+        pixel_values = pixel_values.to(self.device, self.dtype)  # [batch, 3, height, width]
+        llava = self.model.model
+        if budget >= self.visual_tokens_full:
+            image_outputs = llava.get_image_features(pixel_values=pixel_values,
+                                                     vision_feature_layer=self.feature_layer,
+                                                     vision_feature_select_strategy=self.select_strategy)
+            features = torch.stack(list(image_outputs.pooler_output))  # [batch, visual_tokens_full, text_hidden]
+            return _VisualFeatures(features, "none", self._ms_since(start), 0.0)
+
+        encoded = encode_for_visionzip(llava.vision_tower, pixel_values, self.feature_layer)
+        reduction_start = self._clock()
+        dominant, contextual = split_budget(budget, self.config.contextual_ratio)
+        tokens, _ = visionzip_compress(encoded.hidden_states, encoded.cls_attention, encoded.keys,
+                                       dominant, contextual)  # [batch, budget, vision_hidden]
+        projector_start = self._clock()
+        features = llava.multi_modal_projector(tokens)  # [batch, budget, text_hidden]
+        end = self._clock()
+        vision_ms = (reduction_start - start + end - projector_start) * 1000.0
+        return _VisualFeatures(features, "visionzip", vision_ms, (projector_start - reduction_start) * 1000.0)
+
+    def _embed_with_image(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by `features`, as LlavaModel does.
+
+        input_ids ``[batch, length]`` holding ``budget`` image tokens per row; features ``[batch, budget,
+        text_hidden]``. Returns ``[batch, length, text_hidden]``.
+        """
+        inputs_embeds = self.model.get_input_embeddings()(input_ids)
+        image_mask = (input_ids == self.image_token_id).unsqueeze(-1)  # [batch, length, 1]
+        # masked_scatter fills the placeholders in row-major order: row 0's tokens, then row 1's.
+        return inputs_embeds.masked_scatter(image_mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
+
+    # ------------------------------------------------------------------ language model
+
+    def _prefill_prefix(self, prefix_ids: tuple[int, ...], features: torch.Tensor) -> _Prefix:
+        """Run the LLM over the prefix (ids through the last visual token) of one image."""
+        input_ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.device)
+        inputs_embeds = self._embed_with_image(input_ids, features[:1])
+        # The base language model: the prefix needs keys/values only, no logits.
+        output = self.model.model.language_model(inputs_embeds=inputs_embeds, use_cache=True)
+        return _Prefix(output.past_key_values, len(prefix_ids), _cache_nbytes(output.past_key_values))
+
+    def _decode(self, logits: torch.Tensor, kv_cache, max_new_tokens: int, sampling: SamplingOptions,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+        """Generate from the prefill's last-position `logits` ``[batch, vocab]`` (float32).
+
+        Each row stops at its first EOS (later steps of a finished row are padding, as in stock
+        generate). With `attention_mask` ``[batch, length]`` and `position_ids` (left padding) both
+        grow by one per step. Returns ``(tokens per row incl. EOS, first token time, end time)``.
+        """
+        batch_size = logits.shape[0]
+        choose = _token_chooser(sampling, self.device)
+        eos = torch.tensor(sorted(self.eos_token_ids), device=self.device)
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
+        generated = torch.empty((batch_size, 0), dtype=torch.long, device=self.device)
+        first_token_time = None
+        for step in range(max_new_tokens):
+            next_tokens = choose(generated, logits)
+            next_tokens = torch.where(finished, torch.full_like(next_tokens, self.pad_token_id), next_tokens)
+            generated = torch.cat([generated, next_tokens[:, None]], dim=1)
+            if first_token_time is None:
+                first_token_time = self._clock()
+            finished |= torch.isin(next_tokens, eos)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch_size, 1))], dim=1)
+                position_ids = position_ids[:, -1:] + 1
+            logits = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
+                                position_ids=position_ids, past_key_values=kv_cache,
+                                use_cache=True).logits[:, -1].float()
+        end_time = self._clock()
+        rows = []
+        for row in generated.tolist():
+            stop = next((index for index, token in enumerate(row) if token in self.eos_token_ids), None)
+            rows.append(row if stop is None else row[:stop + 1])
+        return rows, first_token_time, end_time
+
+    def _output(self, prompt: str, tokens: list[int], budget: int, *, reduction: str, vision_ms: float,
+                reduction_ms: float, prefill_ms: float, start: float, first_token_time: float, end_time: float,
+                prefix_reused: bool, kv_cache_bytes: int) -> VlmOutput:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        total_ms = self._ms_since(start)
+        return VlmOutput(
+            prompt=prompt, text=text, model=self.model_name, reduction=reduction, token_budget=budget,
+            visual_tokens=budget, visual_tokens_full=self.visual_tokens_full, generated_tokens=len(tokens),
+            vision_ms=vision_ms, reduction_ms=reduction_ms, prefill_ms=prefill_ms,
+            ttft_ms=(first_token_time - start) * 1000.0, decode_ms=(end_time - first_token_time) * 1000.0,
+            total_ms=total_ms, prefix_reused=prefix_reused, kv_cache_bytes=kv_cache_bytes)
+
+    # ------------------------------------------------------------------ timing
+
+    def _clock(self) -> float:
+        """perf_counter after the device's queued work has finished (CUDA runs asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _ms_since(self, start: float) -> float:
+        return (self._clock() - start) * 1000.0
+
+
+# ---------------------------------------------------------------------- helpers (pure)
+
+def _first_not_none(*values):
+    return next(value for value in values if value is not None)
+
+
+def _check_image(image, name: str = "image") -> None:
+    """RequestError unless `image` is a non-empty ``HxWx3 uint8`` numpy array."""
+    if not isinstance(image, np.ndarray):
+        raise RequestError(f"{name} must be an HxWx3 uint8 RGB numpy array; got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or image.size == 0:
+        raise RequestError(f"{name} must be an HxWx3 uint8 RGB array with H, W >= 1; got shape {image.shape} "
+                           f"dtype {image.dtype}")
+
+
+def _check_sampling(sampling: SamplingOptions | None) -> SamplingOptions:
+    """The request's options (greedy when None), RequestError naming any out-of-range value."""
+    if sampling is None:
+        return SamplingOptions()
+    if not isinstance(sampling, SamplingOptions):
+        raise RequestError(f"sampling must be a SamplingOptions; got {type(sampling).__name__}")
+    if sampling.do_sample:
+        if not (isinstance(sampling.temperature, (int, float)) and math.isfinite(sampling.temperature)
+                and sampling.temperature > 0):
+            raise RequestError(f"temperature must be > 0 when sampling (1.0 = unchanged); got {sampling.temperature!r}")
+        if not (isinstance(sampling.top_p, (int, float)) and 0 < sampling.top_p <= 1):
+            raise RequestError(f"top_p must be in (0, 1] (1.0 = no nucleus filtering); got {sampling.top_p!r}")
+        if isinstance(sampling.top_k, bool) or not isinstance(sampling.top_k, int) or sampling.top_k < 0:
+            raise RequestError(f"top_k must be a whole number >= 0 (0 = no top-k filtering); got {sampling.top_k!r}")
+    if sampling.seed is not None and (isinstance(sampling.seed, bool) or not isinstance(sampling.seed, int)
+                                      or sampling.seed < 0):
+        raise RequestError(f"seed must be a whole number >= 0 or None; got {sampling.seed!r}")
+    return sampling
+
+
+def _token_chooser(sampling: SamplingOptions, device: torch.device):
+    """``choose(generated [batch, steps], logits [batch, vocab]) -> next tokens [batch]``.
+
+    Greedy is argmax. Sampling applies transformers' temperature, top-k and top-p warpers (in the
+    order stock generate does) and draws from a generator seeded with ``sampling.seed``.
+    """
+    if not sampling.do_sample:
+        return lambda generated, logits: logits.argmax(dim=-1)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    warpers = LogitsProcessorList()
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(sampling.temperature)))
+    if sampling.top_k > 0:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(float(sampling.top_p)))
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+
+    def choose(generated: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        probs = warpers(generated, logits).softmax(dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+    return choose
+
+
+def _cache_nbytes(kv_cache) -> int:
+    """Bytes held by the key/value tensors of a transformers Cache."""
+    total = 0
+    for layer in kv_cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _eos_token_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ModelLoadError("the checkpoint defines no EOS token (generation_config.eos_token_id); add one")
+    return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def _check_engine_config(config: EngineConfig) -> None:
+    """ModelLoadError naming the first EngineConfig value out of range."""
+    if not isinstance(config, EngineConfig):
+        raise ModelLoadError(f"VlmEngine needs an EngineConfig; got {type(config).__name__}")
+    if not isinstance(config.model, str) or not config.model.strip():
+        raise ModelLoadError("model is empty; give a LLaVA checkpoint directory or a hub id such as "
+                             "llava-hf/llava-1.5-7b-hf")
+    checks = [
+        ("token_budget", config.token_budget, 1, " (>= the model's visual token count means no reduction)"),
+        ("max_new_tokens", config.max_new_tokens, 1, ""),
+        ("prefix_cache_entries", config.prefix_cache_entries, 0, " (0 disables the prefix cache)"),
+        ("prefix_cache_bytes", config.prefix_cache_bytes, 0, ""),
+    ]
+    for name, value, minimum, note in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ModelLoadError(f"{name} must be a whole number >= {minimum}{note}; got {value!r}")
+    ratio = config.contextual_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ModelLoadError(f"contextual_ratio must be in [0, 1) (VisionZip uses 10/64); got {ratio!r}")
+
+
+def _resolve_device(spec: str) -> torch.device:
+    """auto|cpu|cuda|cuda:N -> torch.device, ModelLoadError if unknown or CUDA is missing."""
+    if not isinstance(spec, str):
+        raise ModelLoadError(f"device must be one of {DEVICE_CHOICES}; got {spec!r}")
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index_text = spec.partition(":")[2]
+        if spec.startswith("cuda:") and not index_text.isdigit():
+            raise ModelLoadError(f"device {spec!r} is not valid; use one of {DEVICE_CHOICES} (N a GPU index)")
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {spec!r} was requested but CUDA is not available (torch "
+                                 f"{torch.__version__}); use device 'cpu' or 'auto'")
+        index = int(index_text) if index_text else torch.cuda.current_device()
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ModelLoadError(f"device {spec!r} does not exist: {count} CUDA device(s) visible "
+                                 f"(cuda:0..cuda:{count - 1})")
+        return torch.device("cuda", index)
+    raise ModelLoadError(f"device {spec!r} is not supported; use one of {DEVICE_CHOICES}")
+
+
+def _resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """auto|float16|bfloat16|float32 -> torch.dtype (auto: float16 on CUDA, float32 on CPU)."""
+    if not isinstance(spec, str) or spec.strip().lower() not in ("auto", *DTYPES):
+        raise ModelLoadError(f"dtype {spec!r} is not supported; use auto, float16, bfloat16 or float32")
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if spec == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError(f"dtype 'bfloat16' is not supported by {torch.cuda.get_device_name(device)}; "
+                             f"use float16 or auto")
+    return DTYPES[spec]
+
+
+def _looks_like_local_path(model: str) -> bool:
+    """True for paths (absolute, ./ ../ ~, or more than one '/'); hub ids are 'name' or 'org/name'."""
+    return (model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model)
+
+
+def _load_llava_config(model: str):
+    """The checkpoint's LlavaConfig, or a ModelLoadError saying what was found instead."""
+    from transformers import AutoConfig
+
+    path = pathlib.Path(model).expanduser()
+    if path.exists() or _looks_like_local_path(model):
+        if not path.exists():
+            raise ModelLoadError(f"model path {model!r} does not exist; give a LLaVA checkpoint directory or a "
+                                 f"hub id such as llava-hf/llava-1.5-7b-hf")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model path {model!r} is not a transformers checkpoint (no config.json); give a "
+                                 f"LLaVA checkpoint directory")
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"{model}/config.json cannot be read ({error}); re-download the checkpoint") from None
+        _check_llava_type(model, raw.get("model_type"), raw.get("architectures"))
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot load model {model!r}: {reason}") from None
+    _check_llava_type(model, config.model_type, getattr(config, "architectures", None))
+    vision_type = config.vision_config.model_type
+    if vision_type != "clip_vision_model" or not isinstance(config.vision_feature_layer, int):
+        raise ModelLoadError(f"{model}: VisionZip needs a CLIP vision tower with one feature layer; this checkpoint "
+                             f"has {vision_type!r} with vision_feature_layer={config.vision_feature_layer!r}")
+    return config
+
+
+def _check_llava_type(model: str, model_type, architectures) -> None:
+    if model_type != "llava":
+        raise ModelLoadError(
+            f"{model} is not a LLaVA checkpoint: its config has model_type {model_type!r} "
+            f"(architectures {architectures!r}); use a LlavaForConditionalGeneration checkpoint such as "
+            f"llava-hf/llava-1.5-7b-hf")
+
+
+def _load_model_and_processor(model: str, dtype: torch.dtype, device: torch.device):
+    """LlavaForConditionalGeneration (eval, on `device`, SDPA as configured) and its processor."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    try:
+        processor = AutoProcessor.from_pretrained(model)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot load the processor of {model!r}: {reason}") from None
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise ModelLoadError(f"{model}: its processor ({type(processor).__name__}) has no image processor and "
+                             f"tokenizer; a LLaVA checkpoint needs both (processor_config.json, tokenizer files)")
+    try:
+        # Loaded on the CPU, then moved: placing weights directly on a device needs `accelerate`.
+        llava = LlavaForConditionalGeneration.from_pretrained(model, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot load the weights of {model!r}: {reason}") from None
+    try:
+        llava = llava.to(device)
+    except torch.OutOfMemoryError:
+        del llava
+        gc.collect()
+        torch.cuda.empty_cache()
+        raise ModelLoadError(f"{model} in {str(dtype).removeprefix('torch.')} does not fit in the memory of "
+                             f"{device}; use a smaller model or free the GPU") from None
+    return llava.eval(), processor
