@@ -1,0 +1,133 @@
+"""The per-frame prefix cache: reuse gives exactly the from-scratch answers, never mutates the shared
+state, and is bounded by entries and bytes with least-recently-used eviction."""
+import pytest
+import skimage.data
+
+from zip_vlm_ros.engine import EngineConfig, SamplingOptions, VlmEngine
+
+FRAMES = {("front", index): getattr(skimage.data, name)()
+          for index, name in enumerate(("astronaut", "coffee", "chelsea", "rocket"))}
+QUESTIONS = ["Describe the scene.", "Is there a person in front of the robot?", "What color is the cup?"]
+FULL = 16
+
+
+def _engine(model_dir, **config) -> VlmEngine:
+    return VlmEngine(EngineConfig(model=str(model_dir), max_new_tokens=8, **config))
+
+
+@pytest.fixture(scope="module")
+def uncached(tiny_model_dir):
+    """The reference: every answer computed from scratch."""
+    engine = _engine(tiny_model_dir, prefix_cache_entries=0)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def cached(tiny_model_dir):
+    engine = _engine(tiny_model_dir)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("budget", [FULL, 6])
+def test_reuse_is_token_for_token_from_scratch_and_does_not_mutate_the_shared_prefix(cached, uncached, budget):
+    key = ("front", 0)
+    image = FRAMES[key]
+    # The same question before and after a different one: decoding on a copy leaves the cached prefix intact.
+    questions = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[0], QUESTIONS[2]]
+    outputs = [cached.generate(image, q, token_budget=budget, frame_key=key) for q in questions]
+    expected = [uncached.generate(image, q, token_budget=budget, frame_key=key) for q in questions]
+    assert [o.prefix_reused for o in outputs] == [False, True, True, True]
+    assert not any(o.prefix_reused for o in expected)
+    assert [o.text for o in outputs] == [o.text for o in expected]
+    assert [o.generated_tokens for o in outputs] == [o.generated_tokens for o in expected]
+    assert outputs[2].text == outputs[0].text
+    assert len({o.text for o in outputs}) == 3  # the question matters
+    # A reused prefix skips vision, reduction and the prefix prefill.
+    assert outputs[0].vision_ms > 0
+    assert all(o.vision_ms == 0 and o.reduction_ms == 0 for o in outputs[1:])
+    assert all(o.kv_cache_bytes == outputs[0].kv_cache_bytes > 0 for o in outputs)
+
+
+def test_seeded_sampling_is_the_same_with_and_without_reuse(cached, uncached):
+    key, options = ("front", 1), SamplingOptions(do_sample=True, temperature=0.8, top_p=0.95, seed=11)
+    first = cached.generate(FRAMES[key], QUESTIONS[0], token_budget=8, frame_key=key, sampling=options)
+    reused = cached.generate(FRAMES[key], QUESTIONS[0], token_budget=8, frame_key=key, sampling=options)
+    scratch = uncached.generate(FRAMES[key], QUESTIONS[0], token_budget=8, sampling=options)
+    assert reused.prefix_reused and not first.prefix_reused
+    assert first.text == reused.text == scratch.text
+
+
+def test_reuse_needs_the_same_frame_key_and_reduction(cached):
+    image = FRAMES[("front", 2)]
+
+    def reused(**request) -> bool:
+        return cached.generate(image, QUESTIONS[0], **request).prefix_reused
+
+    assert not reused(frame_key=("front", 2), token_budget=8)
+    assert reused(frame_key=("front", 2), token_budget=8)
+    assert not reused(frame_key=("front", 2), token_budget=4)        # another budget
+    assert not reused(frame_key=("rear", 2), token_budget=8)         # another camera
+    assert not reused(frame_key=None, token_budget=8)                # reuse disabled
+    assert not reused(frame_key=None, token_budget=8)
+    # Budgets at or above the full count all mean "no reduction": one entry.
+    assert not reused(frame_key=("front", 2), token_budget=FULL)
+    assert reused(frame_key=("front", 2), token_budget=1000)
+    cached.clear_prefix_cache()
+    assert not reused(frame_key=("front", 2), token_budget=8)
+
+
+@pytest.mark.parametrize("frame_key", [None, ("front", 3)])
+def test_generate_many_shares_one_prefix_and_answers_in_order(cached, uncached, frame_key):
+    image = FRAMES[("front", 3)]
+    outputs = cached.generate_many(image, QUESTIONS, token_budget=6, frame_key=frame_key)
+    expected = [uncached.generate(image, q, token_budget=6) for q in QUESTIONS]
+    assert [o.prompt for o in outputs] == QUESTIONS
+    assert [o.text for o in outputs] == [o.text for o in expected]
+    assert [o.prefix_reused for o in outputs] == [False, True, True]
+    assert outputs[0].vision_ms > 0 and outputs[0].reduction_ms > 0
+    assert all(o.vision_ms == 0 and o.reduction_ms == 0 for o in outputs[1:])
+    later = cached.generate(image, QUESTIONS[1], token_budget=6, frame_key=frame_key)
+    assert later.prefix_reused == (frame_key is not None)
+    assert later.text == expected[1].text
+
+
+def _reuse_pattern(engine, keys, budget=FULL) -> list[bool]:
+    return [engine.generate(FRAMES[key], QUESTIONS[0], token_budget=budget, frame_key=key,
+                            max_new_tokens=1).prefix_reused for key in keys]
+
+
+A, B, C = ("front", 0), ("front", 1), ("front", 2)
+# Two slots: A B fill them, A is touched (B is now least recent), C evicts B, A still cached,
+# B evicts C, C evicts A.
+LRU_KEYS = [A, B, A, C, A, B, C, A]
+LRU_REUSED = [False, False, True, False, True, False, False, False]
+
+
+def test_lru_eviction_by_entries(tiny_model_dir):
+    engine = _engine(tiny_model_dir, prefix_cache_entries=2)
+    try:
+        assert _reuse_pattern(engine, LRU_KEYS) == LRU_REUSED
+    finally:
+        engine.close()
+
+
+def test_lru_eviction_by_bytes_and_oversized_entries(tiny_model_dir, uncached):
+    entry_bytes = uncached.generate(FRAMES[A], QUESTIONS[0], max_new_tokens=1).kv_cache_bytes
+    engine = _engine(tiny_model_dir, prefix_cache_entries=100, prefix_cache_bytes=2 * entry_bytes + entry_bytes // 2)
+    try:
+        assert _reuse_pattern(engine, LRU_KEYS) == LRU_REUSED
+    finally:
+        engine.close()
+    # A full-budget prefix is bigger than the bound: not cached. A 4-token one still fits.
+    engine = _engine(tiny_model_dir, prefix_cache_bytes=entry_bytes - 1)
+    try:
+        assert _reuse_pattern(engine, [A, A, A]) == [False, False, False]
+        assert _reuse_pattern(engine, [A, A], budget=4) == [False, True]
+    finally:
+        engine.close()
+
+
+def test_zero_entries_disables_the_cache(uncached):
+    assert _reuse_pattern(uncached, [A, A]) == [False, False]
