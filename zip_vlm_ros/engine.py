@@ -55,6 +55,9 @@ DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Used when a checkpoint's processor has no chat template.
 LLAVA_1_5_PROMPT = "USER: {image}\n{prompt} ASSISTANT:"
+# The scene-description prompt: the node's `describe_prompt` default and vlm_replay's, so that offline
+# replay reports describe exactly what the node answers.
+DEFAULT_DESCRIBE_PROMPT = "Describe the scene in one sentence."
 
 
 class EngineError(Exception):
