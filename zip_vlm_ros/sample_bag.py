@@ -87,8 +87,8 @@ def write_sample_bag(
 
     Each camera publishes `frames_per_topic` good frames at `rate_hz`; the rear camera is offset by half
     a period, as unsynchronised cameras are. Header stamps equal the bag's log times. Bad frames (when
-    asked) sit a quarter period after the second good frame of each camera, so they are surrounded by
-    good ones.
+    asked) sit a quarter period after the first good frame of each camera, so that a replay of the first
+    two frames already meets them, between good ones.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
@@ -159,9 +159,8 @@ def write_sample_bag(
         good_frame_stamps[COMPRESSED_TOPIC].append(rear_ns)
 
     if with_bad_frames:
-        anchor = min(1, frames_per_topic - 1)
-        short_ns = start_ns + anchor * period_ns + period_ns // 4
-        rgb = sample_image(anchor)
+        short_ns = start_ns + period_ns // 4
+        rgb = sample_image(1)
         truncated = np.ascontiguousarray(rgb).reshape(-1)[: rgb.size // 2].copy()
         messages.append((short_ns, RAW_TOPIC, raw_image(short_ns, rgb, 'rgb8', data=truncated),
                          'sensor_msgs/msg/Image'))
@@ -169,7 +168,7 @@ def write_sample_bag(
                                                         f'needs {rgb.size}'))
 
         corrupt_ns = short_ns + period_ns // 2
-        jpeg = encode_jpeg(sample_image(anchor + 1))
+        jpeg = encode_jpeg(sample_image(2))
         # Keep the start-of-image marker and the first header bytes, then garbage: no decoder can use it.
         corrupt = jpeg[:20] + bytes((7 * i) % 251 for i in range(2000))
         messages.append((corrupt_ns, COMPRESSED_TOPIC, compressed_image(corrupt_ns, corrupt),
