@@ -1,0 +1,575 @@
+"""vlm_bench: VisionZip token budgets against stock LLaVA, side by side in one run.
+
+``vlm_bench [--model DIR] [--budgets full,192,128,64,32] [--json FILE] [--repeats 3] [--quick]``
+
+Every measurement is the median of ``--repeats`` runs after one warm-up run, on one real photo from
+``skimage.data``. The sections are:
+
+* per budget, ``VlmEngine.generate`` without prefix reuse: visual tokens, vision / reduction / LLM
+  prefill / time-to-first-token / decode-per-token times as the engine reports them, the extra peak
+  memory of the request and the KV-cache bytes held for the frame's prompt prefix;
+* stock: ``model.generate`` on the processor's full-token inputs (vision and prefill timed with
+  forward hooks, the first token with a streamer);
+* the vision stage at the target budget: stock feature extraction (``get_image_features``), VisionZip
+  through ``encode_for_visionzip`` and reference-style VisionZip through ``encode_reference_style``
+  (eager attention, every layer's attention map), each followed by the projector;
+* five questions on one frame with and without prefix reuse, at full budget and the target budget;
+* ratios against the project's targets, each PASS or MISS, computed from the numbers above.
+
+Without ``--model`` the ``bench`` preset of ``vlm_tiny_model`` is built (once) under
+``$XDG_CACHE_HOME/zip_vlm_ros/bench`` and used.
+
+Memory: on CUDA, the allocator peak (``torch.cuda.max_memory_allocated``) above what was allocated
+when the stage began. On the CPU, the kernel's peak resident set size (``VmHWM``, reset through
+``/proc/self/clear_refs`` when the stage begins) above the resident size at that moment; glibc is told
+to serve blocks of 128 KiB and more with mmap so that freed tensors leave the resident set instead of
+being reused silently from the heap. CPU numbers therefore count every page the stage touched,
+including the allocator's own overhead, and are approximate to a few MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import pathlib
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+FULL = "full"
+DEFAULT_BUDGETS = "full,192,128,64,32"
+DEFAULT_PROMPT = "Describe the scene."
+# Issue 6: several questions about the same frame, as a robot's operator would ask them.
+FRAME_QUESTIONS = (
+    "Describe the scene.",
+    "Is there a person in front of the robot?",
+    "What is the person holding?",
+    "Is the path clear?",
+    "What color is the largest object?",
+)
+IMAGES = ("astronaut", "coffee", "chelsea", "rocket")
+MALLOC_MMAP_THRESHOLD_BYTES = 128 * 1024
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number
+
+
+@dataclass(frozen=True)
+class Target:
+    """A ratio the project promises, e.g. TTFT at 64 tokens >= 3x faster than stock."""
+
+    name: str
+    minimum: float | None = None   # ratio must be >= minimum
+    maximum: float | None = None   # ratio must be <= maximum
+
+    def check(self, ratio: float | None) -> dict:
+        bound = f">= {self.minimum:g}x" if self.minimum is not None else f"<= {self.maximum:g}x"
+        if ratio is None or not math.isfinite(ratio):
+            verdict = "N/A"
+        elif self.minimum is not None:
+            verdict = "PASS" if ratio >= self.minimum else "MISS"
+        else:
+            verdict = "PASS" if ratio <= self.maximum else "MISS"
+        return {"name": self.name, "ratio": ratio, "target": bound, "result": verdict}
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+class PeakMemory:
+    """``with PeakMemory(device) as peak: ...`` then ``peak.extra_bytes``: the block's extra peak memory.
+
+    See the module docstring for what is measured on CUDA and on the CPU. ``extra_bytes`` is None
+    where the CPU peak cannot be reset (no writable ``/proc/self/clear_refs``).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.extra_bytes: int | None = None
+        self._baseline: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._baseline = torch.cuda.memory_allocated(self.device)
+        else:
+            if _GLIBC is not None:
+                _GLIBC.malloc_trim(0)  # free heap pages go back to the OS, so reusing them counts
+            if _reset_peak_rss():
+                self._baseline = _proc_status_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._baseline is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _proc_status_bytes("VmHWM")
+        self.extra_bytes = max(0, peak - self._baseline)
+
+
+def memory_method(device: torch.device, mmap_threshold_fixed: bool) -> str:
+    """One line saying how PeakMemory measures on `device` in this process."""
+    if device.type == "cuda":
+        return "CUDA allocator peak above allocation at stage start (torch.cuda.max_memory_allocated)"
+    if not _reset_peak_rss():
+        return "unavailable: /proc/self/clear_refs cannot reset the peak RSS on this system"
+    allocator = (f"glibc mmap threshold fixed at {MALLOC_MMAP_THRESHOLD_BYTES // 1024} KiB, heap trimmed per stage"
+                 if mmap_threshold_fixed else "allocator caching not controlled (not glibc): peaks may be low")
+    return f"peak RSS (VmHWM, reset per stage) above RSS at stage start; {allocator}"
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # 5: reset the peak resident set size to the current one
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    return int(match.group(1)) * 1024
+
+
+def _glibc():
+    """The C library if it is glibc (has mallopt and malloc_trim), else None."""
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_GLIBC = _glibc()
+
+
+def _return_freed_tensors_to_os() -> bool:
+    """Make glibc mmap (and so unmap on free) every block >= 128 KiB; its default heap caching would
+    let a stage reuse memory freed by an earlier one without the resident set growing. Call it before
+    the model loads; returns whether it took effect."""
+    return _GLIBC is not None and _GLIBC.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES) == 1
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def median_record(records: list[dict]) -> dict:
+    """Field-wise median of several runs' records; a field missing (None) in any run stays None."""
+    merged = {}
+    for key, first in records[0].items():
+        values = [record[key] for record in records]
+        if isinstance(first, bool) or not isinstance(first, (int, float)) or any(v is None for v in values):
+            merged[key] = first if all(v == first for v in values) else None
+        else:
+            merged[key] = statistics.median(values)
+    return merged
+
+
+def repeat(measure, repeats: int) -> dict:
+    """One warm-up call of ``measure() -> record``, then the median of `repeats` records."""
+    measure()
+    return median_record([measure() for _ in range(repeats)])
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def measure_budget(engine, image, prompt: str, budget: int, max_new_tokens: int) -> dict:
+    """One ``engine.generate`` request without prefix reuse, with its extra peak memory."""
+    with PeakMemory(engine.device) as peak:
+        output = engine.generate(image, prompt, token_budget=budget, max_new_tokens=max_new_tokens)
+    return {
+        "visual_tokens": output.visual_tokens,
+        "reduction": output.reduction,
+        "vision_ms": output.vision_ms,
+        "reduction_ms": output.reduction_ms,
+        "prefill_ms": output.prefill_ms,
+        "ttft_ms": output.ttft_ms,
+        "decode_ms_per_token": _per_token(output.decode_ms, output.generated_tokens),
+        "total_ms": output.total_ms,
+        "generated_tokens": output.generated_tokens,
+        "kv_cache_bytes": output.kv_cache_bytes,
+        "peak_extra_bytes": peak.extra_bytes,
+        "text": output.text,
+    }
+
+
+@torch.inference_mode()
+def measure_stock_generate(engine, image, prompt: str, max_new_tokens: int) -> dict:
+    """Stock LLaVA: the processor's full-token inputs into ``model.generate`` (greedy).
+
+    Forward hooks time the vision tower + projector and the language model's first call (the prompt
+    prefill) and read the prompt's KV-cache size; a streamer stamps the first generated token.
+    """
+    from transformers.generation.streamers import BaseStreamer
+
+    from zip_vlm_ros.engine import _cache_nbytes
+
+    device, llava = engine.device, engine.model.model
+    marks: dict[str, float] = {}
+    prompt_kv_bytes: list[int] = []
+
+    def mark(name):
+        def hook(*_):
+            marks.setdefault(name, _clock(device))
+        return hook
+
+    def keep_prompt_kv(module, args, output):
+        if not prompt_kv_bytes:
+            prompt_kv_bytes.append(_cache_nbytes(output.past_key_values))
+
+    class FirstTokenClock(BaseStreamer):
+        """generate() puts the prompt ids first, then each new token: the second put is the first token."""
+
+        def __init__(self):
+            self.puts = 0
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2:
+                marks["first_token"] = _clock(device)
+
+        def end(self):
+            pass
+
+    handles = [
+        llava.vision_tower.register_forward_pre_hook(mark("vision_start")),
+        llava.multi_modal_projector.register_forward_hook(mark("vision_end")),
+        llava.language_model.register_forward_pre_hook(mark("prefill_start")),
+        llava.language_model.register_forward_hook(mark("prefill_end")),
+        llava.language_model.register_forward_hook(keep_prompt_kv),
+    ]
+    try:
+        with PeakMemory(device) as peak:
+            start = _clock(device)
+            inputs = engine.processor(images=image, text=engine._render_prompt(prompt), return_tensors="pt")
+            preprocess_end = _clock(device)
+            inputs = inputs.to(device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(engine.dtype)
+            sequences = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                              streamer=FirstTokenClock())
+            end = _clock(device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    prompt_length = inputs["input_ids"].shape[1]
+    new_tokens = sequences[0, prompt_length:]
+    return {
+        "visual_tokens": engine.visual_tokens_full,
+        "reduction": "none",
+        "vision_ms": (preprocess_end - start + marks["vision_end"] - marks["vision_start"]) * 1000.0,
+        "reduction_ms": 0.0,
+        "prefill_ms": (marks["prefill_end"] - marks["prefill_start"]) * 1000.0,
+        "ttft_ms": (marks["first_token"] - start) * 1000.0,
+        "decode_ms_per_token": _per_token((end - marks["first_token"]) * 1000.0, len(new_tokens)),
+        "total_ms": (end - start) * 1000.0,
+        "generated_tokens": len(new_tokens),
+        "kv_cache_bytes": prompt_kv_bytes[0],
+        "prompt_tokens": prompt_length,
+        "peak_extra_bytes": peak.extra_bytes,
+        "text": engine.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
+    }
+
+
+@torch.inference_mode()
+def measure_vision_stage(engine, pixel_values: torch.Tensor, variant: str, token_budget: int) -> dict:
+    """Image features for the LLM from preprocessed `pixel_values` ``[1, 3, H, W]``, one way.
+
+    variant "stock": ``get_image_features`` (all encoder layers, every feature token, projector);
+    "visionzip": ``encode_for_visionzip`` + ``visionzip_compress`` + projector;
+    "reference": ``encode_reference_style`` + ``visionzip_compress`` + projector.
+    """
+    from zip_vlm_ros.visionzip import encode_for_visionzip, encode_reference_style, split_budget, visionzip_compress
+
+    llava, config = engine.model.model, engine.model.config
+    with PeakMemory(engine.device) as peak:
+        start = _clock(engine.device)
+        if variant == "stock":
+            outputs = llava.get_image_features(pixel_values=pixel_values,
+                                               vision_feature_layer=config.vision_feature_layer,
+                                               vision_feature_select_strategy=config.vision_feature_select_strategy)
+            features = outputs.pooler_output[0]
+        else:
+            encode = encode_for_visionzip if variant == "visionzip" else encode_reference_style
+            encoded = encode(llava.vision_tower, pixel_values, config.vision_feature_layer)
+            dominant, contextual = split_budget(token_budget, engine.config.contextual_ratio)
+            tokens, _ = visionzip_compress(*encoded, dominant, contextual)
+            features = llava.multi_modal_projector(tokens)[0]
+        elapsed_ms = (_clock(engine.device) - start) * 1000.0
+        del features
+    return {"ms": elapsed_ms, "peak_extra_bytes": peak.extra_bytes}
+
+
+def measure_frame_questions(engine, image, questions, budget: int, reuse: bool, max_new_tokens: int,
+                            frame_key) -> dict:
+    """Several questions on one frame: one ``generate_many`` with a fresh prefix cache (reuse), or one
+    ``generate`` per question with no frame key (no reuse). Per question TTFT = vision + reduction +
+    prefill (whatever of it the question itself ran) up to its first token."""
+    start = time.perf_counter()
+    if reuse:
+        engine.clear_prefix_cache()
+        outputs = engine.generate_many(image, list(questions), token_budget=budget,
+                                       max_new_tokens=max_new_tokens, frame_key=frame_key)
+    else:
+        outputs = [engine.generate(image, question, token_budget=budget, max_new_tokens=max_new_tokens)
+                   for question in questions]
+    total_ms = (time.perf_counter() - start) * 1000.0
+    record = {"total_ms": total_ms, "ttft_sum_ms": sum(output.ttft_ms for output in outputs)}
+    for index, output in enumerate(outputs, start=1):
+        record[f"q{index}_ttft_ms"] = output.ttft_ms
+        record[f"q{index}_prefix_reused"] = output.prefix_reused
+    return record
+
+
+def _per_token(decode_ms: float, generated_tokens: int) -> float | None:
+    """Decode time per token after the first (the first comes with the prefill); None if only one."""
+    return decode_ms / (generated_tokens - 1) if generated_tokens > 1 else None
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+TARGETS = {
+    "vision_vs_stock": Target("vision stage time, VisionZip / stock features", maximum=1.0),
+    "vision_vs_reference": Target("vision stage speed-up, reference-style / VisionZip", minimum=1.1),
+    "memory_vs_reference": Target("vision stage extra peak memory, reference-style / VisionZip", minimum=5.0),
+    "ttft": Target("time to first token speed-up, stock generate / VisionZip", minimum=3.0),
+    "prefill": Target("LLM prefill speed-up, stock generate / VisionZip", minimum=4.0),
+    "kv": Target("frame KV-cache bytes, VisionZip / full tokens", maximum=0.12),
+    "reuse_full": Target("TTFT speed-up of questions 2..5 over question 1, full tokens, reuse", minimum=10.0),
+    "reuse_budget": Target("TTFT speed-up of questions 2..5 over question 1, VisionZip, reuse", minimum=3.0),
+    "five_questions": Target("summed TTFT of 5 questions, full no reuse / VisionZip with reuse", minimum=8.0),
+}
+
+
+def _ratio(numerator, denominator) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """PASS/MISS/N/A per target from the numbers in `results` (N/A: a needed row was not measured)."""
+    target_budget = results["target_budget"]
+    rows = {row["budget"]: row for row in results["budgets"]}
+    reduced = rows.get(str(target_budget))
+    full = rows.get(FULL)
+    stock = results["stock_generate"]
+    vision = results["vision_stage"]
+    questions = {(row["budget"], row["reuse"]): row for row in results["frame_questions"]}
+
+    def later_questions_speedup(row):
+        if row is None:
+            return None
+        later = [row[f"q{index}_ttft_ms"] for index in range(2, results["questions"] + 1)]
+        return _ratio(row["q1_ttft_ms"], max(later)) if later else None
+
+    full_reuse = questions.get((FULL, True))
+    budget_reuse = questions.get((str(target_budget), True))
+    full_no_reuse = questions.get((FULL, False))
+    ratios = {
+        "vision_vs_stock": _ratio(vision["visionzip"]["ms"], vision["stock"]["ms"]),
+        "vision_vs_reference": _ratio(vision["reference"]["ms"], vision["visionzip"]["ms"]),
+        "memory_vs_reference": _ratio(vision["reference"]["peak_extra_bytes"], vision["visionzip"]["peak_extra_bytes"]),
+        "ttft": _ratio(stock["ttft_ms"], reduced and reduced["ttft_ms"]),
+        "prefill": _ratio(stock["prefill_ms"], reduced and reduced["prefill_ms"]),
+        "kv": _ratio(reduced and reduced["kv_cache_bytes"], full and full["kv_cache_bytes"]),
+        "reuse_full": later_questions_speedup(full_reuse),
+        "reuse_budget": later_questions_speedup(budget_reuse),
+        "five_questions": _ratio(full_no_reuse and full_no_reuse["ttft_sum_ms"],
+                                 budget_reuse and budget_reuse["ttft_sum_ms"]),
+    }
+    return [TARGETS[key].check(ratio) for key, ratio in ratios.items()]
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _fmt(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def format_report(results: dict) -> str:
+    """The human-readable tables for `results` (as written to JSON)."""
+    lines = [
+        f"vlm_bench  model={results['model']}  device={results['device']}  dtype={results['dtype']}  "
+        f"threads={results['torch_threads']}  image={results['image']}",
+        f"median of {results['repeats']} runs after 1 warm-up; max_new_tokens={results['max_new_tokens']}; "
+        f"memory: {results['memory_method']}",
+        "",
+        f"{'budget':<15}{'tokens':>7}{'vision':>9}{'reduce':>8}{'prefill':>9}{'TTFT':>9}{'dec/tok':>9}"
+        f"{'total':>9}{'peak+MiB':>10}{'KV MiB':>8}",
+    ]
+    stock = dict(results["stock_generate"], budget="stock generate")
+    for row in [*results["budgets"], stock]:
+        lines.append(
+            f"{row['budget']:<15}{row['visual_tokens']:>7}{_fmt(row['vision_ms']):>9}{_fmt(row['reduction_ms']):>8}"
+            f"{_fmt(row['prefill_ms']):>9}{_fmt(row['ttft_ms']):>9}{_fmt(row['decode_ms_per_token']):>9}"
+            f"{_fmt(row['total_ms']):>9}{_mib(row['peak_extra_bytes']):>10}{_mib(row['kv_cache_bytes']):>8}")
+    lines.append("(times in ms; KV: engine rows hold the frame prefix up to the last visual token, "
+                 f"stock holds its whole {results['stock_generate']['prompt_tokens']}-token prompt)")
+
+    vision = results["vision_stage"]
+    lines += ["", f"vision stage, 1 image, VisionZip at {results['target_budget']} tokens (encoder + selection/merge "
+                  f"+ projector; preprocessing excluded):"]
+    for name, label in (("stock", "stock get_image_features"), ("visionzip", "VisionZip encode_for_visionzip"),
+                        ("reference", "reference-style (eager, all maps)")):
+        lines.append(f"  {label:<36}{_fmt(vision[name]['ms']):>9} ms  peak+ {_mib(vision[name]['peak_extra_bytes']):>7} MiB")
+
+    lines += ["", f"{results['questions']} questions on one frame (per-question TTFT in ms):",
+              f"  {'budget':<8}{'reuse':<7}{'total':>9}" + "".join(f"{'q' + str(i):>8}"
+                                                              for i in range(1, results["questions"] + 1))]
+    for row in results["frame_questions"]:
+        lines.append(f"  {row['budget']:<8}{'yes' if row['reuse'] else 'no':<7}{_fmt(row['total_ms']):>9}"
+                     + "".join(f"{_fmt(row[f'q{i}_ttft_ms']):>8}" for i in range(1, results["questions"] + 1)))
+
+    lines += ["", "ratios vs targets:"]
+    for target in results["targets"]:
+        lines.append(f"  {target['result']:<5} {target['name']}: {_fmt(target['ratio'], 2)}x "
+                     f"(target {target['target']})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def parse_budgets(text: str) -> list[str]:
+    """'full,192,64' -> ['full', '192', '64'] (argparse type); positive integers or 'full', no repeats."""
+    budgets = [item.strip().lower() for item in text.split(",") if item.strip()]
+    if not budgets:
+        raise argparse.ArgumentTypeError("give at least one budget, e.g. full,192,128,64,32")
+    for budget in budgets:
+        if budget != FULL and not (budget.isdigit() and int(budget) >= 1):
+            raise argparse.ArgumentTypeError(f"budget {budget!r} is neither 'full' nor an integer >= 1")
+    normalized = [FULL if budget == FULL else str(int(budget)) for budget in budgets]
+    if len(set(normalized)) != len(normalized):
+        raise argparse.ArgumentTypeError(f"budgets repeat in {text!r}; list each once")
+    return normalized
+
+
+def default_model_dir() -> pathlib.Path:
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    return cache / "zip_vlm_ros" / "bench"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm_bench",
+        description="Benchmark VisionZip token budgets against stock LLaVA generate and reference-style "
+                    "VisionZip, side by side in one run; prints tables and ratios vs targets.")
+    parser.add_argument("--model", help="LLaVA checkpoint directory or hub id (default: the vlm_tiny_model "
+                                        f"'bench' preset, built once under {default_model_dir()})")
+    parser.add_argument("--budgets", type=parse_budgets, default=parse_budgets(DEFAULT_BUDGETS),
+                        help="comma-separated visual-token budgets; 'full' = no reduction (default: %(default)s)")
+    parser.add_argument("--target-budget", type=int, default=64,
+                        help="VisionZip budget the targets, vision-stage and multi-question rows use "
+                             "(default: %(default)s)")
+    parser.add_argument("--json", type=pathlib.Path, help="also write all results to this JSON file")
+    parser.add_argument("--repeats", type=int, help="measured runs per row after one warm-up (default: 3, "
+                                                    "--quick: 1)")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per answer (default: 16, "
+                                                           "--quick: 4)")
+    parser.add_argument("--image", choices=IMAGES, default="astronaut", help="skimage.data photo (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", help="auto, float16, bfloat16 or float32 (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="1 repeat and 4 new tokens: a smoke test, not a "
+                                                             "measurement")
+    return parser
+
+
+def run_benchmark(args) -> dict:
+    """Load the engine, run every section, and return the results dict (JSON-ready)."""
+    import skimage.data
+
+    from zip_vlm_ros.engine import EngineConfig, VlmEngine
+
+    # Before anything large is allocated, so no freed block lingers in the heap.
+    mmap_threshold_fixed = _return_freed_tensors_to_os()
+    if args.model is None:
+        from zip_vlm_ros.tiny_model import build_checkpoint
+
+        args.model = str(build_checkpoint(default_model_dir(), preset="bench"))
+    engine = VlmEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                    token_budget=args.target_budget, max_new_tokens=args.max_new_tokens))
+    try:
+        image = getattr(skimage.data, args.image)()
+        full = engine.visual_tokens_full
+        budget_of = {FULL: full, **{b: engine.check_budget(int(b)) for b in args.budgets if b != FULL}}
+        results = {
+            "model": args.model, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+            "torch_threads": torch.get_num_threads(), "image": args.image, "prompt": DEFAULT_PROMPT,
+            "repeats": args.repeats, "max_new_tokens": args.max_new_tokens, "visual_tokens_full": full,
+            "target_budget": args.target_budget, "questions": len(FRAME_QUESTIONS),
+            "memory_method": memory_method(engine.device, mmap_threshold_fixed),
+        }
+
+        results["budgets"] = []
+        for name in args.budgets:
+            row = repeat(lambda: measure_budget(engine, image, DEFAULT_PROMPT, budget_of[name], args.max_new_tokens),
+                         args.repeats)
+            results["budgets"].append({"budget": name, "token_budget": budget_of[name], **row})
+        results["stock_generate"] = repeat(
+            lambda: measure_stock_generate(engine, image, DEFAULT_PROMPT, args.max_new_tokens), args.repeats)
+
+        pixel_values = engine.image_processor(images=[image], return_tensors="pt",
+                                              input_data_format="channels_last")["pixel_values"]
+        pixel_values = pixel_values.to(engine.device, engine.dtype)  # [1, 3, height, width]
+        vision_budget = engine.check_budget(args.target_budget)
+        results["vision_stage"] = {
+            variant: repeat(lambda: measure_vision_stage(engine, pixel_values, variant, vision_budget), args.repeats)
+            for variant in ("stock", "visionzip", "reference")
+        }
+
+        results["frame_questions"] = []
+        frame_keys = iter(range(1_000_000))
+        for name in (FULL, str(args.target_budget)):
+            for reuse in (False, True):
+                row = repeat(lambda: measure_frame_questions(
+                    engine, image, FRAME_QUESTIONS, engine.check_budget(full if name == FULL else int(name)), reuse,
+                    args.max_new_tokens, frame_key=("vlm_bench", next(frame_keys))), args.repeats)
+                results["frame_questions"].append({"budget": name, "reuse": reuse, **row})
+        results["targets"] = evaluate_targets(results)
+        return results
+    finally:
+        engine.close()
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    args.max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (4 if args.quick else 16)
+    if args.repeats < 1 or args.max_new_tokens < 1 or args.target_budget < 1:
+        parser.error("--repeats, --max-new-tokens and --target-budget must be >= 1")
+
+    from zip_vlm_ros.engine import EngineError
+
+    try:
+        results = run_benchmark(args)
+    except EngineError as error:
+        print(f"vlm_bench: {error}", file=sys.stderr)
+        return 2
+    print(format_report(results))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nresults written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
