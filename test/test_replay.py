@@ -1,0 +1,398 @@
+"""vlm_replay: offline evaluation of real bags with a real (tiny, random) LLaVA, and live replay into a
+node process. Report numbers are recomputed here from results.jsonl and compared with the outputs."""
+import csv
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from zip_vlm_ros import replay, sample_bag
+from zip_vlm_ros.sample_bag import COMPRESSED_TOPIC, RAW_TOPIC
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Few tokens and frames keep each replay to seconds on 2 CPU cores.
+MAX_NEW_TOKENS = '4'
+TINY_BUDGETS = 'full,8,4'
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure parts: budgets, questions, metrics, results.jsonl
+
+
+def test_parse_budgets_keeps_order_and_rejects_nonsense():
+    assert replay.parse_budgets('full, 192,128,064') == ['full', '192', '128', '64']
+    for bad in ('full,0', 'full,-3', 'full,abc', '64,64', ''):
+        with pytest.raises(replay.ReplayError) as error:
+            replay.parse_budgets(bad)
+        assert '\n' not in str(error.value)
+
+
+def write(path, text):
+    path.write_text(text, encoding='utf-8')
+    return path
+
+
+def test_questions_file_is_validated_with_clear_messages(tmp_path):
+    good = write(tmp_path / 'q.yaml', '- question: Is there a cat?\n  expect: [cat, kitten]\n'
+                                      '- question: What colour is the sky?\n')
+    assert replay.load_questions(good) == [replay.Question('Is there a cat?', ('cat', 'kitten')),
+                                           replay.Question('What colour is the sky?', ())]
+    cases = {
+        'missing.yaml': (None, 'does not exist'),
+        'syntax.yaml': ('- question: [unclosed\n', 'not valid YAML at line'),
+        'empty.yaml': ('', 'non-empty YAML list'),
+        'mapping.yaml': ('question: Is there a cat?\n', 'got a dict'),
+        'string_item.yaml': ('- Is there a cat?\n', 'item 1 is a str'),
+        'unknown_key.yaml': ('- question: Is there a cat?\n  expected: [cat]\n', 'unknown key(s) expected'),
+        'blank.yaml': ('- question: "  "\n', '"question" must be a non-empty string'),
+        'expect_str.yaml': ('- question: Is there a cat?\n  expect: cat\n', '"expect" must be a list'),
+        'duplicate.yaml': ('- question: A?\n- question: A?\n', 'item 2 repeats the question'),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name if text is None else write(tmp_path / name, text)
+        with pytest.raises(replay.ReplayError) as error:
+            replay.load_questions(path)
+        assert message in str(error.value), name
+        assert str(path) in str(error.value) and '\n' not in str(error.value)
+
+
+def test_agreement_metrics_on_hand_computed_cases():
+    assert replay.answer_tokens('A red car, parked.') == ['a', 'red', 'car', 'parked']
+    assert replay.exact_match('A red car.', 'a  red CAR')
+    assert not replay.exact_match('a red car', 'a blue car')
+    # 2 of 3 tokens shared both ways: precision = recall = 2/3
+    assert replay.token_f1('a red car', 'a blue car') == pytest.approx(2 / 3)
+    # answer 'red red' vs 'red car': overlap counts 'red' once -> p = 1/2, r = 1/2
+    assert replay.token_f1('red red', 'red car') == pytest.approx(0.5)
+    assert replay.token_f1('', '') == 1.0 and replay.token_f1('car', '') == 0.0
+    assert replay.keyword_hit('There is a black cat.', ['dog', 'cat'])
+    assert replay.keyword_hit('a traffic light ahead', ['traffic light'])
+    assert not replay.keyword_hit('a category error', ['cat'])  # whole words only
+
+
+def test_truncated_last_line_is_dropped_and_cut_from_the_file(tmp_path):
+    path = tmp_path / 'results.jsonl'
+    row = {'topic': '/a', 'stamp_ns': 1, 'budget': 'full', 'prompt': 'p'}
+    path.write_text(json.dumps(row) + '\n' + json.dumps(dict(row, stamp_ns=2))[:20], encoding='utf-8')
+    assert replay.load_results(path) == [row]
+    assert path.read_text(encoding='utf-8') == json.dumps(row) + '\n'
+
+    path.write_text(json.dumps(row) + '\nnot json\n' + json.dumps(row) + '\n', encoding='utf-8')
+    with pytest.raises(replay.ReplayError, match='line 2 is not valid JSON'):
+        replay.load_results(path)
+
+
+def test_frame_selector_every_period_and_max_frames():
+    every = replay.FrameSelector(every=2)
+    assert [every.wants('/a', t) for t in range(5)] == [True, False, True, False, True]
+
+    period = replay.FrameSelector(period_s=0.25, max_frames=2)
+    wanted = []
+    for log_ns in range(0, 1_000_000_000, 100_000_000):  # 10 Hz for one second
+        if period.wants('/a', log_ns):
+            wanted.append(log_ns)
+            period.accept('/a', log_ns)
+    assert wanted == [0, 300_000_000]  # 0.3 s is the first frame >= 0.25 s later; then max_frames
+
+
+# ----------------------------------------------------------------------------------------------------
+# Offline replay with the tiny model
+
+
+@pytest.fixture(scope='module')
+def bags(tmp_path_factory):
+    """The sample bag in both storage formats, with malformed frames."""
+    root = tmp_path_factory.mktemp('bags')
+    return {storage: sample_bag.write_sample_bag(root / storage, storage=storage, frames_per_topic=3,
+                                                 with_bad_frames=True)
+            for storage in sample_bag.STORAGE_FORMATS}
+
+
+@pytest.fixture(scope='module')
+def questions_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('questions') / 'questions.yaml'
+    path.write_text('- question: Is there a person?\n  expect: [yes, person]\n'
+                    '- question: What is on the table?\n', encoding='utf-8')
+    return path
+
+
+def run_replay(*argv):
+    """vlm_replay in this process (the engine loads in a second, and errors show in capsys)."""
+    return replay.main([str(arg) for arg in argv])
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding='utf-8').splitlines()]
+
+
+def read_summary(path):
+    with path.open(newline='', encoding='utf-8') as file:
+        return {row['budget']: row for row in csv.DictReader(file)}
+
+
+def as_float(cell):
+    return None if cell == '' else float(cell)
+
+
+def report_table_row(report: str, section: str, budget: str) -> list[str]:
+    """Cells of the row for `budget` in the table under `## section` of report.md."""
+    table = report.split(f'## {section}\n', 1)[1].split('\n## ', 1)[0]
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
+        if cells[0] == budget:
+            return cells
+    raise AssertionError(f'no row for budget {budget} under {section}')
+
+
+def pair(p50, p95):
+    return f'{p50:.1f} / {p95:.1f}'
+
+
+def check_outputs_match_results(out_dir, budgets):
+    """Recompute the per-budget numbers from results.jsonl and compare with summary.csv and report.md."""
+    rows = read_jsonl(out_dir / 'results.jsonl')
+    summary = read_summary(out_dir / 'summary.csv')
+    report = (out_dir / 'report.md').read_text(encoding='utf-8')
+    assert list(summary) == budgets
+    reference = {(row['topic'], row['stamp_ns'], row['prompt']): row['text'] for row in rows if row['budget'] == 'full'}
+    for budget in budgets:
+        budget_rows = [row for row in rows if row['budget'] == budget]
+        fresh = [row for row in budget_rows if not row['prefix_reused']]
+        s = summary[budget]
+        cells = report_table_row(report, 'Per budget', budget)
+        assert int(s['answers']) == len(budget_rows) and cells[4] == s['answers']
+        assert int(s['frames']) == len({(row['topic'], row['stamp_ns']) for row in budget_rows}) == len(fresh)
+        for field, column in (('vision_ms', 5), ('prefill_ms', 6), ('ttft_ms', 7), ('total_ms', 8)):
+            values = [row[field] for row in fresh]
+            p50, p95 = np.percentile(values, 50), np.percentile(values, 95)
+            assert float(s[f'{field}_p50']) == pytest.approx(p50) and float(s[f'{field}_p95']) == pytest.approx(p95)
+            assert cells[column] == pair(p50, p95)
+        kv = np.mean([row['kv_cache_bytes'] for row in fresh])
+        assert float(s['kv_cache_bytes_per_frame']) == pytest.approx(kv) and cells[11] == f'{kv / 1e6:.3f}'
+        decode_tokens = sum(row['generated_tokens'] - 1 for row in budget_rows)
+        assert float(s['decode_tokens_per_s']) == pytest.approx(
+            decode_tokens / (sum(row['decode_ms'] for row in budget_rows) / 1000))
+
+        pairs = [(row['text'], reference[(row['topic'], row['stamp_ns'], row['prompt'])]) for row in budget_rows]
+        exact = np.mean([replay.exact_match(a, b) for a, b in pairs])
+        f1 = np.mean([replay.token_f1(a, b) for a, b in pairs])
+        assert int(s['agreement_pairs']) == len(budget_rows)
+        assert float(s['exact_match_rate']) == pytest.approx(exact)
+        assert float(s['token_f1_mean']) == pytest.approx(f1)
+        if budget == 'full':
+            assert exact == f1 == 1.0 and cells[12] == 'reference'
+        else:
+            assert cells[12] == f'{exact:.3f} ({len(pairs)})' and cells[13] == f'{f1:.3f}'
+        with_keywords = [row for row in budget_rows if row['expect']]
+        if with_keywords:
+            hits = np.mean([replay.keyword_hit(row['text'], row['expect']) for row in with_keywords])
+            assert float(s['keyword_hit_rate']) == pytest.approx(hits)
+            assert cells[14] == f'{hits:.3f} ({len(with_keywords)})'
+        else:
+            assert s['keyword_hit_rate'] == '' and cells[14] == '—'
+    for plot in ('latency_vs_budget.png', 'agreement_vs_budget.png'):
+        data = (out_dir / plot).read_bytes()
+        assert data.startswith(b'\x89PNG\r\n\x1a\n') and len(data) > 5000
+    return rows, summary, report
+
+
+@pytest.mark.parametrize('storage', ['mcap', 'sqlite3'])
+def test_offline_replay_reports_what_results_jsonl_holds(tmp_path, capsys, bags, questions_file, tiny_model_dir,
+                                                         storage):
+    out = tmp_path / 'out'
+    status = run_replay(bags[storage].path, '--out', out, '--model', tiny_model_dir, '--budgets', TINY_BUDGETS,
+                        '--questions', questions_file, '--max-new-tokens', MAX_NEW_TOKENS, '--max-frames', 2,
+                        '--topics', RAW_TOPIC, COMPRESSED_TOPIC, '/camera/left/image_raw')
+    stderr = capsys.readouterr().err
+    assert status == 0, stderr
+    assert 'topic /camera/left/image_raw is not in the bag; image topics in' in stderr
+    assert 'ETA' in stderr
+
+    rows, summary, report = check_outputs_match_results(out, ['full', '8', '4'])
+    prompts = ['Describe the scene in one sentence.', 'Is there a person?', 'What is on the table?']
+    # 2 topics x 2 frames x 3 budgets x 3 prompts, every key once
+    assert len(rows) == 36 and len({replay.result_key(row) for row in rows}) == 36
+    good = bags[storage].good_frame_stamps
+    assert {(row['topic'], row['stamp_ns']) for row in rows} == {
+        (topic, stamp) for topic in (RAW_TOPIC, COMPRESSED_TOPIC) for stamp in good[topic][:2]}
+    for row in rows:
+        # one generate_many per frame and budget: the description computes the prefix, questions reuse it
+        assert row['prefix_reused'] == (row['prompt'] != prompts[0])
+        assert row['visual_tokens'] == {'full': 16, '8': 8, '4': 4}[row['budget']]
+        assert row['reduction'] == ('none' if row['budget'] == 'full' else 'visionzip')
+        assert row['generated_tokens'] <= int(MAX_NEW_TOKENS)
+    assert [summary[b]['visual_tokens'] for b in summary] == ['16.0', '8.0', '4.0']
+
+    # the malformed frames are skipped, counted and listed with their reasons
+    assert '- skipped frames: 2 (listed below)' in report
+    skipped = report.split('## Skipped frames\n', 1)[1].split('\n## ', 1)[0]
+    bad = {frame.topic: frame for frame in bags[storage].bad_frames}
+    assert f'| {RAW_TOPIC} | {replay.format_stamp(bad[RAW_TOPIC].stamp_ns)} | image data is' in skipped
+    assert f'| {COMPRESSED_TOPIC} | {replay.format_stamp(bad[COMPRESSED_TOPIC].stamp_ns)} | compressed image' in skipped
+    assert 'problem: topic /camera/left/image_raw is not in the bag' in report
+
+
+
+def test_resume_does_only_new_work_and_survives_a_truncated_line(tmp_path, capsys, bags, tiny_model_dir):
+    out = tmp_path / 'out'
+    common = [bags['mcap'].path, '--out', out, '--model', tiny_model_dir, '--budgets', 'full,4',
+              '--max-new-tokens', MAX_NEW_TOKENS, '--topics', RAW_TOPIC]
+    assert run_replay(*common, '--max-frames', 1) == 0
+    first = (out / 'results.jsonl').read_text(encoding='utf-8').splitlines()
+    assert len(first) == 2  # 1 frame x 2 budgets x the description
+
+    # Without --resume an existing run is never overwritten.
+    capsys.readouterr()
+    assert run_replay(*common, '--max-frames', 2) == 1
+    assert 'pass --resume' in capsys.readouterr().err
+
+    # A run killed while writing leaves half a line: it is dropped and that work is done again.
+    (out / 'results.jsonl').write_text(first[0] + '\n' + first[1][:40], encoding='utf-8')
+    assert run_replay(*common, '--max-frames', 2, '--resume') == 0
+    stderr = capsys.readouterr().err
+    assert 'dropped the incomplete last line' in stderr
+    assert '3 new answers (1 from earlier runs)' in stderr  # the cut row + frame 2 at both budgets
+    rows = read_jsonl(out / 'results.jsonl')
+    assert (out / 'results.jsonl').read_text(encoding='utf-8').splitlines()[0] == first[0]
+    assert sorted((row['stamp_ns'], row['budget']) for row in rows) == sorted(
+        (stamp, budget) for stamp in bags['mcap'].good_frame_stamps[RAW_TOPIC][:2] for budget in ('full', '4'))
+    check_outputs_match_results(out, ['full', '4'])
+
+    # Greedy answers do not depend on the run: a fresh run gives the same texts.
+    again = tmp_path / 'again'
+    assert run_replay(*common[:2], again, *common[3:], '--max-frames', 2) == 0
+    texts = lambda path: {replay.result_key(row): row['text'] for row in read_jsonl(path / 'results.jsonl')}
+    assert texts(again) == texts(out)
+
+    # Resuming with settings that change the answers is refused.
+    assert run_replay(*common, '--max-frames', 2, '--resume', '--max-new-tokens', 2) == 1
+    assert 'max_new_tokens=4' in capsys.readouterr().err
+
+
+def one_line_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith('vlm_replay: error: ')]
+    assert len(errors) == 1, lines
+    return errors[0]
+
+
+def test_bad_bags_and_arguments_fail_with_clear_messages(tmp_path, capsys, bags, questions_file):
+    bag = bags['sqlite3'].path
+    out = tmp_path / 'out'
+    model = tmp_path / 'no-model'  # never loaded: every case fails before the engine
+    cases = [
+        ([tmp_path / 'missing', '--out', out, '--model', model], 'bag {tmp}/missing does not exist'),
+        ([tmp_path, '--out', out, '--model', model], 'without metadata.yaml'),
+        ([bag, '--out', out, '--model', model, '--topics', '/nope'],
+         f'topic /nope is not in the bag; image topics in {bag}: {RAW_TOPIC} (sensor_msgs/msg/Image, 4 messages), '
+         f'{COMPRESSED_TOPIC} (sensor_msgs/msg/CompressedImage, 4 messages)'),
+        ([bag, '--out', out, '--model', model, '--topics', sample_bag.CAMERA_INFO_TOPIC],
+         f'topic {sample_bag.CAMERA_INFO_TOPIC} is sensor_msgs/msg/CameraInfo, not an image; image topics in'),
+        ([bag, '--out', out], '--model is required for offline replay'),
+        ([bag, '--out', out, '--model', model, '--budgets', 'full,0'], 'is not "full" or a positive'),
+        ([bag, '--out', out, '--model', model, '--questions', tmp_path / 'q.yaml'], 'questions file'),
+        ([bag, '--out', out, '--live', '--every', 2], '--every applies to offline replay'),
+    ]
+    for argv, message in cases:
+        assert run_replay(*argv) == 1, argv
+        assert message.format(tmp=tmp_path) in one_line_error(capsys), argv
+
+    truncated = tmp_path / 'cut.mcap'
+    data = next(bags['mcap'].path.glob('*.mcap')).read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    assert run_replay(truncated, '--out', out, '--model', model) == 1
+    assert f'cannot read bag {truncated}' in one_line_error(capsys)
+    assert not (out / 'results.jsonl').exists()
+
+
+def test_missing_model_and_all_frames_malformed(tmp_path, capsys, tiny_model_dir):
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    typestore = get_typestore(Stores.ROS2_KILTED)
+    Image = typestore.types['sensor_msgs/msg/Image']
+    Header = typestore.types['std_msgs/msg/Header']
+    Time = typestore.types['builtin_interfaces/msg/Time']
+    bag = tmp_path / 'broken'
+    with Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        connection = writer.add_connection('/cam/image_raw', 'sensor_msgs/msg/Image', typestore=typestore)
+        for index, encoding in enumerate(['rgb8', '32FC1']):  # short data, then an encoding no decoder has
+            message = Image(header=Header(stamp=Time(sec=10 + index, nanosec=0), frame_id='cam'), height=4, width=4,
+                            encoding=encoding, is_bigendian=0, step=12, data=np.zeros(12, dtype=np.uint8))
+            writer.write(connection, (10 + index) * 10**9, typestore.serialize_cdr(message, 'sensor_msgs/msg/Image'))
+
+    assert run_replay(bag, '--out', tmp_path / 'x', '--model', tmp_path / 'no-model') == 1
+    assert 'no-model' in one_line_error(capsys)
+
+    out = tmp_path / 'out'
+    assert run_replay(bag, '--out', out, '--model', tiny_model_dir, '--budgets', 'full') == 1
+    stderr = capsys.readouterr().err
+    assert 'no frame of /cam/image_raw could be evaluated' in stderr
+    report = (out / 'report.md').read_text(encoding='utf-8')
+    assert '- skipped frames: 2 (listed below)' in report
+    assert '| /cam/image_raw | 10.000000000 | image data is 12 bytes' in report
+    assert "| /cam/image_raw | 11.000000000 | image encoding '32FC1' is not supported" in report
+    assert (out / 'results.jsonl').read_text(encoding='utf-8') == ''
+
+
+# ----------------------------------------------------------------------------------------------------
+# Live replay into a node process
+
+
+def test_live_replay_into_a_running_node(tmp_path, tiny_model_dir, questions_file):
+    from zip_vlm_ros.client import NodeProcess
+
+    bag = sample_bag.write_sample_bag(tmp_path / 'bag', storage='mcap', frames_per_topic=5)
+    node = NodeProcess({
+        'model': str(tiny_model_dir), 'cameras': ['front', 'rear'],
+        'camera.front.topic': '/robot/front/image', 'camera.front.type': 'sensor_msgs/Image',
+        'camera.rear.topic': COMPRESSED_TOPIC, 'camera.rear.type': 'sensor_msgs/CompressedImage',
+        # bag stamps are from 2023: the node ages frames on the bag clock that replay publishes
+        'use_sim_time': True, 'image_qos': 'reliable', 'token_budget': 8, 'max_new_tokens': int(MAX_NEW_TOKENS),
+        'max_pending_requests': 16,
+    }, tmp_path / 'node.log')
+    out = tmp_path / 'live'
+    try:
+        replay_run = subprocess.run(
+            [sys.executable, '-m', 'zip_vlm_ros.replay', str(bag.path), '--live', '--out', str(out),
+             '--remap', f'{RAW_TOPIC}:=/robot/front/image', '--camera', 'front', '--clock', '--rate', '0.5',
+             '--period', '0.12', '--budgets', 'full,4', '--questions', str(questions_file), '--wait', '60'],
+            capture_output=True, text=True, timeout=180)
+        assert node.alive(), node.log()
+    finally:
+        node_status = node.stop()
+    assert replay_run.returncode == 0, replay_run.stderr + node.log()
+    assert node_status == 0, node.log()
+
+    rows = read_jsonl(out / 'results.jsonl')
+    report = (out / 'report.md').read_text(encoding='utf-8')
+    summary = read_summary(out / 'summary.csv')
+    ok = [row for row in rows if row['status'] == 'ok']
+    assert {row['budget'] for row in ok} == {'full', '4'}
+    good_stamps = set(bag.good_frame_stamps[RAW_TOPIC])
+    for row in ok:
+        # answers name the frame they are about, which replay maps back to the bag topic it came from
+        assert row['stamp_ns'] in good_stamps and row['topic'] == RAW_TOPIC and row['camera'] == 'front'
+        assert row['visual_tokens'] == (16 if row['budget'] == 'full' else 4)
+        assert 0 <= row['image_age_ms'] < 10_000  # bag time at the answer minus the frame's stamp
+    assert '- frames played: /robot/front/image: 5, /camera/rear/image_raw/compressed: 5' in report
+    assert 'received by the node: front (/robot/front/image): 5, rear (/camera/rear/image_raw/compressed): 5' in report
+
+    for budget in ('full', '4'):
+        requests = {row['request']: row for row in rows if row['budget'] == budget}
+        statuses = [row['status'] for row in requests.values()]
+        s = summary[budget]
+        assert int(s['requests']) == len(requests) == 2 * 3  # describe + ask_many per round, 3 rounds
+        assert int(s['refused']) == statuses.count('refused') and int(s['timed_out']) == statuses.count('timeout')
+        latencies = [row['latency_ms'] for row in requests.values() if row['status'] == 'ok']
+        p50, p95 = np.percentile(latencies, 50), np.percentile(latencies, 95)
+        assert float(s['latency_ms_p50']) == pytest.approx(p50)
+        cells = report_table_row(report, 'Service calls', budget)
+        assert cells[1:4] == [s['requests'], s['refused'], s['timed_out']] and cells[4] == pair(p50, p95)
+        assert int(s['answers']) == sum(row['budget'] == budget for row in ok)
