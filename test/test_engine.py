@@ -1,5 +1,7 @@
 """VlmEngine on the offline tiny LLaVA checkpoint: loading errors, stock equivalence, VisionZip budgets,
 batches, sampling and request validation."""
+import shutil
+
 import numpy as np
 import pytest
 import skimage.data
@@ -17,7 +19,8 @@ FULL = 16  # the tiny preset: 56 px / patch 14 -> 16 patches, "default" strategy
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    engine = VlmEngine(EngineConfig(model=str(tiny_model_dir), max_new_tokens=10))
+    # CPU even where CUDA exists: these tests compare exact token sequences in float32.
+    engine = VlmEngine(EngineConfig(model=str(tiny_model_dir), device="cpu", max_new_tokens=10))
     yield engine
     engine.close()
 
@@ -29,7 +32,7 @@ def _chat_text(engine, prompt: str) -> str:
 
 def _stock_generate(engine, image, prompt, max_new_tokens) -> list[int]:
     """New token ids from stock processor + LlavaForConditionalGeneration.generate (greedy)."""
-    inputs = engine.processor(images=image, text=_chat_text(engine, prompt), return_tensors="pt")
+    inputs = engine.processor(images=image, text=_chat_text(engine, prompt), return_tensors="pt").to(engine.device)
     with torch.inference_mode():
         output = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return output[0, inputs.input_ids.shape[1]:].tolist()
@@ -163,7 +166,7 @@ def test_budgets_report_tokens_timings_and_cache_size(engine):
 def test_default_budget_comes_from_the_config(engine, tiny_model_dir):
     assert engine.check_budget(None) == FULL  # config default 64 >= 16: no reduction
     assert engine.check_budget(5) == 5 and engine.check_budget(np.int64(7)) == 7
-    reduced = VlmEngine(EngineConfig(model=str(tiny_model_dir), token_budget=6, max_new_tokens=3))
+    reduced = VlmEngine(EngineConfig(model=str(tiny_model_dir), device="cpu", token_budget=6, max_new_tokens=3))
     try:
         output = reduced.generate(IMAGES["coffee"], PROMPTS[0])
         assert (output.token_budget, output.reduction, output.generated_tokens) == (6, "visionzip", 3)
@@ -189,7 +192,7 @@ def test_batch_matches_per_image_generate(engine, budget):
 
 def test_each_batch_row_stops_at_its_own_eos(tiny_model_dir):
     """Make EOS the winner wherever one row would emit a token the other row never emits."""
-    engine = VlmEngine(EngineConfig(model=str(tiny_model_dir), max_new_tokens=10))
+    engine = VlmEngine(EngineConfig(model=str(tiny_model_dir), device="cpu", max_new_tokens=10))
     try:
         images, prompts = [IMAGES["astronaut"], IMAGES["coffee"]], PROMPTS[:2]
         first, second = (_stock_generate(engine, image, prompt, 10) for image, prompt in zip(images, prompts))
@@ -301,8 +304,63 @@ def test_tiny_and_odd_sized_images_work_and_errors_leave_the_engine_usable(engin
 
 
 def test_closed_engine_refuses_requests(tiny_model_dir):
-    engine = VlmEngine(EngineConfig(model=str(tiny_model_dir)))
+    engine = VlmEngine(EngineConfig(model=str(tiny_model_dir), device="cpu"))
     engine.close()
     engine.close()
     with pytest.raises(EngineError, match="was closed; create a new VlmEngine"):
         engine.generate(IMAGES["coffee"], "Hi?")
+
+
+# ---------------------------------------------------------------------- CUDA (skipped without a GPU)
+
+def test_auto_device_and_dtype(tiny_model_dir):
+    engine = VlmEngine(EngineConfig(model=str(tiny_model_dir)))
+    try:
+        cuda = torch.cuda.is_available()
+        assert engine.device.type == ("cuda" if cuda else "cpu")
+        assert engine.dtype == (torch.float16 if cuda else torch.float32)
+        assert next(engine.model.parameters()).device.type == engine.device.type
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_engine_generates_reuses_batches_and_frees_memory(tiny_model_dir, dtype):
+    engine = VlmEngine(EngineConfig(model=str(tiny_model_dir), device="cuda", dtype=dtype, max_new_tokens=8))
+    try:
+        assert engine.device.type == "cuda" and engine.dtype == getattr(torch, dtype)
+        image = IMAGES["astronaut"]
+        for budget in (4, FULL):
+            first = engine.generate(image, PROMPTS[0], token_budget=budget, frame_key=("gpu", budget))
+            again = engine.generate(image, PROMPTS[0], token_budget=budget, frame_key=("gpu", budget))
+            assert not first.prefix_reused and again.prefix_reused
+            assert again.text == first.text and first.generated_tokens >= 1
+            assert first.vision_ms > 0 and first.prefill_ms > 0
+        if dtype == "float32":
+            stock = _stock_generate(engine, image, PROMPTS[1], max_new_tokens=8)
+            assert engine.generate(image, PROMPTS[1], token_budget=FULL).text == _decoded(engine, stock)
+        batch = engine.generate_batch([image, IMAGES["coffee"]], PROMPTS[:2], token_budget=6)
+        assert [o.visual_tokens for o in batch] == [6, 6] and all(o.generated_tokens >= 1 for o in batch)
+        sampled = [engine.generate(image, PROMPTS[0], token_budget=6,
+                                   sampling=SamplingOptions(do_sample=True, seed=5)).text for _ in range(2)]
+        assert sampled[0] == sampled[1]
+        allocated = torch.cuda.memory_allocated()
+    finally:
+        engine.close()
+    assert torch.cuda.memory_allocated() < allocated
+
+
+def test_load_error_corrupt_weights(tmp_path, tiny_model_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert "cannot load the weights of" in _load_error(tmp_path, model=str(broken))
+
+
+def test_strided_views_are_valid_images(engine):
+    image = IMAGES["astronaut"]
+    as_copy = engine.generate(np.ascontiguousarray(image[::-2, ::2, ::-1]), "Hi?", token_budget=4, max_new_tokens=4)
+    as_view = engine.generate(image[::-2, ::2, ::-1], "Hi?", token_budget=4, max_new_tokens=4)
+    assert as_view.text == as_copy.text

@@ -560,6 +560,11 @@ class VlmEngine:
 
 # ---------------------------------------------------------------------- helpers (pure)
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _first_not_none(*values):
     return next(value for value in values if value is not None)
 
@@ -724,9 +729,8 @@ def _load_llava_config(model: str):
         _check_llava_type(model, raw.get("model_type"), raw.get("architectures"))
     try:
         config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load model {model!r}: {reason}") from None
+    except Exception as error:
+        raise ModelLoadError(f"cannot load model {model!r}: {_first_line(error)}") from error
     _check_llava_type(model, config.model_type, getattr(config, "architectures", None))
     vision_type = config.vision_config.model_type
     if vision_type != "clip_vision_model" or not isinstance(config.vision_feature_layer, int):
@@ -747,20 +751,20 @@ def _load_model_and_processor(model: str, dtype: torch.dtype, device: torch.devi
     """LlavaForConditionalGeneration (eval, on `device`, SDPA as configured) and its processor."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    # Any failure inside transformers' loaders is a problem with the checkpoint's files: report it in
+    # one line and keep the original exception chained for logs.
     try:
         processor = AutoProcessor.from_pretrained(model)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load the processor of {model!r}: {reason}") from None
+    except Exception as error:
+        raise ModelLoadError(f"cannot load the processor of {model!r}: {_first_line(error)}") from error
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise ModelLoadError(f"{model}: its processor ({type(processor).__name__}) has no image processor and "
                              f"tokenizer; a LLaVA checkpoint needs both (processor_config.json, tokenizer files)")
     try:
         # Loaded on the CPU, then moved: placing weights directly on a device needs `accelerate`.
         llava = LlavaForConditionalGeneration.from_pretrained(model, dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load the weights of {model!r}: {reason}") from None
+    except Exception as error:
+        raise ModelLoadError(f"cannot load the weights of {model!r}: {_first_line(error)}") from error
     try:
         llava = llava.to(device)
     except torch.OutOfMemoryError:
