@@ -29,7 +29,6 @@ import copy
 import gc
 import json
 import math
-import operator
 import os
 import pathlib
 import time
