@@ -734,8 +734,10 @@ class Progress:
         self.last_drawn = now
         self.stream.flush()
 
-    def finish(self) -> None:
-        self.total = self.done
+    def finish(self, *, complete: bool = True) -> None:
+        """Draw the last line; `complete` when the work ended normally (the estimate becomes exact)."""
+        if complete:
+            self.total = self.done
         self.draw(final=True)
 
 
@@ -748,8 +750,8 @@ def _clock(seconds: float) -> str:
 # The run directory
 
 
-def prepare_out_dir(out_dir: pathlib.Path, *, resume: bool, settings: dict) -> list[dict]:
-    """Create --out (or check it for --resume) and return the rows already done."""
+def prepare_out_dir(out_dir: pathlib.Path, *, resume: bool) -> list[dict]:
+    """Create --out (never overwriting an earlier run unless resuming it) and return the rows already done."""
     results_path = out_dir / RESULTS_FILE
     if out_dir.exists() and not out_dir.is_dir():
         raise ReplayError(f'--out {out_dir} is a file: pass a directory for the results')
@@ -757,18 +759,19 @@ def prepare_out_dir(out_dir: pathlib.Path, *, resume: bool, settings: dict) -> l
         raise ReplayError(f'{out_dir} already holds {RESULTS_FILE} from an earlier run: pass --resume to '
                           f'continue it, or choose another --out')
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = load_results(results_path) if resume else []
-    run_path = out_dir / RUN_FILE
-    if resume and rows and run_path.exists():
-        try:
-            previous = json.loads(run_path.read_text(encoding='utf-8'))
-        except ValueError:
-            previous = {}
-        for key in ANSWER_SETTINGS:
-            if key in previous and previous[key] != settings[key]:
-                raise ReplayError(f'{results_path} was made with {key}={previous[key]!r} and this run asks '
-                                  f'{key}={settings[key]!r}: resume with the same settings or choose a new --out')
-    return rows
+    return load_results(results_path) if resume else []
+
+
+def check_resumed_settings(out_dir: pathlib.Path, run: dict) -> None:
+    """Refuse to append answers made with other ANSWER_SETTINGS than the earlier run's (run.json)."""
+    try:
+        previous = json.loads((out_dir / RUN_FILE).read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return  # nothing to compare with: the earlier run was killed before writing run.json
+    for key in ANSWER_SETTINGS:
+        if key in previous and previous[key] != run[key]:
+            raise ReplayError(f'{out_dir / RESULTS_FILE} was made with {key}={previous[key]!r} and this run asks '
+                              f'{key}={run[key]!r}: resume with the same settings or choose a new --out')
 
 
 def write_run_file(out_dir: pathlib.Path, run: dict) -> None:
@@ -795,9 +798,6 @@ class ResultsWriter:
 
 
 def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Question]) -> int:
-    from rosbags.rosbag2.errors import ReaderError
-    from rosbags.typesys import Stores, get_typestore
-
     from zip_vlm_ros.engine import DEFAULT_DESCRIBE_PROMPT, EngineConfig, EngineError, VlmEngine
 
     out_dir = pathlib.Path(args.out)
@@ -813,6 +813,8 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
             print(f'vlm_replay: {"warning" if topics else "error"}: {problem}', file=sys.stderr)
         if not topics:
             return EXIT_NOTHING_EVALUATED
+        # Before the (slow) model load, so that a wrong --out or a damaged results file fails at once.
+        done_rows = prepare_out_dir(out_dir, resume=args.resume)
 
         config_values = {'model': args.model, 'device': args.device, 'dtype': args.dtype,
                          'contextual_ratio': args.contextual_ratio, 'max_new_tokens': args.max_new_tokens}
@@ -835,34 +837,43 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
                 'questions': [dataclasses.asdict(question) for question in questions], 'budgets': budgets,
                 'every': args.every, 'period_s': args.period, 'max_frames': args.max_frames,
             }
-            done_rows = prepare_out_dir(out_dir, resume=args.resume, settings=run)
+            if done_rows:
+                check_resumed_settings(out_dir, run)
             write_run_file(out_dir, run)
-            return _evaluate_bag(args, reader, engine, run, topics, problems, budgets, questions, describe_prompt,
-                                 done_rows, get_typestore(Stores.ROS2_KILTED), ReaderError, EngineError)
+            return _evaluate_bag(args, reader, engine, run, problems, done_rows)
         finally:
             engine.close()
     finally:
         reader.close()
 
 
-def _warm_up(engine, rgb: np.ndarray, budgets: list[str], prompt: str, engine_error) -> None:
+def _warm_up(engine, rgb: np.ndarray, budgets: list[str], prompt: str) -> None:
     """One unrecorded request per budget before timing starts: the first calls of a fresh process pay for
     lazy initialisation (kernels, allocator, caches), which would otherwise land on whichever budget
     happens to run first and skew the comparison."""
+    from zip_vlm_ros.engine import EngineError
+
     for budget in budgets:
         try:
             engine.generate(rgb, prompt, token_budget=budget_tokens(budget, engine.visual_tokens_full),
                             max_new_tokens=2, frame_key=None)
-        except engine_error:
+        except EngineError:
             return  # the real request on this frame reports the problem
 
 
-def _evaluate_bag(args, reader, engine, run, topics, problems, budgets, questions, describe_prompt, done_rows,
-                  typestore, reader_error, engine_error) -> int:
+def _evaluate_bag(args, reader, engine, run: dict, problems: list[str], done_rows: list[dict]) -> int:
     """The offline loop: frames in bag order, each at every budget, all prompts sharing the prefix."""
+    from rosbags.rosbag2.errors import ReaderError
+    from rosbags.typesys import Stores, get_typestore
+
+    from zip_vlm_ros.engine import EngineError
+
+    typestore = get_typestore(Stores.ROS2_KILTED)
     out_dir = pathlib.Path(args.out)
+    topics, budgets, describe_prompt = run['topics'], run['budgets'], run['describe_prompt']
     done_keys = {result_key(row) for row in done_rows}
-    prompts = [(describe_prompt, 'describe', ())] + [(q.question, 'question', q.expect) for q in questions]
+    prompts = [(describe_prompt, 'describe', ())] + [(q['question'], 'question', tuple(q['expect']))
+                                                     for q in run['questions']]
     selector = FrameSelector(every=args.every, period_s=args.period, max_frames=args.max_frames)
     duration_ns = max(reader.duration, 0)
     expected = sum(selector.expected_frames(reader.topics[topic].msgcount, duration_ns) for topic in topics)
@@ -890,7 +901,7 @@ def _evaluate_bag(args, reader, engine, run, topics, problems, budgets, question
             selector.accept(topic, log_ns)
             if not warmed_up and any((topic, frame.stamp_ns, budget, prompt) not in done_keys
                                      for budget in budgets for prompt, _, _ in prompts):
-                _warm_up(engine, frame.rgb, budgets, describe_prompt, engine_error)
+                _warm_up(engine, frame.rgb, budgets, describe_prompt)
                 warmed_up = True
             for budget in budgets:
                 todo = [(prompt, kind, expect) for prompt, kind, expect in prompts
@@ -903,8 +914,10 @@ def _evaluate_bag(args, reader, engine, run, topics, problems, budgets, question
                     outputs = engine.generate_many(
                         frame.rgb, [prompt for prompt, _, _ in todo],
                         token_budget=budget_tokens(budget, engine.visual_tokens_full),
-                        frame_key=(topic, frame.stamp_ns))
-                except engine_error as error:
+                        # Per budget label: budgets that mean the same token count (192 and full on a
+                        # small model) are each timed from scratch instead of sharing one prefix.
+                        frame_key=(topic, frame.stamp_ns, budget))
+                except EngineError as error:
                     skipped.append(SkippedFrame(topic, frame.stamp_ns, log_ns, f'budget {budget}: {error}'))
                     print(f'vlm_replay: warning: {topic} frame at {format_stamp(frame.stamp_ns)}, budget '
                           f'{budget}: {error}', file=sys.stderr)
@@ -917,13 +930,13 @@ def _evaluate_bag(args, reader, engine, run, topics, problems, budgets, question
                 progress.advance(seconds_spent=time.monotonic() - started)
     except KeyboardInterrupt:
         interrupted = True
-    except reader_error as error:
+    except ReaderError as error:
         problems.append(f'reading the bag stopped early ({error}); the frames before that point are evaluated')
         print(f'vlm_replay: warning: {problems[-1]}', file=sys.stderr)
     finally:
         writer.close()
-    progress.finish()
-    for topic in topics:
+    progress.finish(complete=not interrupted)
+    for topic in topics if not interrupted else ():
         if selector.accepted[topic] == 0:
             problems.append(f'no frame of {topic} could be evaluated (selection empty or every frame malformed)')
             print(f'vlm_replay: warning: {problems[-1]}', file=sys.stderr)
@@ -1071,7 +1084,7 @@ def run_live(args: argparse.Namespace, budgets: list[str], questions: list[Quest
                               f'scripts/setup.sh or source a ROS 2 install with this package built') from None
 
         out_dir = pathlib.Path(args.out)
-        prepare_out_dir(out_dir, resume=False, settings={})
+        prepare_out_dir(out_dir, resume=False)
         context = rclpy.Context()
         rclpy.init(context=context)
         node = rclpy.create_node(f'vlm_replay_{os.getpid()}', context=context)
@@ -1206,7 +1219,7 @@ def _live_session(args, reader, node, topics, remaps, problems, budgets, questio
         player.join(timeout=2.0)
         if clock_thread is not None:
             clock_thread.join(timeout=2.0)
-    progress.finish()
+    progress.finish(complete=not interrupted)
     if playback.error:
         problems.append(playback.error)
 
