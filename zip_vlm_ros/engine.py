@@ -41,6 +41,7 @@ import torch
 from zip_vlm_ros.visionzip import encode_for_visionzip, split_budget, visionzip_compress
 
 __all__ = [
+    "DEFAULT_DESCRIBE_PROMPT",
     "EngineConfig",
     "EngineError",
     "ModelLoadError",
