@@ -241,11 +241,16 @@ def test_offline_replay_reports_what_results_jsonl_holds(tmp_path, capsys, bags,
 
 def test_resume_does_only_new_work_and_survives_a_truncated_line(tmp_path, capsys, bags, tiny_model_dir):
     out = tmp_path / 'out'
-    common = [bags['mcap'].path, '--out', out, '--model', tiny_model_dir, '--budgets', 'full,4',
-              '--max-new-tokens', MAX_NEW_TOKENS, '--topics', RAW_TOPIC]
+    # The engine settings come from a node params file, as the node would read them.
+    params = write(tmp_path / 'vlm.yaml', f'/**:\n  ros__parameters:\n    model: {tiny_model_dir}\n'
+                                          f'    max_new_tokens: {MAX_NEW_TOKENS}\n    describe_prompt: What is ahead?\n'
+                                          f'    token_budget: 8\n')
+    common = [bags['mcap'].path, '--out', out, '--params-file', params, '--budgets', 'full,4', '--topics', RAW_TOPIC]
     assert run_replay(*common, '--max-frames', 1) == 0
     first = (out / 'results.jsonl').read_text(encoding='utf-8').splitlines()
     assert len(first) == 2  # 1 frame x 2 budgets x the description
+    assert {json.loads(line)['prompt'] for line in first} == {'What is ahead?'}
+    assert json.loads((out / 'run.json').read_text(encoding='utf-8'))['max_new_tokens'] == int(MAX_NEW_TOKENS)
 
     # Without --resume an existing run is never overwritten.
     capsys.readouterr()
@@ -270,7 +275,7 @@ def test_resume_does_only_new_work_and_survives_a_truncated_line(tmp_path, capsy
     texts = lambda path: {replay.result_key(row): row['text'] for row in read_jsonl(path / 'results.jsonl')}
     assert texts(again) == texts(out)
 
-    # Resuming with settings that change the answers is refused.
+    # Resuming with settings that change the answers is refused (the command line overrides the file).
     assert run_replay(*common, '--max-frames', 2, '--resume', '--max-new-tokens', 2) == 1
     assert 'max_new_tokens=4' in capsys.readouterr().err
 
@@ -298,6 +303,8 @@ def test_bad_bags_and_arguments_fail_with_clear_messages(tmp_path, capsys, bags,
         ([bag, '--out', out, '--model', model, '--budgets', 'full,0'], 'is not "full" or a positive'),
         ([bag, '--out', out, '--model', model, '--questions', tmp_path / 'q.yaml'], 'questions file'),
         ([bag, '--out', out, '--live', '--every', 2], '--every applies to offline replay'),
+        ([bag, '--out', out, '--params-file', questions_file], 'has no "/**:" or "zip_vlm:" section'),
+        ([bag, '--out', out, '--model', model, '--dominant-ratio', 1.5], 'dominant_ratio 1.5 is out of range'),
     ]
     for argv, message in cases:
         assert run_replay(*argv) == 1, argv
@@ -364,6 +371,11 @@ def test_live_replay_into_a_running_node(tmp_path, tiny_model_dir, questions_fil
              '--remap', f'{RAW_TOPIC}:=/robot/front/image', '--camera', 'front', '--clock', '--rate', '0.5',
              '--period', '0.12', '--budgets', 'full,4', '--questions', str(questions_file), '--wait', '60'],
             capture_output=True, text=True, timeout=180)
+        # Calls unanswered within --timeout count as timed out; with no answer at all the exit status is 1.
+        impatient = subprocess.run(
+            [sys.executable, '-m', 'zip_vlm_ros.replay', str(bag.path), '--live', '--out', str(tmp_path / 'impatient'),
+             '--topics', COMPRESSED_TOPIC, '--camera', 'rear', '--clock', '--period', '0.2', '--budgets', '4',
+             '--timeout', '0.001'], capture_output=True, text=True, timeout=180)
         assert node.alive(), node.log()
     finally:
         node_status = node.stop()
@@ -396,3 +408,10 @@ def test_live_replay_into_a_running_node(tmp_path, tiny_model_dir, questions_fil
         cells = report_table_row(report, 'Service calls', budget)
         assert cells[1:4] == [s['requests'], s['refused'], s['timed_out']] and cells[4] == pair(p50, p95)
         assert int(s['answers']) == sum(row['budget'] == budget for row in ok)
+
+    assert impatient.returncode == 1, impatient.stderr
+    impatient_summary = read_summary(tmp_path / 'impatient' / 'summary.csv')['4']
+    assert int(impatient_summary['requests']) == 2 and int(impatient_summary['answers']) == 0
+    assert int(impatient_summary['timed_out']) + int(impatient_summary['refused']) == 2
+    assert int(impatient_summary['timed_out']) >= 1
+    assert '| timeout | ' in (tmp_path / 'impatient' / 'report.md').read_text(encoding='utf-8')

@@ -44,7 +44,7 @@ RUN_FILE = 'run.json'
 LATENCY_PLOT = 'latency_vs_budget.png'
 AGREEMENT_PLOT = 'agreement_vs_budget.png'
 # Settings that change the answers: --resume only appends to results made with the same ones.
-ANSWER_SETTINGS = ('mode', 'model', 'dtype', 'contextual_ratio', 'max_new_tokens')
+ANSWER_SETTINGS = ('mode', 'model', 'dtype', 'dominant_ratio', 'max_new_tokens')
 EXIT_OK, EXIT_NOTHING_EVALUATED, EXIT_INTERRUPTED = 0, 1, 130
 
 
@@ -148,6 +148,36 @@ def load_questions(path: str | os.PathLike) -> list[Question]:
             raise ReplayError(f'{where} repeats the question {question.question!r}: list each question once')
         questions.append(question)
     return questions
+
+
+# Node parameters that decide the answers, read from a node params file for offline replay.
+NODE_ENGINE_PARAMETERS = ('model', 'device', 'dtype', 'dominant_ratio', 'max_new_tokens', 'describe_prompt')
+
+
+def load_node_parameters(path: str | os.PathLike) -> dict[str, Any]:
+    """The engine settings of a vlm_node params file (``/**:`` or ``zip_vlm:`` ``ros__parameters``).
+
+    Offline replay then answers exactly as the node configured by that file would.
+    """
+    import yaml
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ReplayError(f'params file {path} does not exist: pass the node\'s YAML params file, e.g. config/vlm.yaml')
+    try:
+        document = yaml.safe_load(path.read_text(encoding='utf-8'))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ReplayError(f'params file {path} is not valid YAML ({reason}): fix the syntax') from None
+    sections = document if isinstance(document, dict) else {}
+    # A section for the node by name wins over the wildcard, as it does for the node itself.
+    for key in ('/zip_vlm', 'zip_vlm', '/**'):
+        section = sections.get(key)
+        if isinstance(section, dict) and isinstance(section.get('ros__parameters'), dict):
+            parameters = section['ros__parameters']
+            return {name: parameters[name] for name in NODE_ENGINE_PARAMETERS if name in parameters}
+    raise ReplayError(f'params file {path} has no "/**:" or "zip_vlm:" section with ros__parameters: pass the '
+                      f'node\'s params file (see config/vlm.yaml)')
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -625,8 +655,8 @@ def write_report(out_dir: pathlib.Path, rows: list[dict], skipped: list[SkippedF
         lines.append(f'- model: `{run["model"]}` on {run["device"]} ({run["dtype"]}) with the node\'s settings, '
                      f'max new tokens {run["max_new_tokens"]}, greedy decoding')
     else:
-        lines.append(f'- model: `{run["model"]}` on {run["device"]} ({run["dtype"]}), VisionZip contextual ratio '
-                     f'{run["contextual_ratio"]:.4g}, max new tokens {run["max_new_tokens"]}, greedy decoding')
+        lines.append(f'- model: `{run["model"]}` on {run["device"]} ({run["dtype"]}), VisionZip dominant ratio '
+                     f'{run["dominant_ratio"]:.4g}, max new tokens {run["max_new_tokens"]}, greedy decoding')
     lines += [
         '- frames evaluated: ' + (', '.join(f'{topic}: {count}' for topic, count in sorted(frames_per_topic.items()))
                                   or 'none'),
@@ -801,7 +831,18 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
     from zip_vlm_ros.engine import DEFAULT_DESCRIBE_PROMPT, EngineConfig, EngineError, VlmEngine
 
     out_dir = pathlib.Path(args.out)
-    describe_prompt = args.describe_prompt or DEFAULT_DESCRIBE_PROMPT
+    # Precedence: command line, then the node's params file, then the engine's (= the node's) defaults.
+    node_parameters = load_node_parameters(args.params_file) if args.params_file else {}
+    settings = {name: node_parameters.get(name) if getattr(args, name) is None else getattr(args, name)
+                for name in NODE_ENGINE_PARAMETERS}
+    if not settings['model']:
+        raise ReplayError('--model is required for offline replay (or a --params-file that sets model): pass a '
+                          'LLaVA checkpoint directory or hub id, or use --live to evaluate a running node')
+    dominant_ratio = settings['dominant_ratio']
+    if dominant_ratio is not None and not (isinstance(dominant_ratio, (int, float)) and 0 < dominant_ratio <= 1):
+        raise ReplayError(f'dominant_ratio {dominant_ratio!r} is out of range: use 0 < dominant_ratio <= 1 '
+                          f'(the node\'s default is 54/64 = 0.84375)')
+    describe_prompt = settings['describe_prompt'] or DEFAULT_DESCRIBE_PROMPT
     if any(question.question == describe_prompt for question in questions):
         raise ReplayError(f'the questions file repeats the description prompt {describe_prompt!r}: remove it '
                           f'from the questions (the description is always evaluated)')
@@ -816,8 +857,9 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
         # Before the (slow) model load, so that a wrong --out or a damaged results file fails at once.
         done_rows = prepare_out_dir(out_dir, resume=args.resume)
 
-        config_values = {'model': args.model, 'device': args.device, 'dtype': args.dtype,
-                         'contextual_ratio': args.contextual_ratio, 'max_new_tokens': args.max_new_tokens}
+        config_values = {'model': str(settings['model']), 'device': settings['device'], 'dtype': settings['dtype'],
+                         'contextual_ratio': None if dominant_ratio is None else 1.0 - dominant_ratio,
+                         'max_new_tokens': settings['max_new_tokens']}
         config = EngineConfig(**{key: value for key, value in config_values.items() if value is not None})
         print(f'vlm_replay: loading {config.model} ...', file=sys.stderr)
         try:
@@ -832,7 +874,7 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
             run = {
                 'mode': 'offline', 'bag': str(args.bag), 'topics': topics, 'model': engine.model_name,
                 'device': str(engine.device), 'dtype': str(engine.dtype).removeprefix('torch.'),
-                'contextual_ratio': engine.config.contextual_ratio,
+                'dominant_ratio': 1.0 - engine.config.contextual_ratio,
                 'max_new_tokens': engine.config.max_new_tokens, 'describe_prompt': describe_prompt,
                 'questions': [dataclasses.asdict(question) for question in questions], 'budgets': budgets,
                 'every': args.every, 'period_s': args.period, 'max_frames': args.max_frames,
@@ -1227,8 +1269,9 @@ def _live_session(args, reader, node, topics, remaps, problems, budgets, questio
     for request in requests:
         client = describe_client if request.kind == 'describe' else ask_many_client
         base = {'request': request.request_id, 'budget': request.budget, 'kind': request.kind, 'camera': camera}
-        if request.answered is None or not request.future.done():
-            client.remove_pending_request(request.future)
+        if request.answered is None or request.answered - request.sent > args.timeout:
+            if not request.future.done():
+                client.remove_pending_request(request.future)
             status, message = 'timeout', f'no response within {args.timeout:g} s'
             rows += [dict(base, topic='', stamp_ns=None, prompt=prompt, expect=list(expect), status=status,
                           message=message) for prompt, expect in request.prompts]
@@ -1272,7 +1315,7 @@ def _live_session(args, reader, node, topics, remaps, problems, budgets, questio
         'camera': camera, 'rate': args.rate, 'ask_period_s': period_ns / 1e9, 'clock_hz': args.clock,
         'model': ', '.join(models) or node_info.get('model', 'unknown (no answer)'),
         'device': node_info.get('device', 'the node\'s device'), 'dtype': node_info.get('dtype', 'node setting'),
-        'contextual_ratio': 'node setting',
+        'dominant_ratio': 'node setting',
         'max_new_tokens': max_new_tokens or 'node default',
         'describe_prompt': describe_prompt or next((row['prompt'] for row in rows
                                                     if row['status'] == 'ok' and row['kind'] == 'describe'),
@@ -1317,11 +1360,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help='offline: at most K evaluated frames per topic; live: at most K rounds of requests')
     parser.add_argument('--resume', action='store_true',
                         help='continue an earlier run in --out, skipping work already in results.jsonl')
-    engine = parser.add_argument_group('engine (offline; defaults are the node\'s)')
+    engine = parser.add_argument_group(
+        'engine (offline): the node\'s parameters of the same names; defaults are the node\'s defaults')
+    engine.add_argument('--params-file', metavar='YAML',
+                        help='read model, device, dtype, dominant_ratio, max_new_tokens and describe_prompt from '
+                             'the node\'s params file (e.g. config/vlm.yaml); the options below override it')
     engine.add_argument('--model', help='LLaVA checkpoint directory or hub id (required offline)')
     engine.add_argument('--device', help='auto|cpu|cuda|cuda:N')
     engine.add_argument('--dtype', help='auto|float16|bfloat16|float32')
-    engine.add_argument('--contextual-ratio', type=float, help='share of the budget given to contextual tokens')
+    engine.add_argument('--dominant-ratio', type=float, help='share of the budget given to dominant tokens')
     engine.add_argument('--max-new-tokens', type=_positive_int, help='answer length limit in tokens')
     parser.add_argument('--describe-prompt', help='scene description prompt (default: the node\'s)')
     live = parser.add_argument_group('live mode (plays the bag into a running vlm_node)')
@@ -1374,9 +1421,6 @@ def main(argv=None) -> int:
                 raise ReplayError('--resume applies to offline replay; a live run cannot be repeated exactly: '
                                   'use a new --out')
             return run_live(args, budgets, questions)
-        if not args.model:
-            raise ReplayError('--model is required for offline replay: pass a LLaVA checkpoint directory or '
-                              'hub id (or use --live to evaluate a running node)')
         return run_offline(args, budgets, questions)
     except ReplayError as error:
         print(f'vlm_replay: error: {error}', file=sys.stderr)
