@@ -13,13 +13,15 @@ same files into ``--out``:
 - ``run.json``       the settings of the run (``--resume`` refuses to mix results of other settings)
 
 Bags are read with ``rosbags`` (sqlite3 and mcap, no ROS install); images are decoded by
-``zip_vlm_ros.conversions``, the node's own decoder. Only live mode needs rclpy, imported lazily.
+``zip_vlm_ros.conversions``, the node's own decoder (that module imports the generated message classes,
+but no rclpy). Only live mode needs rclpy and DDS, imported lazily.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -46,6 +48,7 @@ AGREEMENT_PLOT = 'agreement_vs_budget.png'
 # Settings that change the answers: --resume only appends to results made with the same ones.
 ANSWER_SETTINGS = ('mode', 'model', 'dtype', 'dominant_ratio', 'max_new_tokens')
 EXIT_OK, EXIT_NOTHING_EVALUATED, EXIT_INTERRUPTED = 0, 1, 130
+SUBSCRIBER_DISCOVERY_S = 3.0
 
 
 class ReplayError(Exception):
@@ -1117,10 +1120,8 @@ def run_live(args: argparse.Namespace, budgets: list[str], questions: list[Quest
         try:
             import rclpy
             from rclpy.executors import SingleThreadedExecutor
-            from rclpy.qos import QoSProfile, ReliabilityPolicy
-            from sensor_msgs.msg import CompressedImage, Image
 
-            from zip_vlm_ros.srv import AskMany, DescribeScene
+            importlib.import_module('zip_vlm_ros.srv')  # the interfaces _live_session calls
         except ImportError as error:
             raise ReplayError(f'--live needs rclpy and the zip_vlm_ros interfaces ({error}): run '
                               f'scripts/setup.sh or source a ROS 2 install with this package built') from None
@@ -1136,9 +1137,7 @@ def run_live(args: argparse.Namespace, budgets: list[str], questions: list[Quest
         spinner.start()
         try:
             return _live_session(args, reader, node, topics, remaps, problems, budgets, questions,
-                                 get_typestore(Stores.ROS2_KILTED),
-                                 interfaces=(Image, CompressedImage, DescribeScene, AskMany, QoSProfile,
-                                             ReliabilityPolicy))
+                                 get_typestore(Stores.ROS2_KILTED))
         finally:
             executor.shutdown(timeout_sec=1.0)
             node.destroy_node()
@@ -1148,8 +1147,13 @@ def run_live(args: argparse.Namespace, budgets: list[str], questions: list[Quest
         reader.close()
 
 
-def _live_session(args, reader, node, topics, remaps, problems, budgets, questions, typestore, interfaces) -> int:
-    Image, CompressedImage, DescribeScene, AskMany, QoSProfile, ReliabilityPolicy = interfaces
+def _live_session(args, reader, node, topics, remaps, problems, budgets, questions, typestore) -> int:
+    """Play the bag into the node while asking it at --period; write the results and the report."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CompressedImage, Image
+
+    from zip_vlm_ros.srv import AskMany, DescribeScene
+
     out_dir = pathlib.Path(args.out)
     node_name = args.node_name if args.node_name.startswith('/') else '/' + args.node_name
     describe_client = node.create_client(DescribeScene, f'{node_name}/describe_scene')
@@ -1183,7 +1187,8 @@ def _live_session(args, reader, node, topics, remaps, problems, budgets, questio
     for topic in topics:
         message_type = Image if reader.topics[topic].msgtype == 'sensor_msgs/msg/Image' else CompressedImage
         publishers[topic] = node.create_publisher(message_type, remaps.get(topic, topic), qos)
-    deadline = time.monotonic() + args.wait
+    # The node's subscriptions exist once its services do; this only waits for discovery to match them.
+    deadline = time.monotonic() + min(args.wait, SUBSCRIBER_DISCOVERY_S)
     while time.monotonic() < deadline and not all(pub.get_subscription_count() for pub in publishers.values()):
         time.sleep(0.05)
     for topic, publisher in publishers.items():
