@@ -2,12 +2,8 @@
 node process. Report numbers are recomputed here from results.jsonl and compared with the outputs."""
 import csv
 import json
-import os
-import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +11,6 @@ import pytest
 from zip_vlm_ros import replay, sample_bag
 from zip_vlm_ros.sample_bag import COMPRESSED_TOPIC, RAW_TOPIC
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Few tokens and frames keep each replay to seconds on 2 CPU cores.
 MAX_NEW_TOKENS = '4'
 TINY_BUDGETS = 'full,8,4'
@@ -134,10 +129,6 @@ def read_jsonl(path):
 def read_summary(path):
     with path.open(newline='', encoding='utf-8') as file:
         return {row['budget']: row for row in csv.DictReader(file)}
-
-
-def as_float(cell):
-    return None if cell == '' else float(cell)
 
 
 def report_table_row(report: str, section: str, budget: str) -> list[str]:
