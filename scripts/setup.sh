@@ -23,9 +23,9 @@ py=$venv/bin/python
 
 # 1. pinned dependencies
 req_stamp=$venv/.zip_vlm_ros.requirements
-req_digest=$(digest requirements.txt)
+req_digest=$(digest requirements.txt requirements-ml.txt)
 if [ "$(cat "$req_stamp" 2>/dev/null)" != "$req_digest" ]; then
-  say "installing pinned dependencies (requirements.txt)"
+  say "installing pinned dependencies (requirements.txt, requirements-ml.txt)"
   "$py" -m pip install --quiet --disable-pip-version-check -r requirements.txt
   echo "$req_digest" > "$req_stamp"
 else
