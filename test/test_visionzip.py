@@ -115,7 +115,9 @@ def test_batch_rows_select_independently():
     )
     assert dominant_indices.tolist() == [[0, 2, 4], [0, 5, 6]]
     torch.testing.assert_close(tokens[0, 3:], torch.stack([hidden(1) + hidden(6), hidden(5) + hidden(3)]))
-    expected_row1 = 2 * torch.stack([hidden(0), hidden(5), hidden(6), hidden(1), hidden(3) + (hidden(2) + hidden(4)) / 2])
+    expected_row1 = 2 * torch.stack(
+        [hidden(0), hidden(5), hidden(6), hidden(1), hidden(3) + (hidden(2) + hidden(4)) / 2]
+    )
     torch.testing.assert_close(tokens[1], expected_row1)
 
 
@@ -240,8 +242,15 @@ def test_fast_path_skips_later_layers_and_attention_maps(tiny_tower, pixel_value
     layer_calls = [0] * 4
     attention_weights = []
     handles = []
+
+    def count_call(index):
+        def hook(module, args, output):
+            layer_calls[index] += 1
+
+        return hook
+
     for index, layer in enumerate(tiny_tower.encoder.layers):
-        handles.append(layer.register_forward_hook(lambda m, a, o, index=index: layer_calls.__setitem__(index, layer_calls[index] + 1)))
+        handles.append(layer.register_forward_hook(count_call(index)))
         handles.append(layer.self_attn.register_forward_hook(lambda m, a, o: attention_weights.append(o[1])))
     try:
         encode_for_visionzip(tiny_tower, pixel_values, feature_layer=-2)
@@ -268,7 +277,13 @@ def test_fast_path_under_bfloat16(tiny_tower, pixel_values):
 
 @pytest.mark.parametrize(
     ("feature_layer", "message"),
-    [([-2, -5], "several layers"), (0, "patch embeddings"), (-5, "patch embeddings"), (5, "out of range"), (-6, "out of range")],
+    [
+        ([-2, -5], "several layers"),
+        (0, "patch embeddings"),
+        (-5, "patch embeddings"),
+        (5, "out of range"),
+        (-6, "out of range"),
+    ],
 )
 def test_bad_feature_layer_is_a_clear_error(tiny_tower, pixel_values, feature_layer, message):
     with pytest.raises(ValueError, match=message):

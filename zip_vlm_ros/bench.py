@@ -21,16 +21,19 @@ Without ``--model`` the ``bench`` preset of ``vlm_tiny_model`` is built (once) u
 
 Memory: on CUDA, the allocator peak (``torch.cuda.max_memory_allocated``) above what was allocated
 when the stage began. On the CPU, the kernel's peak resident set size (``VmHWM``, reset through
-``/proc/self/clear_refs`` when the stage begins) above the resident size at that moment; glibc is told
-to serve blocks of 128 KiB and more with mmap so that freed tensors leave the resident set instead of
-being reused silently from the heap. CPU numbers therefore count every page the stage touched,
-including the allocator's own overhead, and are approximate to a few MiB.
+``/proc/self/clear_refs`` when the stage begins) above the resident size at that moment; glibc's
+``malloc_trim`` first hands free heap pages back to the OS, so a stage cannot hide its peak in memory
+an earlier stage freed. CPU numbers count every page the stage touched, including the allocator's own
+overhead, and are approximate to a few MiB. Peaks come from one extra run of each row between the
+warm-up and the timed runs: the page faults that trimming causes would otherwise slow the timings.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
+import itertools
 import json
 import math
 import os
@@ -44,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 FULL = "full"
+STOCK = "stock generate"
 DEFAULT_BUDGETS = "full,192,128,64,32"
 DEFAULT_PROMPT = "Describe the scene."
 # Issue 6: several questions about the same frame, as a robot's operator would ask them.
@@ -55,8 +59,6 @@ FRAME_QUESTIONS = (
     "What color is the largest object?",
 )
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket")
-MALLOC_MMAP_THRESHOLD_BYTES = 128 * 1024
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number
 
 
 @dataclass(frozen=True)
@@ -83,16 +85,19 @@ class Target:
 class PeakMemory:
     """``with PeakMemory(device) as peak: ...`` then ``peak.extra_bytes``: the block's extra peak memory.
 
-    See the module docstring for what is measured on CUDA and on the CPU. ``extra_bytes`` is None
-    where the CPU peak cannot be reset (no writable ``/proc/self/clear_refs``).
+    See the module docstring for what is measured on CUDA and on the CPU. ``extra_bytes`` stays None
+    when not `enabled` and where the CPU peak cannot be reset (no writable ``/proc/self/clear_refs``).
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, enabled: bool = True):
         self.device = device
+        self.enabled = enabled
         self.extra_bytes: int | None = None
         self._baseline: int | None = None
 
     def __enter__(self) -> PeakMemory:
+        if not self.enabled:
+            return self
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -115,15 +120,14 @@ class PeakMemory:
         self.extra_bytes = max(0, peak - self._baseline)
 
 
-def memory_method(device: torch.device, mmap_threshold_fixed: bool) -> str:
+def memory_method(device: torch.device) -> str:
     """One line saying how PeakMemory measures on `device` in this process."""
     if device.type == "cuda":
         return "CUDA allocator peak above allocation at stage start (torch.cuda.max_memory_allocated)"
     if not _reset_peak_rss():
         return "unavailable: /proc/self/clear_refs cannot reset the peak RSS on this system"
-    allocator = (f"glibc mmap threshold fixed at {MALLOC_MMAP_THRESHOLD_BYTES // 1024} KiB, heap trimmed per stage"
-                 if mmap_threshold_fixed else "allocator caching not controlled (not glibc): peaks may be low")
-    return f"peak RSS (VmHWM, reset per stage) above RSS at stage start; {allocator}"
+    allocator = "glibc heap trimmed at stage start" if _GLIBC is not None else "heap not trimmed (not glibc)"
+    return f"peak RSS (VmHWM, reset per stage) above RSS at stage start, {allocator}; one extra run per row"
 
 
 def _reset_peak_rss() -> bool:
@@ -142,22 +146,15 @@ def _proc_status_bytes(field: str) -> int:
 
 
 def _glibc():
-    """The C library if it is glibc (has mallopt and malloc_trim), else None."""
+    """The C library if it is glibc (has malloc_trim), else None."""
     try:
         libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 _GLIBC = _glibc()
-
-
-def _return_freed_tensors_to_os() -> bool:
-    """Make glibc mmap (and so unmap on free) every block >= 128 KiB; its default heap caching would
-    let a stage reuse memory freed by an earlier one without the resident set growing. Call it before
-    the model loads; returns whether it took effect."""
-    return _GLIBC is not None and _GLIBC.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES) == 1
 
 
 def _clock(device: torch.device) -> float:
@@ -179,17 +176,32 @@ def median_record(records: list[dict]) -> dict:
     return merged
 
 
-def repeat(measure, repeats: int) -> dict:
-    """One warm-up call of ``measure() -> record``, then the median of `repeats` records."""
-    measure()
-    return median_record([measure() for _ in range(repeats)])
+def measure_interleaved(measures: dict, repeats: int, track_memory: bool = True) -> dict:
+    """Medians per name of ``{name: measure() -> record}`` records, taken side by side.
+
+    Each measure runs once as a warm-up and, with `track_memory`, once more as
+    ``measure(track_memory=True)`` for its ``peak_extra_bytes``; then `repeats` rounds call every
+    measure once in turn, so a change in machine load during the run hits all of them alike instead of
+    skewing one.
+    """
+    for measure in measures.values():
+        measure()
+    peaks = {name: measure(track_memory=True)["peak_extra_bytes"] for name, measure in measures.items()
+             if track_memory}
+    records = {name: [] for name in measures}
+    for _ in range(repeats):
+        for name, measure in measures.items():
+            records[name].append(measure())
+    return {name: {**median_record(runs), **({"peak_extra_bytes": peaks[name]} if track_memory else {})}
+            for name, runs in records.items()}
 
 
 # ---------------------------------------------------------------------------------------------- stages
 
-def measure_budget(engine, image, prompt: str, budget: int, max_new_tokens: int) -> dict:
-    """One ``engine.generate`` request without prefix reuse, with its extra peak memory."""
-    with PeakMemory(engine.device) as peak:
+def measure_budget(engine, image, prompt: str, budget: int, max_new_tokens: int, *,
+                   track_memory: bool = False) -> dict:
+    """One ``engine.generate`` request without prefix reuse (and its extra peak memory if tracked)."""
+    with PeakMemory(engine.device, track_memory) as peak:
         output = engine.generate(image, prompt, token_budget=budget, max_new_tokens=max_new_tokens)
     return {
         "visual_tokens": output.visual_tokens,
@@ -208,7 +220,8 @@ def measure_budget(engine, image, prompt: str, budget: int, max_new_tokens: int)
 
 
 @torch.inference_mode()
-def measure_stock_generate(engine, image, prompt: str, max_new_tokens: int) -> dict:
+def measure_stock_generate(engine, image, prompt: str, max_new_tokens: int, *,
+                           track_memory: bool = False) -> dict:
     """Stock LLaVA: the processor's full-token inputs into ``model.generate`` (greedy).
 
     Forward hooks time the vision tower + projector and the language model's first call (the prompt
@@ -253,7 +266,7 @@ def measure_stock_generate(engine, image, prompt: str, max_new_tokens: int) -> d
         llava.language_model.register_forward_hook(keep_prompt_kv),
     ]
     try:
-        with PeakMemory(device) as peak:
+        with PeakMemory(device, track_memory) as peak:
             start = _clock(device)
             inputs = engine.processor(images=image, text=engine._render_prompt(prompt), return_tensors="pt")
             preprocess_end = _clock(device)
@@ -285,7 +298,8 @@ def measure_stock_generate(engine, image, prompt: str, max_new_tokens: int) -> d
 
 
 @torch.inference_mode()
-def measure_vision_stage(engine, pixel_values: torch.Tensor, variant: str, token_budget: int) -> dict:
+def measure_vision_stage(engine, pixel_values: torch.Tensor, variant: str, token_budget: int, *,
+                         track_memory: bool = False) -> dict:
     """Image features for the LLM from preprocessed `pixel_values` ``[1, 3, H, W]``, one way.
 
     variant "stock": ``get_image_features`` (all encoder layers, every feature token, projector);
@@ -295,7 +309,7 @@ def measure_vision_stage(engine, pixel_values: torch.Tensor, variant: str, token
     from zip_vlm_ros.visionzip import encode_for_visionzip, encode_reference_style, split_budget, visionzip_compress
 
     llava, config = engine.model.model, engine.model.config
-    with PeakMemory(engine.device) as peak:
+    with PeakMemory(engine.device, track_memory) as peak:
         start = _clock(engine.device)
         if variant == "stock":
             outputs = llava.get_image_features(pixel_values=pixel_values,
@@ -314,15 +328,16 @@ def measure_vision_stage(engine, pixel_values: torch.Tensor, variant: str, token
 
 
 def measure_frame_questions(engine, image, questions, budget: int, reuse: bool, max_new_tokens: int,
-                            frame_key) -> dict:
+                            frame_numbers) -> dict:
     """Several questions on one frame: one ``generate_many`` with a fresh prefix cache (reuse), or one
     ``generate`` per question with no frame key (no reuse). Per question TTFT = vision + reduction +
-    prefill (whatever of it the question itself ran) up to its first token."""
+    prefill (whatever of it the question itself ran) up to its first token. `frame_numbers` yields a
+    fresh frame key number per call."""
     start = time.perf_counter()
     if reuse:
         engine.clear_prefix_cache()
         outputs = engine.generate_many(image, list(questions), token_budget=budget,
-                                       max_new_tokens=max_new_tokens, frame_key=frame_key)
+                                       max_new_tokens=max_new_tokens, frame_key=("vlm_bench", next(frame_numbers)))
     else:
         outputs = [engine.generate(image, question, token_budget=budget, max_new_tokens=max_new_tokens)
                    for question in questions]
@@ -411,11 +426,13 @@ def format_report(results: dict) -> str:
         f"threads={results['torch_threads']}  image={results['image']}",
         f"median of {results['repeats']} runs after 1 warm-up; max_new_tokens={results['max_new_tokens']}; "
         f"memory: {results['memory_method']}",
+        f"1-min load average {results['load_average_1min']['start']:.2f} at start, "
+        f"{results['load_average_1min']['end']:.2f} at end (the machine's other processes share its cores)",
         "",
         f"{'budget':<15}{'tokens':>7}{'vision':>9}{'reduce':>8}{'prefill':>9}{'TTFT':>9}{'dec/tok':>9}"
         f"{'total':>9}{'peak+MiB':>10}{'KV MiB':>8}",
     ]
-    stock = dict(results["stock_generate"], budget="stock generate")
+    stock = dict(results["stock_generate"], budget=STOCK)
     for row in [*results["budgets"], stock]:
         lines.append(
             f"{row['budget']:<15}{row['visual_tokens']:>7}{_fmt(row['vision_ms']):>9}{_fmt(row['reduction_ms']):>8}"
@@ -429,7 +446,8 @@ def format_report(results: dict) -> str:
                   f"+ projector; preprocessing excluded):"]
     for name, label in (("stock", "stock get_image_features"), ("visionzip", "VisionZip encode_for_visionzip"),
                         ("reference", "reference-style (eager, all maps)")):
-        lines.append(f"  {label:<36}{_fmt(vision[name]['ms']):>9} ms  peak+ {_mib(vision[name]['peak_extra_bytes']):>7} MiB")
+        stage = vision[name]
+        lines.append(f"  {label:<36}{_fmt(stage['ms']):>9} ms  peak+ {_mib(stage['peak_extra_bytes']):>7} MiB")
 
     lines += ["", f"{results['questions']} questions on one frame (per-question TTFT in ms):",
               f"  {'budget':<8}{'reuse':<7}{'total':>9}" + "".join(f"{'q' + str(i):>8}"
@@ -440,7 +458,8 @@ def format_report(results: dict) -> str:
 
     lines += ["", "ratios vs targets:"]
     for target in results["targets"]:
-        lines.append(f"  {target['result']:<5} {target['name']}: {_fmt(target['ratio'], 2)}x "
+        ratio = "-" if target["ratio"] is None else f"{target['ratio']:.3g}"
+        lines.append(f"  {target['result']:<5} {target['name']}: {ratio}x "
                      f"(target {target['target']})")
     return "\n".join(lines)
 
@@ -483,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "--quick: 1)")
     parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per answer (default: 16, "
                                                            "--quick: 4)")
-    parser.add_argument("--image", choices=IMAGES, default="astronaut", help="skimage.data photo (default: %(default)s)")
+    parser.add_argument("--image", choices=IMAGES, default="astronaut",
+                        help="skimage.data photo (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--dtype", default="auto", help="auto, float16, bfloat16 or float32 (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="1 repeat and 4 new tokens: a smoke test, not a "
@@ -497,8 +517,6 @@ def run_benchmark(args) -> dict:
 
     from zip_vlm_ros.engine import EngineConfig, VlmEngine
 
-    # Before anything large is allocated, so no freed block lingers in the heap.
-    mmap_threshold_fixed = _return_freed_tensors_to_os()
     if args.model is None:
         from zip_vlm_ros.tiny_model import build_checkpoint
 
@@ -506,6 +524,7 @@ def run_benchmark(args) -> dict:
     engine = VlmEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                     token_budget=args.target_budget, max_new_tokens=args.max_new_tokens))
     try:
+        load_at_start = os.getloadavg()[0]
         image = getattr(skimage.data, args.image)()
         full = engine.visual_tokens_full
         budget_of = {FULL: full, **{b: engine.check_budget(int(b)) for b in args.budgets if b != FULL}}
@@ -514,34 +533,38 @@ def run_benchmark(args) -> dict:
             "torch_threads": torch.get_num_threads(), "image": args.image, "prompt": DEFAULT_PROMPT,
             "repeats": args.repeats, "max_new_tokens": args.max_new_tokens, "visual_tokens_full": full,
             "target_budget": args.target_budget, "questions": len(FRAME_QUESTIONS),
-            "memory_method": memory_method(engine.device, mmap_threshold_fixed),
+            "memory_method": memory_method(engine.device),
         }
 
-        results["budgets"] = []
-        for name in args.budgets:
-            row = repeat(lambda: measure_budget(engine, image, DEFAULT_PROMPT, budget_of[name], args.max_new_tokens),
-                         args.repeats)
-            results["budgets"].append({"budget": name, "token_budget": budget_of[name], **row})
-        results["stock_generate"] = repeat(
-            lambda: measure_stock_generate(engine, image, DEFAULT_PROMPT, args.max_new_tokens), args.repeats)
+        # Each group is measured interleaved; the groups share a warm model.
+        rows = measure_interleaved({
+            **{name: functools.partial(measure_budget, engine, image, DEFAULT_PROMPT, budget_of[name],
+                                       args.max_new_tokens) for name in args.budgets},
+            STOCK: functools.partial(measure_stock_generate, engine, image, DEFAULT_PROMPT, args.max_new_tokens),
+        }, args.repeats)
+        results["stock_generate"] = rows.pop(STOCK)
+        results["budgets"] = [{"budget": name, "token_budget": budget_of[name], **rows[name]} for name in args.budgets]
 
         pixel_values = engine.image_processor(images=[image], return_tensors="pt",
                                               input_data_format="channels_last")["pixel_values"]
         pixel_values = pixel_values.to(engine.device, engine.dtype)  # [1, 3, height, width]
         vision_budget = engine.check_budget(args.target_budget)
-        results["vision_stage"] = {
-            variant: repeat(lambda: measure_vision_stage(engine, pixel_values, variant, vision_budget), args.repeats)
+        results["vision_stage"] = measure_interleaved({
+            variant: functools.partial(measure_vision_stage, engine, pixel_values, variant, vision_budget)
             for variant in ("stock", "visionzip", "reference")
-        }
+        }, args.repeats)
 
-        results["frame_questions"] = []
-        frame_keys = iter(range(1_000_000))
-        for name in (FULL, str(args.target_budget)):
-            for reuse in (False, True):
-                row = repeat(lambda: measure_frame_questions(
-                    engine, image, FRAME_QUESTIONS, engine.check_budget(full if name == FULL else int(name)), reuse,
-                    args.max_new_tokens, frame_key=("vlm_bench", next(frame_keys))), args.repeats)
-                results["frame_questions"].append({"budget": name, "reuse": reuse, **row})
+        frame_keys = itertools.count()
+        question_rows = {
+            (name, reuse): functools.partial(
+                measure_frame_questions, engine, image, FRAME_QUESTIONS, full if name == FULL else vision_budget,
+                reuse, args.max_new_tokens, frame_keys)
+            for name in (FULL, str(args.target_budget)) for reuse in (False, True)
+        }
+        measured = measure_interleaved(question_rows, args.repeats, track_memory=False)
+        results["frame_questions"] = [{"budget": name, "reuse": reuse, **measured[name, reuse]}
+                                      for name, reuse in question_rows]
+        results["load_average_1min"] = {"start": load_at_start, "end": os.getloadavg()[0]}
         results["targets"] = evaluate_targets(results)
         return results
     finally:

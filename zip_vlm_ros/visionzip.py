@@ -154,7 +154,8 @@ def visionzip_compress(
 
     remainder_hidden = _gather_tokens(hidden_states, remainder_indices).float()  # [batch, R, hidden]
     # A one-hot matmul (not scatter_add) keeps the sums deterministic on CUDA.
-    merged_sum = torch.bmm(assignment.transpose(1, 2), remainder_hidden[:, source_positions])  # [batch, contextual, hidden]
+    merged_sum = torch.bmm(assignment.transpose(1, 2), remainder_hidden[:, source_positions])
+    # merged_sum: [batch, contextual, hidden]
     merged_count = assignment.sum(dim=1).clamp(min=1).unsqueeze(-1)  # [batch, contextual, 1]
     contextual_tokens = remainder_hidden[:, target_positions] + merged_sum / merged_count
     tokens = torch.cat([dominant_tokens, contextual_tokens.to(hidden_states.dtype)], dim=1)
