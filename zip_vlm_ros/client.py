@@ -1,0 +1,273 @@
+"""The caller's side of vlm_node: start it as a process, publish images, call its services.
+
+Used by vlm_demo, the node benchmark and the tests, the way a robot program would use the node:
+over real DDS from another process.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import rclpy
+from rcl_interfaces.msg import Parameter as ParameterMsg
+from rcl_interfaces.srv import GetParameters, SetParameters
+from rclpy.context import Context
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
+
+NODE_NAME = 'zip_vlm'
+
+
+def large_frames_profile() -> pathlib.Path:
+    """config/fastdds_large_frames.xml, from the source tree or the installed share directory."""
+    in_tree = pathlib.Path(__file__).resolve().parents[1] / 'config' / 'fastdds_large_frames.xml'
+    if in_tree.is_file():
+        return in_tree
+    from ament_index_python.packages import get_package_share_directory
+    return pathlib.Path(get_package_share_directory('zip_vlm_ros')) / 'config' / 'fastdds_large_frames.xml'
+
+
+def use_large_frames_profile() -> None:
+    """Let Fast DDS carry raw camera frames over 512 KB between processes on this machine.
+
+    Sets FASTDDS_DEFAULT_PROFILES_FILE to config/fastdds_large_frames.xml (see the file for why)
+    unless it is set already. Every participant that exchanges big images needs it, so call this
+    before creating ROS contexts and starting node processes (they inherit it).
+    """
+    os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(large_frames_profile()))
+
+
+def ros_arg_value(value: Any) -> str:
+    """A parameter value as `--ros-args -p name:=VALUE` parses it (YAML)."""
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, (list, tuple)):
+        return '[' + ', '.join(ros_arg_value(item) for item in value) + ']'
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    return '"' + str(value).replace('"', '\\"') + '"'
+
+
+class NodeProcess:
+    """vlm_node in its own process (`python -m zip_vlm_ros.node`), its log in a file.
+
+    Args:
+        parameters: node parameters, passed as `-p name:=value`.
+        log_path: file that receives the node's stdout and stderr.
+        remaps: topic remappings (from, to).
+        params_file: optional YAML params file, applied before `parameters`.
+    """
+
+    def __init__(self, parameters: dict[str, Any], log_path: os.PathLike, *,
+                 remaps: dict[str, str] | None = None, params_file: os.PathLike | None = None,
+                 env: dict[str, str] | None = None):
+        self.log_path = pathlib.Path(log_path)
+        command = [sys.executable, '-m', 'zip_vlm_ros.node', '--ros-args']
+        if params_file is not None:
+            command += ['--params-file', str(params_file)]
+        for name, value in parameters.items():
+            command += ['-p', f'{name}:={ros_arg_value(value)}']
+        for source, target in (remaps or {}).items():
+            command += ['-r', f'{source}:={target}']
+        self.command = command
+        self._log = open(self.log_path, 'wb')
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors='replace')
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGINT, then SIGKILL if it does not exit within timeout_s; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+class VlmClient:
+    """A ROS node of its own (own context and executor thread) that talks to vlm_node.
+
+    Args:
+        node_name: full name of the vlm node, e.g. '/zip_vlm' or '/robot/zip_vlm'.
+    """
+
+    def __init__(self, node_name: str = '/' + NODE_NAME, *, client_name: str = 'vlm_client'):
+        self.target = node_name.rstrip('/')
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.node = Node(client_name, context=self.context)
+        self._executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self._executor.add_node(self.node)
+        self._spinner = threading.Thread(target=self._spin, daemon=True)
+        self._spinner.start()
+        self._clients: dict[str, Any] = {}
+        self._publishers: dict[tuple, Any] = {}
+
+    def _spin(self) -> None:
+        try:
+            self._executor.spin()
+        except Exception:  # the context was shut down by close()
+            pass
+
+    def close(self) -> None:
+        self._executor.shutdown(timeout_sec=5.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+    def __enter__(self) -> VlmClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ services
+    def client(self, srv_type: Any, name: str) -> Any:
+        """A (cached) client for service `name` relative to the vlm node ('~/ask' -> /zip_vlm/ask)."""
+        full = name.replace('~', self.target, 1) if name.startswith('~') else name
+        if full not in self._clients:
+            self._clients[full] = self.node.create_client(srv_type, full)
+        return self._clients[full]
+
+    def wait_for_service(self, srv_type: Any, name: str, timeout_s: float) -> bool:
+        return self.client(srv_type, name).wait_for_service(timeout_sec=timeout_s)
+
+    def call(self, srv_type: Any, name: str, request: Any, timeout_s: float = 60.0) -> Any:
+        """Call a service and wait for its response; TimeoutError when none comes within timeout_s."""
+        client = self.client(srv_type, name)
+        if not client.wait_for_service(timeout_sec=timeout_s):
+            raise TimeoutError(f'service {name} of {self.target} is not available after {timeout_s} s')
+        done = threading.Event()
+        future = client.call_async(request)
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(timeout_s):
+            client.remove_pending_request(future)
+            raise TimeoutError(f'no response from {name} of {self.target} within {timeout_s} s')
+        return future.result()
+
+    def describe(self, camera: str = '', *, token_budget: int = 0, max_new_tokens: int = 0,
+                 prompt: str = '', timeout_s: float = 60.0) -> DescribeScene.Response:
+        request = DescribeScene.Request(camera=camera, token_budget=token_budget,
+                                        max_new_tokens=max_new_tokens, prompt=prompt)
+        return self.call(DescribeScene, '~/describe_scene', request, timeout_s)
+
+    def ask(self, question: str, camera: str = '', *, image: Any = None, token_budget: int = 0,
+            max_new_tokens: int = 0, timeout_s: float = 60.0) -> Ask.Response:
+        request = Ask.Request(question=question, camera=camera, token_budget=token_budget,
+                              max_new_tokens=max_new_tokens)
+        if image is not None:
+            request.image = image
+        return self.call(Ask, '~/ask', request, timeout_s)
+
+    def ask_many(self, questions: list[str], camera: str = '', *, image: Any = None,
+                 token_budget: int = 0, max_new_tokens: int = 0,
+                 timeout_s: float = 60.0) -> AskMany.Response:
+        request = AskMany.Request(questions=questions, camera=camera, token_budget=token_budget,
+                                  max_new_tokens=max_new_tokens)
+        if image is not None:
+            request.image = image
+        return self.call(AskMany, '~/ask_many', request, timeout_s)
+
+    def set_parameter(self, name: str, value: Any, timeout_s: float = 10.0) -> tuple[bool, str]:
+        """Set one parameter of the vlm node; returns (successful, reason)."""
+        message: ParameterMsg = Parameter(name, value=value).to_parameter_msg()
+        response = self.call(SetParameters, '~/set_parameters',
+                             SetParameters.Request(parameters=[message]), timeout_s)
+        result = response.results[0]
+        return result.successful, result.reason
+
+    def get_parameter(self, name: str, timeout_s: float = 10.0) -> Any:
+        response = self.call(GetParameters, '~/get_parameters', GetParameters.Request(names=[name]),
+                             timeout_s)
+        return Parameter.from_parameter_msg(ParameterMsg(name=name, value=response.values[0])).value
+
+    # ------------------------------------------------------------------ topics
+    def publisher(self, msg_type: Any, topic: str, *, reliable: bool = False, depth: int = 1) -> Any:
+        key = (msg_type, topic, reliable, depth)
+        if key not in self._publishers:
+            reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
+            self._publishers[key] = self.node.create_publisher(
+                msg_type, topic, QoSProfile(depth=depth, reliability=reliability))
+        return self._publishers[key]
+
+    def collect(self, msg_type: Any, topic: str, *, depth: int = 50) -> list:
+        """Subscribe to `topic` (reliable); received messages are appended to the returned list."""
+        received: list = []
+        self.node.create_subscription(msg_type, topic, received.append, depth)
+        return received
+
+    def now(self) -> Any:
+        return self.node.get_clock().now()
+
+
+def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Poll predicate() until it is true or timeout_s passes; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return bool(value)
+        time.sleep(interval_s)
+
+
+class ImageStreamer:
+    """Publish images on a topic at a fixed rate from a thread, each stamped with the current time.
+
+    Args:
+        client: the VlmClient whose node publishes.
+        messages: Image or CompressedImage messages, published in turn (their stamps are rewritten).
+        rate_hz: publishing rate.
+        reliable: reliable QoS instead of best effort.
+    """
+
+    def __init__(self, client: VlmClient, topic: str, messages: list, *, rate_hz: float = 10.0,
+                 reliable: bool = False, frame_id: str = 'camera'):
+        self._client, self._messages = client, messages
+        self._publisher = client.publisher(type(messages[0]), topic, reliable=reliable)
+        self._period_s = 1.0 / rate_hz
+        self._frame_id = frame_id
+        self._stop = threading.Event()
+        self.published = 0
+        self.last_stamp = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        next_s = time.monotonic()
+        while not self._stop.is_set():
+            msg = self._messages[self.published % len(self._messages)]
+            msg.header.stamp = self._client.now().to_msg()
+            msg.header.frame_id = self._frame_id
+            self._publisher.publish(msg)
+            self.last_stamp = msg.header.stamp
+            self.published += 1
+            next_s += self._period_s
+            self._stop.wait(max(0.0, next_s - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
