@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 import rclpy
+import transformers
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
@@ -1059,6 +1060,8 @@ def main(args: list[str] | None = None) -> int:
     # Here a signal only sets `stop`; the executor spins in a thread and the main thread shuts down
     # in order: answer waiting callers, stop the worker, free the model, destroy the node.
     stop = threading.Event()
+    # A node logs lines; the progress bars transformers draws while loading are for terminals.
+    transformers.utils.logging.disable_progress_bar()
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -1,0 +1,188 @@
+"""vlm_node's lifecycle, request deadlines and startup failures, each in a real process.
+
+The module's node starts with autostart:=false, so the test drives every transition through the
+lifecycle services, and with a short request_timeout_s so that deadlines can be hit on purpose.
+"""
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import skimage.data
+import torch
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+from std_msgs.msg import String
+
+from node_helpers import publish_frame, running_node
+from zip_vlm_ros.client import wait_until
+from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.srv import DescribeScene
+
+REQUEST_TIMEOUT_S = 3.0
+FRONT = '/image_raw'
+
+
+@pytest.fixture(scope='module')
+def managed(tiny_model_dir, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp('vlm_lifecycle') / 'node.log'
+    parameters = {
+        'model': str(tiny_model_dir), 'autostart': False, 'token_budget': 8, 'max_new_tokens': 4,
+        'request_timeout_s': REQUEST_TIMEOUT_S, 'max_pending_requests': 2, 'max_image_age_s': 0.0,
+    }
+    with running_node(parameters, log_path, wait_for=GetState, service='~/get_state') as (process, client):
+        client.diagnostics = client.collect(DiagnosticArray, '/diagnostics')
+        client.answers = client.collect(String, '/zip_vlm/answer')
+        yield process, client
+
+
+@pytest.fixture(scope='module')
+def client(managed):
+    return managed[1]
+
+
+def state(client):
+    return client.call(GetState, '~/get_state', GetState.Request()).current_state.id
+
+
+def transition(client, transition_id):
+    request = ChangeState.Request(transition=Transition(id=transition_id))
+    return client.call(ChangeState, '~/change_state', request, timeout_s=120).success
+
+
+def fresh_status(client):
+    """The node's next /diagnostics status (published after this call)."""
+    seen = len(client.diagnostics)
+    assert wait_until(lambda: len(client.diagnostics) > seen, 10), 'no /diagnostics within 10 s'
+    return client.diagnostics[-1].status[0]
+
+
+def test_starts_unconfigured_with_error_diagnostics(client):
+    assert state(client) == State.PRIMARY_STATE_UNCONFIGURED
+    status = fresh_status(client)
+    assert status.name == 'zip_vlm: vlm'
+    assert status.level == DiagnosticStatus.ERROR and 'model not loaded' in status.message
+    assert not client.wait_for_service(DescribeScene, '~/describe_scene', 1.0)
+
+
+def test_configure_then_activate_serves(client):
+    assert transition(client, Transition.TRANSITION_CONFIGURE)
+    assert state(client) == State.PRIMARY_STATE_INACTIVE
+    status = fresh_status(client)
+    assert status.level == DiagnosticStatus.ERROR and 'not serving' in status.message
+    assert transition(client, Transition.TRANSITION_ACTIVATE)
+    assert state(client) == State.PRIMARY_STATE_ACTIVE
+    assert client.wait_for_service(DescribeScene, '~/describe_scene', 30)
+    publish_frame(client, FRONT, rgb_to_image(skimage.data.astronaut()))
+    response = client.describe()
+    assert response.success, response.message
+    values = {kv.key: kv.value for kv in fresh_status(client).values}
+    assert values['lifecycle_state'] == 'active' and values['visual_tokens_full'] == '16'
+
+
+def test_deadline_while_running_and_while_waiting(client):
+    """A long answer runs past its deadline (answered "timed out", its late result discarded); the
+    request queued behind it expires while waiting and never runs; the worker then moves on."""
+    publish_frame(client, FRONT, rgb_to_image(skimage.data.coffee()))
+    answers_before = len(client.answers)
+    long_response, waiting_response = {}, {}
+    long_call = threading.Thread(target=lambda: long_response.update(
+        r=client.ask('Tell me everything.', max_new_tokens=900, timeout_s=60)))
+    long_call.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    waiting_response['r'] = client.ask('And then?', timeout_s=60)
+    waited_s = time.monotonic() - started
+    long_call.join()
+    running, waiting = long_response['r'], waiting_response['r']
+    assert not running.success and 'timed out after 3 s' in running.message
+    assert 'during inference' in running.message, running.message
+    assert not waiting.success and 'waiting in the queue' in waiting.message, waiting.message
+    assert waited_s < REQUEST_TIMEOUT_S + 2.0
+    # the long generation finishes eventually; after that the worker serves new requests
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        response = client.ask('Is it over?', timeout_s=60)
+        if response.success:
+            break
+        assert 'timed out' in response.message or 'busy' in response.message, response.message
+        time.sleep(1.0)
+    assert response.success, response.message
+    time.sleep(0.5)
+    # only the last, successful answer reached ~/answer: the late one was discarded
+    assert [m.data for m in client.answers[answers_before:]] == [response.result.text]
+    values = {kv.key: kv.value for kv in fresh_status(client).values}
+    assert int(values['requests_timed_out']) >= 2 and int(values['requests_late']) == 1
+
+
+def test_deactivate_removes_services_and_cleanup_frees_the_model(client):
+    assert transition(client, Transition.TRANSITION_DEACTIVATE)
+    assert state(client) == State.PRIMARY_STATE_INACTIVE
+    describe = client.client(DescribeScene, '~/describe_scene')
+    assert wait_until(lambda: not describe.service_is_ready(), 15), 'describe_scene still offered'
+    assert transition(client, Transition.TRANSITION_CLEANUP)
+    assert state(client) == State.PRIMARY_STATE_UNCONFIGURED
+    status = fresh_status(client)
+    assert status.level == DiagnosticStatus.ERROR and 'model not loaded' in status.message
+
+
+def test_configure_again_after_cleanup(managed, client):
+    assert transition(client, Transition.TRANSITION_CONFIGURE)
+    assert transition(client, Transition.TRANSITION_ACTIVATE)
+    assert client.wait_for_service(DescribeScene, '~/describe_scene', 30)
+    publish_frame(client, FRONT, rgb_to_image(skimage.data.rocket()))
+    response = client.describe()
+    assert response.success, response.message
+    assert managed[0].log().count('model released') == 1
+
+
+def test_shutdown_transition_finalizes(client):
+    assert transition(client, Transition.TRANSITION_ACTIVE_SHUTDOWN)
+    assert state(client) == State.PRIMARY_STATE_FINALIZED
+
+
+def run_failing_node(parameters, tmp_path):
+    """Start vlm_node (autostart) and wait for it to exit; returns (exit status, its output lines)."""
+    command = [sys.executable, '-m', 'zip_vlm_ros.node', '--ros-args']
+    for name, value in parameters.items():
+        command += ['-p', f'{name}:={value}']
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    lines = [line for line in (completed.stdout + completed.stderr).splitlines() if line.strip()]
+    return completed.returncode, lines
+
+
+def assert_one_clear_line(lines, *words):
+    assert len(lines) == 1, 'expected one line, got:\n' + '\n'.join(lines)
+    assert 'Traceback' not in lines[0]
+    for word in words:
+        assert word in lines[0], f'{word!r} not in {lines[0]!r}'
+
+
+def test_missing_model_exits_1_with_one_line(tmp_path):
+    missing = tmp_path / 'no_such_checkpoint'
+    code, lines = run_failing_node({'model': str(missing)}, tmp_path)
+    assert code == 1
+    assert_one_clear_line(lines, 'configure failed', str(missing))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA; the failure needs its absence')
+def test_cuda_without_cuda_exits_1_with_one_line(tiny_model_dir, tmp_path):
+    code, lines = run_failing_node({'model': str(tiny_model_dir), 'device': 'cuda'}, tmp_path)
+    assert code == 1
+    assert_one_clear_line(lines, 'configure failed')
+    assert re.search('cuda', lines[0], re.IGNORECASE)
+
+
+def test_budget_above_the_model_exits_1_with_one_line(tiny_model_dir, tmp_path):
+    code, lines = run_failing_node({'model': str(tiny_model_dir), 'token_budget': 64}, tmp_path)
+    assert code == 1
+    assert_one_clear_line(lines, 'configure failed', 'token_budget 64 is out of range', '1..16')
+
+
+def test_bad_camera_list_exits_1_with_one_line(tmp_path):
+    code, lines = run_failing_node({'cameras': '[front, 2nd]'}, tmp_path)
+    assert code == 1
+    assert_one_clear_line(lines, 'bad parameter', "'2nd'")
