@@ -1,0 +1,167 @@
+"""vlm_demo: the whole pipeline in one command, offline.
+
+    vlm_demo                          # tiny random checkpoint (built once into the cache dir)
+    vlm_demo --model /models/llava-1.5-7b-hf --token-budget 64
+
+Builds (or reuses) a tiny LLaVA checkpoint, starts vlm_node as a separate process, streams real
+photos (skimage.data) on a camera topic at 10 Hz from this process, calls ~/describe_scene,
+~/ask (on the camera and with an inline image) and ~/ask_many, prints every result with its token
+counts and timings, stops the node with SIGINT and checks that it exits cleanly.
+
+DDS stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) in a random domain unless
+--domain-id is given, so the demo never talks to a robot on the same network.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import random
+import sys
+import time
+
+# Discovery range and domain must be set before anything creates a ROS context.
+DOMAIN_IDS = range(1, 102)  # Linux: domains 0..101 map to valid, non-ephemeral UDP ports
+TINY_FULL_TOKENS = 16  # the tiny preset: 56x56 pixels in 14x14 patches
+PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
+COLUMNS = ('call', 'camera', 'prompt', 'budget', 'visual', 'gen', 'vision', 'reduce', 'prefill',
+           'decode', 'total ms', 'age ms', 'reused', 'answer')
+
+
+def default_cache_dir() -> pathlib.Path:
+    base = os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache'
+    return pathlib.Path(base) / 'zip_vlm_ros'
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='vlm_demo', description=__doc__.split('\n\n')[0])
+    parser.add_argument('--model', help='LLaVA checkpoint dir or hub id (default: the tiny offline '
+                                        'checkpoint, random weights: its answers are gibberish)')
+    parser.add_argument('--cache-dir', type=pathlib.Path, default=default_cache_dir(),
+                        help='where the tiny checkpoint and the node log go (default: %(default)s)')
+    parser.add_argument('--domain-id', type=int, choices=DOMAIN_IDS, metavar='N',
+                        help='ROS_DOMAIN_ID (default: random in 1..101)')
+    parser.add_argument('--token-budget', type=int,
+                        help='visual tokens kept per image (default: 8 for the tiny checkpoint, '
+                             'else the node default)')
+    parser.add_argument('--max-new-tokens', type=int, default=12, help='answer length (default: 12)')
+    parser.add_argument('--timeout', type=float, default=300.0,
+                        help='seconds to wait for the node and for each call (default: 300)')
+    return parser.parse_args(argv)
+
+
+def printable(text: str, width: int) -> str:
+    """One table cell: control characters shown as '.', cut to `width`."""
+    cell = ''.join(char if char.isprintable() else '.' for char in text)
+    return cell if len(cell) <= width else cell[:width - 1] + '~'
+
+
+def result_row(call: str, result) -> tuple[str, ...]:
+    return (call, result.camera, printable(result.prompt, 24), str(result.token_budget),
+            f'{result.visual_tokens}/{result.visual_tokens_full}', str(result.generated_tokens),
+            f'{result.vision_ms:.1f}', f'{result.reduction_ms:.1f}', f'{result.prefill_ms:.1f}',
+            f'{result.decode_ms:.1f}', f'{result.total_ms:.1f}', f'{result.image_age_ms:.0f}',
+            'yes' if result.prefix_reused else 'no', printable(result.text, 32))
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[index]) for row in [COLUMNS, *rows]) for index in range(len(COLUMNS))]
+    lines = ['  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in [COLUMNS, *rows]]
+    lines.insert(1, '  '.join('-' * width for width in widths))
+    return '\n'.join(lines)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Returns the exit status: 0 when every call succeeded and the node exited cleanly."""
+    import skimage.data
+
+    from zip_vlm_ros.client import ImageStreamer, NodeProcess, VlmClient, use_large_frames_profile
+    from zip_vlm_ros.conversions import rgb_to_image
+    from zip_vlm_ros.srv import DescribeScene
+
+    use_large_frames_profile()
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        model = args.model
+    else:
+        import transformers
+
+        from zip_vlm_ros.tiny_model import build_checkpoint
+        transformers.utils.logging.disable_progress_bar()  # keep the demo's output to its table
+        print(f'[demo] tiny random-weight LLaVA checkpoint in {args.cache_dir / "tiny"} '
+              f'(answers are gibberish; pass --model for a real one)', flush=True)
+        model = str(build_checkpoint(args.cache_dir / 'tiny', preset='tiny'))
+    token_budget = args.token_budget or (None if args.model else TINY_FULL_TOKENS // 2)
+
+    parameters = {'model': model, 'cameras': ['front'], 'camera.front.topic': 'front/image_raw',
+                  'max_new_tokens': args.max_new_tokens, 'max_image_age_s': 5.0,
+                  'request_timeout_s': args.timeout}
+    if token_budget is not None:
+        parameters['token_budget'] = token_budget
+    log_path = args.cache_dir / 'vlm_node.log'
+    print(f'[demo] starting vlm_node (log: {log_path})', flush=True)
+    node = NodeProcess(parameters, log_path, remaps={'__ns': '/demo'})
+    client = VlmClient('/demo/zip_vlm', client_name='vlm_demo')
+    streamer = None
+    rows, failures = [], []
+    try:
+        if not client.wait_for_service(DescribeScene, '~/describe_scene', args.timeout):
+            print(f'[demo] vlm_node did not come up; its log:\n{node.log()}', file=sys.stderr)
+            return 1
+        photos = [rgb_to_image(getattr(skimage.data, name)()) for name in PHOTOS]
+        streamer = ImageStreamer(client, '/demo/front/image_raw', photos, rate_hz=10,
+                                 frame_id='front_camera')
+        print(f'[demo] streaming {", ".join(PHOTOS)} on /demo/front/image_raw at 10 Hz', flush=True)
+        time.sleep(1.5)  # a few frames in, so the first call has one
+
+        def record(call: str, response):
+            if not response.success:
+                failures.append(f'{call}: {response.message}')
+            else:
+                for result in getattr(response, 'results', None) or [response.result]:
+                    rows.append(result_row(call, result))
+            return response
+
+        timeout_s = args.timeout
+        first = record('describe', client.describe(timeout_s=timeout_s))
+        record('ask', client.ask('Is there a person?', timeout_s=timeout_s))
+        record('ask inline', client.ask('What is on the table?', timeout_s=timeout_s,
+                                        image=rgb_to_image(skimage.data.coffee())))
+        record('ask_many', client.ask_many(
+            ['Is it day or night?', 'What colour dominates?', 'Is anyone there?'], timeout_s=timeout_s))
+        if first.success:  # the same photo stream with every visual token: no reduction
+            record('describe full', client.describe(token_budget=first.result.visual_tokens_full,
+                                                    timeout_s=timeout_s))
+    finally:
+        if streamer is not None:
+            streamer.stop()
+        client.close()
+        exit_code = node.stop()
+
+    print()
+    print(format_table(rows))
+    print()
+    print('budget: visual tokens kept by VisionZip; visual: fed to the LLM / before reduction; gen: '
+          'generated tokens;\ntimes in ms; age: node clock at the answer minus the image stamp; '
+          'reused: the frame\'s image prefix came from the cache')
+    for failure in failures:
+        print(f'[demo] FAILED {failure}', file=sys.stderr)
+    if exit_code != 0:
+        print(f'[demo] vlm_node exited with {exit_code}; its log:\n{node.log()}', file=sys.stderr)
+    status = 'ok' if not failures and exit_code == 0 else 'FAILED'
+    print(f'[demo] {status}: {len(rows)} results, vlm_node exit status {exit_code}')
+    return 0 if status == 'ok' else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    domain_id = args.domain_id if args.domain_id is not None else random.choice(DOMAIN_IDS)
+    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    os.environ['ROS_DOMAIN_ID'] = str(domain_id)
+    print(f'[demo] ROS_DOMAIN_ID={domain_id}, discovery on localhost only', flush=True)
+    return run_demo(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
