@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import random
 import signal
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
 NODE_NAME = 'zip_vlm'
+# Linux: domains 0..101 map to valid UDP ports below the ephemeral range; 0 is everyone's default.
+DOMAIN_IDS = range(1, 102)
 
 
 def large_frames_profile() -> pathlib.Path:
@@ -45,6 +48,19 @@ def use_large_frames_profile() -> None:
     before creating ROS contexts and starting node processes (they inherit it).
     """
     os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(large_frames_profile()))
+
+
+def use_local_ros_domain(domain_id: int | None = None) -> int:
+    """Keep DDS on this machine, in `domain_id` or a random one; returns the domain.
+
+    For tools that start their own node (demo, benchmark): a random domain keeps them from talking
+    to a robot, or to another run, on the same machine. Call before creating any ROS context.
+    """
+    if domain_id is None:
+        domain_id = random.choice(DOMAIN_IDS)
+    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    os.environ['ROS_DOMAIN_ID'] = str(domain_id)
+    return domain_id
 
 
 def ros_arg_value(value: Any) -> str:

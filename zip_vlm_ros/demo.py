@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import random
 import sys
 import time
 
-# Discovery range and domain must be set before anything creates a ROS context.
-DOMAIN_IDS = range(1, 102)  # Linux: domains 0..101 map to valid, non-ephemeral UDP ports
+from zip_vlm_ros.client import DOMAIN_IDS, use_local_ros_domain
+
 TINY_FULL_TOKENS = 16  # the tiny preset: 56x56 pixels in 14x14 patches
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
 COLUMNS = ('call', 'camera', 'prompt', 'budget', 'visual', 'gen', 'vision', 'reduce', 'prefill',
@@ -156,9 +155,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    domain_id = args.domain_id if args.domain_id is not None else random.choice(DOMAIN_IDS)
-    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    os.environ['ROS_DOMAIN_ID'] = str(domain_id)
+    domain_id = use_local_ros_domain(args.domain_id)
     print(f'[demo] ROS_DOMAIN_ID={domain_id}, discovery on localhost only', flush=True)
     return run_demo(args)
 

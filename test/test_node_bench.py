@@ -1,0 +1,20 @@
+"""The node benchmark runs end to end and reports consistent numbers (the targets are its job)."""
+import math
+
+from zip_vlm_ros.node_bench import format_report, run_node_bench
+
+
+def test_node_bench_quick_run(tiny_model_dir, tmp_path):
+    results = run_node_bench(tiny_model_dir, requests=5, callback_frames=10, stream_s=1.5,
+                             log_path=tmp_path / 'node.log')
+    for key in ('round_trip_ms_p50', 'engine_ms_p50', 'callback_us_p50', 'deserialize_ms_p50',
+                'dds_callback_us_p50'):
+        assert math.isfinite(results[key]) and results[key] > 0, key
+    assert results['round_trip_ms_p50'] > results['engine_ms_p50'] > 0
+    assert results['overhead_ms_p50'] > 0
+    assert results['callback_us_p95'] <= results['callback_us_max']
+    assert results['dds_frames_published'] >= 10 and results['dds_frames_received'] >= 1
+    assert set(results['passed']) == set(results['targets']) == {'overhead_ms_p50', 'callback_us_p50'}
+    report = format_report(results)
+    assert 'node overhead = round trip - engine' in report
+    assert report.count('PASS') + report.count('MISS') == 2
