@@ -53,7 +53,7 @@ def publish_frame(client: VlmClient, topic: str, msg: Any, *, reliable: bool = T
     msg.header.stamp = stamp if stamp is not None else client.now().to_msg()
     msg.header.frame_id = frame_id
     publisher.publish(msg)
-    time.sleep(0.3)  # loopback delivery; every test then checks the stamp the node answers about
+    time.sleep(0.5)  # shared-memory delivery takes ms; the tests then check the stamp they get back
     return msg.header.stamp
 
 

@@ -268,14 +268,17 @@ def test_best_effort_and_reliable_publishers_both_reach_the_node(client, images)
         assert stamp_tuple(response.result.header.stamp) == stamp_tuple(stamp), f'reliable={reliable}'
 
 
-def test_queue_overflow_is_refused_at_once(client, images):
-    """max_pending_requests = 1: one runs, one waits, the rest are refused immediately."""
-    publish_frame(client, FRONT, rgb_to_image(images['rocket']))
+def test_queue_overflow_is_refused_at_once(client):
+    """max_pending_requests = 1: one runs, one waits, the rest are refused immediately.
+
+    Inline images (no frame age to expire while waiting) and a photo/prompt for which the tiny
+    checkpoint does not stop early, so the first answer takes a while even on a fast CPU."""
+    coffee = rgb_to_image(skimage.data.coffee())
     outcomes = [None] * 4
 
     def call(index):
         started = time.monotonic()
-        response = client.ask(f'Question {index}?', max_new_tokens=300, timeout_s=300)
+        response = client.ask('Tell me everything.', image=coffee, max_new_tokens=600, timeout_s=300)
         outcomes[index] = (response, time.monotonic() - started)
 
     threads = [threading.Thread(target=call, args=(index,)) for index in range(4)]
@@ -291,8 +294,7 @@ def test_queue_overflow_is_refused_at_once(client, images):
     for response, seconds in refused:
         assert_refused(response, 'busy', 'max_pending_requests = 1')
         assert seconds < slowest_served / 2, 'a refusal must not wait for the queue'
-    publish_frame(client, FRONT, rgb_to_image(images['rocket']))  # the long answers outlived it
-    assert client.ask('Still there?').success
+    assert client.ask('Still there?', image=coffee).success
 
 
 def test_periodic_description_changes_at_runtime(client, topics, images):

@@ -376,6 +376,7 @@ class RequestQueue:
         with self._ready:
             if not self._open:
                 raise RequestRejected('inactive', INACTIVE_MESSAGE)
+            self._prune()
             ahead = len(self._jobs) + int(self._busy)
             if ahead >= self.max_pending + 1:
                 raise RequestRejected('busy', (
@@ -398,8 +399,16 @@ class RequestQueue:
         with self._ready:
             self._busy = False
 
+    def _prune(self) -> None:
+        """Forget jobs whose callers gave up (deadline passed): they hold no place in the queue."""
+        if any(job.state != Job.WAITING for job in self._jobs):
+            self._jobs = collections.deque(job for job in self._jobs if job.state == Job.WAITING)
+
     def __len__(self) -> int:
-        return len(self._jobs)
+        """Jobs waiting (those whose callers gave up excluded)."""
+        with self._ready:
+            self._prune()
+            return len(self._jobs)
 
 
 class ThrottledWarnings:
