@@ -906,7 +906,8 @@ class VlmNode(LifecycleNode):
             error = str(engine_error)
             self._warnings.warn(('engine', type(engine_error).__name__), f'request failed: {error}')
         except Exception as unexpected:  # a bug or e.g. CUDA out of memory: answer, log, carry on
-            error = f'inference failed ({type(unexpected).__name__}: {unexpected}): see the node log'
+            reason = (str(unexpected).splitlines() or [''])[0]
+            error = f'inference failed ({type(unexpected).__name__}: {reason}): see the node log'
             self.get_logger().error(f'{error}\n{traceback.format_exc()}')
         finally:
             self._running_job = None
