@@ -142,6 +142,7 @@ class VlmClient:
         self._spinner = threading.Thread(target=self._spin, daemon=True)
         self._spinner.start()
         self._clients: dict[str, Any] = {}
+        self._ready: set = set()  # clients whose server was seen once (see wait_for_service)
         self._publishers: dict[tuple, Any] = {}
 
     def _spin(self) -> None:
@@ -170,12 +171,22 @@ class VlmClient:
         return self._clients[full]
 
     def wait_for_service(self, srv_type: Any, name: str, timeout_s: float) -> bool:
-        return self.client(srv_type, name).wait_for_service(timeout_sec=timeout_s)
+        """Wait until service `name` can be called; False after timeout_s."""
+        client = self.client(srv_type, name)
+        if client in self._ready:
+            return client.service_is_ready() or client.wait_for_service(timeout_sec=timeout_s)
+        if not client.wait_for_service(timeout_sec=timeout_s):
+            return False
+        # The client sees the server's request reader; the server may not see the client's response
+        # reader yet, and a response sent before then is lost. Give discovery a moment, once.
+        time.sleep(0.5)
+        self._ready.add(client)
+        return True
 
     def call(self, srv_type: Any, name: str, request: Any, timeout_s: float = 60.0) -> Any:
         """Call a service and wait for its response; TimeoutError when none comes within timeout_s."""
         client = self.client(srv_type, name)
-        if not client.wait_for_service(timeout_sec=timeout_s):
+        if not self.wait_for_service(srv_type, name, timeout_s):
             raise TimeoutError(f'service {name} of {self.target} is not available after {timeout_s} s')
         done = threading.Event()
         future = client.call_async(request)
