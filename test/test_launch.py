@@ -43,7 +43,8 @@ def yaml_parameters():
 def node_from_yaml():
     """VlmNode built in this process from config/vlm.yaml (autostart is not run: no model load)."""
     context = Context()
-    rclpy.init(args=['--ros-args', '--params-file', str(CONFIG)], context=context)
+    # Own namespace: this node's endpoints must not pass for a later test's node process.
+    rclpy.init(args=['--ros-args', '-r', '__ns:=/launch_test', '--params-file', str(CONFIG)], context=context)
     node = VlmNode(context=context)
     plain = Node('plain_reference_node', context=context)
     rclpy_own = set(plain.list_parameters([], 0).names)
@@ -51,6 +52,7 @@ def node_from_yaml():
     plain.destroy_node()
     node.destroy_node()
     rclpy.shutdown(context=context)
+    context.destroy()
 
 
 def test_yaml_lists_exactly_the_parameters_the_node_declares(yaml_parameters, node_from_yaml):

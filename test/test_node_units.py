@@ -149,8 +149,10 @@ class OutOfMemoryEngine:
 
 def test_worker_answers_an_out_of_memory_error_and_carries_on(tiny_model_dir):
     context = Context()
-    rclpy.init(args=['--ros-args', '-p', f'model:={tiny_model_dir}', '-p', 'token_budget:=8'],
-               context=context)
+    # Its own namespace: a destroyed node's endpoints linger in DDS until its context is collected,
+    # and must not pass for the node process of a later test.
+    rclpy.init(args=['--ros-args', '-r', '__ns:=/unit_test', '-p', f'model:={tiny_model_dir}',
+                     '-p', 'token_budget:=8'], context=context)
     node = VlmNode(context=context)
     try:
         assert node.start()
@@ -174,3 +176,4 @@ def test_worker_answers_an_out_of_memory_error_and_carries_on(tiny_model_dir):
         node.close()
         node.destroy_node()
         rclpy.shutdown(context=context)
+        context.destroy()

@@ -155,6 +155,7 @@ class VlmClient:
         self._executor.shutdown(timeout_sec=5.0)
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
+        self.context.destroy()
 
     def __enter__(self) -> VlmClient:
         return self

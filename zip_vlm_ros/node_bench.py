@@ -47,7 +47,9 @@ def measure_callback_in_process(frames: int) -> dict[str, float]:
 
     serialized = serialize_message(rgb_to_image(_full_hd_frame()))
     context = Context()
-    rclpy.init(args=['--ros-args', '-p', 'autostart:=false'], context=context)
+    # Own namespace, so that this in-process node is never mistaken for the node process.
+    rclpy.init(args=['--ros-args', '-r', '__ns:=/node_bench_in_process', '-p', 'autostart:=false'],
+               context=context)
     node = VlmNode(context=context)
     feed = CameraFeed('bench', 'image_raw', 'sensor_msgs/Image')
     callback_us, deserialize_ms = [], []
@@ -63,6 +65,7 @@ def measure_callback_in_process(frames: int) -> dict[str, float]:
     finally:
         node.destroy_node()
         rclpy.shutdown(context=context)
+        context.destroy()
     assert feed.received == frames
     callback_p50, callback_p95 = _percentiles(callback_us)
     return {'callback_us_p50': callback_p50, 'callback_us_p95': callback_p95,
