@@ -20,13 +20,14 @@ from std_msgs.msg import String
 from node_helpers import publish_frame, running_node, stamp_tuple
 from zip_vlm_ros.client import ImageStreamer, wait_until
 from zip_vlm_ros.conversions import rgb_to_compressed, rgb_to_image
+from zip_vlm_ros.engine import DEFAULT_DESCRIBE_PROMPT
 from zip_vlm_ros.msg import VlmResult
 
 NS = '/robot'
 FRONT, REAR, SIDE = f'{NS}/image_raw', f'{NS}/rear/image_raw', f'{NS}/side/image_raw'
 BUDGET, FULL = 8, 16  # the tiny preset has 4x4 patches = 16 visual tokens
 QUESTION_MAX_CHARS = 100
-DESCRIBE_PROMPT = 'Describe the scene in one sentence.'
+DESCRIBE_PROMPT = DEFAULT_DESCRIBE_PROMPT  # the node's default describe_prompt
 
 
 @pytest.fixture(scope='module')

@@ -49,7 +49,7 @@ from std_msgs.msg import String
 from zip_vlm_ros.conversions import (
     ImageConversionError, image_has_pixels, image_to_rgb, message_to_rgb, output_to_result,
     stamp_to_seconds)
-from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
+from zip_vlm_ros.engine import DEFAULT_DESCRIBE_PROMPT, EngineConfig, EngineError, VlmEngine
 from zip_vlm_ros.msg import VlmResult
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
@@ -95,7 +95,7 @@ NODE_PARAMETERS = (
                   'contextual tokens merged from the remainder'),
     ParameterSpec('max_new_tokens', 64, 'longest answer in tokens; requests may override it',
                   runtime=True),
-    ParameterSpec('describe_prompt', 'Describe the scene in one sentence.',
+    ParameterSpec('describe_prompt', DEFAULT_DESCRIBE_PROMPT,
                   'prompt of ~/describe_scene and of the periodic description', runtime=True),
     ParameterSpec('describe_period_s', 0.0,
                   '0: off; else describe each camera\'s latest (new) frame every this many seconds '
