@@ -9,6 +9,10 @@ import pytest
 os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
 os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 100))
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+# Raw 720p/1080p test frames exceed Fast DDS's default 512 KB shared-memory segments.
+from zip_vlm_ros.client import use_large_frames_profile  # noqa: E402
+
+use_large_frames_profile()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

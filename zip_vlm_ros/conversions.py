@@ -13,6 +13,7 @@ module needs OpenCV, which this package does not otherwise depend on.
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -197,6 +198,8 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
         raise
     except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        # Pillow names the buffer object ("<_io.BytesIO object at 0x...>"): noise that differs per call.
+        reason = re.sub(r'\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>', '', reason)
         raise ImageConversionError(
             f'compressed image ({data.size} bytes, format {msg.format!r}) cannot be decoded ({reason}): '
             f'the data is corrupt or truncated; check the publisher') from None
