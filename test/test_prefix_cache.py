@@ -51,6 +51,25 @@ def test_reuse_is_token_for_token_from_scratch_and_does_not_mutate_the_shared_pr
     assert all(o.kv_cache_bytes == outputs[0].kv_cache_bytes > 0 for o in outputs)
 
 
+def test_a_forked_cache_grows_without_touching_the_shared_tensors(uncached):
+    """The invariant the prefix cache rests on, checked on the tensors themselves."""
+    import torch
+
+    from zip_vlm_ros.engine import _fork_cache
+
+    language_model = uncached.model
+    prefix_ids = torch.tensor([[1, 5, 9, 14, 3]])
+    shared = language_model(input_ids=prefix_ids, use_cache=True).past_key_values
+    snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in shared.layers]
+
+    fork = _fork_cache(shared)
+    language_model(input_ids=torch.tensor([[7, 8]]), past_key_values=fork, use_cache=True)
+
+    assert fork.get_seq_length() == 7 and shared.get_seq_length() == 5
+    for layer, (keys, values) in zip(shared.layers, snapshot):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+
+
 def test_seeded_sampling_is_the_same_with_and_without_reuse(cached, uncached):
     key, options = ("front", 1), SamplingOptions(do_sample=True, temperature=0.8, top_p=0.95, seed=11)
     first = cached.generate(FRAMES[key], QUESTIONS[0], token_budget=8, frame_key=key, sampling=options)

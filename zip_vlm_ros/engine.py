@@ -122,7 +122,7 @@ class _Prefix:
     """A frame's prompt prefix after prefill: the LLM key/value cache up to the last visual token.
 
     ``kv_cache`` is shared by every question on the frame and is never mutated: each question
-    continues from a deep copy.
+    continues from a fork of it (``_fork_cache``).
     """
 
     kv_cache: object                    # transformers Cache, [1, kv_heads, length, head_dim] per layer
@@ -323,7 +323,7 @@ class VlmEngine:
                     self._prefix_cache.put(cache_key, prefix)
 
             suffix_start = self._clock()
-            kv_cache = copy.deepcopy(prefix.kv_cache)
+            kv_cache = _fork_cache(prefix.kv_cache)
             suffix = torch.tensor([suffix_ids], dtype=torch.long, device=self.device)
             logits = self.model(input_ids=suffix, past_key_values=kv_cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1].float()
@@ -625,6 +625,23 @@ def _token_chooser(sampling: SamplingOptions, device: torch.device):
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
     return choose
+
+
+def _fork_cache(kv_cache):
+    """A cache that continues from `kv_cache` and leaves its key/value tensors untouched.
+
+    ``DynamicLayer.update`` grows a layer with ``torch.cat`` into new tensors, so copying the cache and
+    its layer objects, not their tensors, is enough: a question does not pay for copying the frame's
+    prefix (72 MiB for a full-token LLaVA-1.5 prefix on the bench preset). Any other cache or layer
+    kind might write in place, so it is deep-copied.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if type(kv_cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in kv_cache.layers):
+        return copy.deepcopy(kv_cache)
+    fork = copy.copy(kv_cache)
+    fork.layers = [copy.copy(layer) for layer in kv_cache.layers]
+    return fork
 
 
 def _cache_nbytes(kv_cache) -> int:
