@@ -362,66 +362,115 @@ def test_missing_model_and_all_frames_malformed(tmp_path, capsys, tiny_model_dir
 # Live replay into a node process
 
 
+def write_twin_bag(path, count=3):
+    """One camera recorded twice, as drivers with image_transport do: a raw and a jpeg copy of each photo
+    with the same header stamp, the raw copy logged just after the jpeg."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    typestore = get_typestore(Stores.ROS2_KILTED)
+    Image, CompressedImage, Header, Time = (typestore.types[name] for name in (
+        'sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage', 'std_msgs/msg/Header', 'builtin_interfaces/msg/Time'))
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        raw = writer.add_connection(RAW_TOPIC, 'sensor_msgs/msg/Image', typestore=typestore)
+        jpeg = writer.add_connection(COMPRESSED_TOPIC, 'sensor_msgs/msg/CompressedImage', typestore=typestore)
+        for index in range(count):
+            stamp_ns = sample_bag.DEFAULT_START_NS + index * 10**8
+            rgb = sample_bag.sample_image(index)[:240, :320]
+            header = Header(stamp=Time(sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9), frame_id='cam')
+            compressed = CompressedImage(header=header, format='jpeg',
+                                         data=np.frombuffer(sample_bag.encode_jpeg(rgb), dtype=np.uint8))
+            image = Image(header=header, height=240, width=320, encoding='rgb8', is_bigendian=0, step=960,
+                          data=np.ascontiguousarray(rgb).reshape(-1))
+            writer.write(jpeg, stamp_ns, typestore.serialize_cdr(compressed, 'sensor_msgs/msg/CompressedImage'))
+            writer.write(raw, stamp_ns + 10**6, typestore.serialize_cdr(image, 'sensor_msgs/msg/Image'))
+    return path
+
+
+def live_replay(bag, out, *argv):
+    return subprocess.run([sys.executable, '-m', 'zip_vlm_ros.replay', str(bag), '--live', '--out', str(out), '--clock',
+                           '--wait', '60', *map(str, argv)], capture_output=True, text=True, timeout=240)
+
+
 def test_live_replay_into_a_running_node(tmp_path, tiny_model_dir, questions_file):
     from zip_vlm_ros.client import NodeProcess
 
     bag = sample_bag.write_sample_bag(tmp_path / 'bag', storage='mcap', frames_per_topic=5)
+    twins = write_twin_bag(tmp_path / 'twins')
     node = NodeProcess({
         'model': str(tiny_model_dir), 'cameras': ['front', 'rear'],
         'camera.front.topic': '/robot/front/image', 'camera.front.type': 'sensor_msgs/Image',
         'camera.rear.topic': COMPRESSED_TOPIC, 'camera.rear.type': 'sensor_msgs/CompressedImage',
         # bag stamps are from 2023: the node ages frames on the bag clock that replay publishes
         'use_sim_time': True, 'image_qos': 'reliable', 'token_budget': 8, 'max_new_tokens': int(MAX_NEW_TOKENS),
-        'max_pending_requests': 16,
+        # max_pending_requests stays at its default (4): fewer than the 8 calls of a round
     }, tmp_path / 'node.log')
-    out = tmp_path / 'live'
+    out, twins_out, impatient_out = tmp_path / 'live', tmp_path / 'twins_live', tmp_path / 'impatient'
     try:
-        replay_run = subprocess.run(
-            [sys.executable, '-m', 'zip_vlm_ros.replay', str(bag.path), '--live', '--out', str(out),
-             '--remap', f'{RAW_TOPIC}:=/robot/front/image', '--camera', 'front', '--clock', '--rate', '0.5',
-             '--period', '0.12', '--budgets', 'full,4', '--questions', str(questions_file), '--wait', '60'],
-            capture_output=True, text=True, timeout=180)
+        replay_run = live_replay(bag.path, out, '--remap', f'{RAW_TOPIC}:=/robot/front/image', '--camera', 'front',
+                                 '--rate', '0.5', '--period', '0.12', '--budgets', 'full,12,8,4',
+                                 '--questions', questions_file)
+        # Raw and jpeg copies share stamps; the node's rear camera listens to the jpeg topic only.
+        twins_run = live_replay(twins, twins_out, '--remap', f'{RAW_TOPIC}:=/robot/front/image', '--camera', 'rear',
+                                '--period', '0.1', '--budgets', '4')
         # Calls unanswered within --timeout count as timed out; with no answer at all the exit status is 1.
-        impatient = subprocess.run(
-            [sys.executable, '-m', 'zip_vlm_ros.replay', str(bag.path), '--live', '--out', str(tmp_path / 'impatient'),
-             '--topics', COMPRESSED_TOPIC, '--camera', 'rear', '--clock', '--period', '0.2', '--budgets', '4',
-             '--timeout', '0.001'], capture_output=True, text=True, timeout=180)
+        impatient = live_replay(bag.path, impatient_out, '--topics', COMPRESSED_TOPIC, '--camera', 'rear',
+                                '--period', '0.2', '--budgets', '4', '--timeout', '0.001')
         assert node.alive(), node.log()
     finally:
         node_status = node.stop()
     assert replay_run.returncode == 0, replay_run.stderr + node.log()
+    assert twins_run.returncode == 0, twins_run.stderr + node.log()
     assert node_status == 0, node.log()
+    check_paced_live_run(bag, out)
 
+    twin_rows = [row for row in read_jsonl(twins_out / 'results.jsonl') if row['status'] == 'ok']
+    assert twin_rows and all(row['camera'] == 'rear' and row['topic'] == COMPRESSED_TOPIC for row in twin_rows)
+    assert all(row['stamp_ns'] == sample_bag.DEFAULT_START_NS + row['index'] * 10**8 for row in twin_rows)
+
+    assert impatient.returncode == 1, impatient.stderr
+    impatient_summary = read_summary(impatient_out / 'summary.csv')['4']
+    assert int(impatient_summary['requests']) == 2 and int(impatient_summary['answers']) == 0
+    assert int(impatient_summary['timed_out']) + int(impatient_summary['refused']) == 2
+    assert int(impatient_summary['timed_out']) >= 1 and int(impatient_summary['rounds_answered']) == 0
+    assert '| timeout | ' in (impatient_out / 'report.md').read_text(encoding='utf-8')
+
+
+def check_paced_live_run(bag, out):
+    """Four budgets with the node's default queue: every budget answers every round, on the same frame."""
     rows = read_jsonl(out / 'results.jsonl')
     report = (out / 'report.md').read_text(encoding='utf-8')
     summary = read_summary(out / 'summary.csv')
-    ok = [row for row in rows if row['status'] == 'ok']
-    assert {row['budget'] for row in ok} == {'full', '4'}
-    good_stamps = set(bag.good_frame_stamps[RAW_TOPIC])
-    for row in ok:
-        # answers name the frame they are about, which replay maps back to the bag topic it came from
-        assert row['stamp_ns'] in good_stamps and row['topic'] == RAW_TOPIC and row['camera'] == 'front'
-        assert row['visual_tokens'] == (16 if row['budget'] == 'full' else 4)
+    budgets = ['full', '12', '8', '4']
+    assert [row['status'] for row in rows] == ['ok'] * len(rows)
+    stamps = bag.good_frame_stamps[RAW_TOPIC]
+    for row in rows:
+        # credited to the bag topic the node's camera listens to, and to the frame's index in it
+        assert row['topic'] == RAW_TOPIC and row['camera'] == 'front' and stamps[row['index']] == row['stamp_ns']
+        assert row['visual_tokens'] == {'full': 16, '12': 12, '8': 8, '4': 4}[row['budget']]
         assert 0 <= row['image_age_ms'] < 10_000  # bag time at the answer minus the frame's stamp
+    rounds = sorted({row['round'] for row in rows})
+    assert len(rounds) == 3  # the bag spans 0.45 s, asked every 0.12 s
+    for round_index in rounds:
+        in_round = [row for row in rows if row['round'] == round_index]
+        assert {row['budget'] for row in in_round} == set(budgets)
+        assert len({row['index'] for row in in_round}) == 1, in_round  # all budgets on one frame
+    assert '- rounds: 3, every budget answered on the same frame in 3' in report
     assert '- frames played: /robot/front/image: 5, /camera/rear/image_raw/compressed: 5' in report
-    assert 'received by the node: front (/robot/front/image): 5, rear (/camera/rear/image_raw/compressed): 5' in report
-
-    for budget in ('full', '4'):
+    # Reliable QoS delivers what was published once discovery is complete; the node's counters can
+    # miss only frames sent while its subscription was still discovering the player.
+    received = report.split('received by the node: front (/robot/front/image): ', 1)[1]
+    front_received = int(received.split(',', 1)[0])
+    assert len({row['index'] for row in rows}) <= front_received <= 5
+    for budget in budgets:
         requests = {row['request']: row for row in rows if row['budget'] == budget}
-        statuses = [row['status'] for row in requests.values()]
         s = summary[budget]
-        assert int(s['requests']) == len(requests) == 2 * 3  # describe + ask_many per round, 3 rounds
-        assert int(s['refused']) == statuses.count('refused') and int(s['timed_out']) == statuses.count('timeout')
-        latencies = [row['latency_ms'] for row in requests.values() if row['status'] == 'ok']
+        assert int(s['rounds']) == int(s['rounds_answered']) == 3
+        assert int(s['requests']) == len(requests) == 2 * 3  # describe + ask_many per round
+        assert int(s['refused']) == int(s['timed_out']) == 0
+        latencies = [row['latency_ms'] for row in requests.values()]
         p50, p95 = np.percentile(latencies, 50), np.percentile(latencies, 95)
         assert float(s['latency_ms_p50']) == pytest.approx(p50)
         cells = report_table_row(report, 'Service calls', budget)
-        assert cells[1:4] == [s['requests'], s['refused'], s['timed_out']] and cells[4] == pair(p50, p95)
-        assert int(s['answers']) == sum(row['budget'] == budget for row in ok)
-
-    assert impatient.returncode == 1, impatient.stderr
-    impatient_summary = read_summary(tmp_path / 'impatient' / 'summary.csv')['4']
-    assert int(impatient_summary['requests']) == 2 and int(impatient_summary['answers']) == 0
-    assert int(impatient_summary['timed_out']) + int(impatient_summary['refused']) == 2
-    assert int(impatient_summary['timed_out']) >= 1
-    assert '| timeout | ' in (tmp_path / 'impatient' / 'report.md').read_text(encoding='utf-8')
+        assert cells[1:5] == ['3/3', '6', '0', '0'] and cells[5] == pair(p50, p95)
+        assert int(s['answers']) == sum(row['budget'] == budget for row in rows) == 3 * 3

@@ -150,8 +150,8 @@ def _storage_files(path: pathlib.Path) -> tuple[list[pathlib.Path], list[str]]:
         raise ReplayError(f'{path} is a directory without .mcap or .db3 storage files, so not a rosbag2 bag: '
                           f'pass the bag folder itself (the one holding metadata.yaml)')
     if listed is None:
-        return found, [f'no readable metadata.yaml (the recorder did not close the bag): the storage files were '
-                       f'read directly, as `ros2 bag reindex` would']
+        return found, ['no readable metadata.yaml (the recorder did not close the bag): the storage files were '
+                       'read directly, as `ros2 bag reindex` would']
     files = [path / name for name in listed if (path / name).is_file()]
     missing = [name for name in listed if not (path / name).is_file()]
     notes = [f'metadata.yaml lists {", ".join(missing)}, which are missing'] if missing else []

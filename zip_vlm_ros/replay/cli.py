@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 from zip_vlm_ros.replay.console import warn
 from zip_vlm_ros.replay.inputs import DEFAULT_BUDGETS, ReplayError, load_labels, load_questions, parse_budgets

@@ -90,7 +90,7 @@ class LivePlayback:
             self.wall_start += time.monotonic() - self.paused_at
             self.paused_at = None
 
-    def _wait_until(self, bag_ns: int) -> bool:
+    def wait_until(self, bag_ns: int) -> bool:
         """Sleep until bag time reaches `bag_ns` (pauses extend the wait); False when stopped."""
         while not self.stop.is_set():
             with self.lock:
@@ -106,7 +106,7 @@ class LivePlayback:
                 if isinstance(item, DamagedRegion):
                     self.damaged.append(item)
                     continue
-                if not self._wait_until(item.log_ns):
+                if not self.wait_until(item.log_ns):
                     return
                 self._publish(item)
         except Exception as error:  # a reader error on a damaged bag ends playback, not the run
@@ -324,7 +324,7 @@ class LiveSession:
         progress = progress_bar(rounds * len(self.budgets), 'budget rounds')
         try:
             for round_index in range(1, rounds + 1):
-                if not self.playback._wait_until(self.bag.start_ns + round_index * period_ns):
+                if not self.playback.wait_until(self.bag.start_ns + round_index * period_ns):
                     break
                 self.calls += self._round(round_index)
                 self.rounds_run += 1
@@ -397,7 +397,6 @@ class LiveSession:
         writer = ResultsWriter(self.out_dir / RESULTS_FILE)
         writer.write(rows)
         writer.close()
-        skipped = []
         for region in self.playback.damaged:
             self.problems.append(f'damaged: {region.file} {region.where}: {region.reason} (not played)')
             warn(self.problems[-1])
@@ -406,7 +405,7 @@ class LiveSession:
             partial.append(self.bag.stopped)
         run = self._run_info(rows)
         write_run_file(self.out_dir, run)
-        write_report(self.out_dir, rows, skipped, run, problems=self.problems, partial=partial, labels=self.labels)
+        write_report(self.out_dir, rows, [], run, problems=self.problems, partial=partial, labels=self.labels)
         answered = sum(row['status'] == 'ok' for row in rows)
         note(f'{len(self.calls)} requests, {answered} answers; report in {self.out_dir / REPORT_FILE}')
         if interrupted:

@@ -112,8 +112,9 @@ def check_resumed_run(out_dir: pathlib.Path, run: dict) -> None:
                           f'start a new --out') from None
     except (OSError, ValueError) as error:
         raise ReplayError(f'{out_dir / RUN_FILE} is unreadable ({error}): start a new --out') from None
-    differences = [f'{key} was {_short(previous.get(key))} and is now {_short(run.get(key))}'
-                   for key in RESUME_CHECKS if previous.get(key) != run.get(key)]
+    current = json.loads(json.dumps(run))  # as run.json holds it: tuples become lists
+    differences = [f'{key} was {_short(previous.get(key))} and is now {_short(current.get(key))}'
+                   for key in RESUME_CHECKS if previous.get(key) != current.get(key)]
     if differences:
         raise ReplayError(f'--resume: {out_dir} holds another run: ' + '; '.join(differences)
                           + ': resume with the same bag and settings, or choose a new --out')
