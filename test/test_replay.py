@@ -215,6 +215,9 @@ def test_offline_replay_reports_what_results_jsonl_holds(tmp_path, capsys, bags,
     assert status == 0, stderr
     # tqdm's bar: 2 frames x 2 topics x 3 budgets, the malformed frames never counted in its total
     assert '| 12/12 [' in stderr and '/13 [' not in stderr and '/18 [' not in stderr
+    # warnings are written above the bar (tqdm.write), each on a line of its own
+    screen_lines = stderr.replace('\r', '\n').splitlines()
+    assert sum(line.startswith('vlm_replay: warning: skipped ') for line in screen_lines) == 2
 
     rows, summary, report = check_outputs_match_results(out, ['full', '8', '4'])
     prompts = ['Describe the scene in one sentence.', 'Is there a person?', 'What is on the table?']

@@ -267,3 +267,61 @@ def test_labels_file_is_validated_with_clear_messages(tmp_path):
     good.write_text('- topic: cam\n  stamp: "12.000000345"\n  question: Is it open?\n  keywords: [yes]\n',
                     encoding='utf-8')
     assert inputs.load_labels(good) == [inputs.Label('/cam', None, 12_000_000_345, 'Is it open?', None, ('yes',))]
+
+
+def test_resume_after_a_cut_inside_a_frame_counts_only_descriptions_as_fresh(tmp_path, clean_bags, tiny_model_dir):
+    questions = tmp_path / 'questions.yaml'
+    questions.write_text('- question: Is there a person?\n- question: What is ahead?\n', encoding='utf-8')
+    out = tmp_path / 'out'
+    common = [clean_bags['mcap'].path, out, tiny_model_dir, '--max-frames', 1, '--topics', RAW_TOPIC,
+              '--questions', questions]
+    assert offline(*common) == 0
+    lines = (out / 'results.jsonl').read_text(encoding='utf-8').splitlines()
+    # Killed after the description and first question of the last budget: the second question is redone
+    # alone, computing the prefix again; that is not what a new frame costs.
+    (out / 'results.jsonl').write_text('\n'.join(lines[:-1]) + '\n', encoding='utf-8')
+    assert offline(*common, '--resume') == 0
+    rows = read_jsonl(out / 'results.jsonl')
+    redone = rows[-1]
+    assert redone['kind'] == 'question' and not redone['prefix_reused']
+    summary = {row['budget']: row for row in _csv_rows(out / 'summary.csv')}
+    for budget, s in summary.items():
+        description = next(row for row in rows if row['budget'] == budget and row['kind'] == 'describe')
+        assert int(s['frames']) == int(s['fresh_answers']) == 1
+        assert float(s['total_ms_p95']) == pytest.approx(description['total_ms'])
+
+
+def test_failed_requests_group_by_cause_not_by_the_numbers_in_their_messages():
+    from zip_vlm_ros.replay.report import _failure_lines
+
+    stale = "latest frame of camera 'front' is {:.2f} s old, more than max_image_age_s = 1"
+    rows = [{'request': number, 'status': 'refused', 'message': stale.format(age)}
+            for number, age in enumerate((1.5, 2.25, 3.75))]
+    rows.append({'request': 9, 'status': 'timeout', 'message': 'no response within 60 s'})
+    table = _failure_lines(rows)
+    assert table[-2:] == ["| refused | 3 | latest frame of camera 'front' is # s old, more than max_image_age_s = # |",
+                          '| timeout | 1 | no response within # s |']
+
+
+def test_interrupted_run_writes_a_report_marked_partial(tmp_path, tiny_model_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bag = sample_bag.write_sample_bag(tmp_path / 'bag', storage='mcap', frames_per_topic=30)
+    out = tmp_path / 'out'
+    process = subprocess.Popen([sys.executable, '-m', 'zip_vlm_ros.replay', str(bag.path), '--out', str(out),
+                                '--model', str(tiny_model_dir), '--budgets', 'full,8,4', '--max-new-tokens', '8'],
+                               stderr=subprocess.PIPE, text=True)
+    results = out / 'results.jsonl'
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (results.exists() and results.read_text(encoding='utf-8').strip()):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGINT)  # after the first answer, long before the 180 frame-budgets are done
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    report = (out / 'report.md').read_text(encoding='utf-8')
+    assert '**Partial run:** interrupted before the end of the selection; run again with --resume' in report
+    assert 'Traceback' not in stderr
