@@ -373,7 +373,8 @@ def write_twin_bag(path, count=3):
 
     typestore = get_typestore(Stores.ROS2_KILTED)
     Image, CompressedImage, Header, Time = (typestore.types[name] for name in (
-        'sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage', 'std_msgs/msg/Header', 'builtin_interfaces/msg/Time'))
+        'sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage', 'std_msgs/msg/Header',
+        'builtin_interfaces/msg/Time'))
     with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
         raw = writer.add_connection(RAW_TOPIC, 'sensor_msgs/msg/Image', typestore=typestore)
         jpeg = writer.add_connection(COMPRESSED_TOPIC, 'sensor_msgs/msg/CompressedImage', typestore=typestore)

@@ -45,7 +45,8 @@ def parse_remaps(remaps: list[str], topics: list[str]) -> dict[str, str]:
         old, separator, new = remap.partition(':=')
         old, new = old.strip(), new.strip()
         if not separator or not old or not new:
-            raise ReplayError(f'--remap {remap!r} is not OLD:=NEW: use e.g. --remap /camera/front/image_raw:=/front/image')
+            raise ReplayError(f'--remap {remap!r} is not OLD:=NEW: use e.g. '
+                              f'--remap /camera/front/image_raw:=/front/image')
         old = old if old.startswith('/') else '/' + old
         if old not in topics:
             raise ReplayError(f'--remap {remap!r}: {old} is not one of the played topics ({", ".join(topics)})')
@@ -275,7 +276,8 @@ class LiveSession:
             # The node accepts 1..visual tokens; larger budgets mean "no reduction" offline, so send the same.
             tokens = full if budget == FULL_BUDGET else int(budget)
             if full is not None and tokens > full:
-                note(f'note: budget {budget} >= the {full} visual tokens of the node\'s model: no reduction, same as full')
+                note(f'note: budget {budget} >= the {full} visual tokens of the node\'s model: no reduction, '
+                     f'same as full')
                 tokens = full
             self.request_budgets[budget] = tokens
 
@@ -367,7 +369,8 @@ class LiveSession:
             ask = AskMany.Request(questions=[q.question for q in self.questions], camera=args.camera,
                                   token_budget=tokens, max_new_tokens=args.max_new_tokens or 0)
             calls.append(self._call(self.ask_many_client, ask, LiveCall(
-                next(self.request_ids), round_index, budget, 'question', [(q.question, q.expect) for q in self.questions])))
+                next(self.request_ids), round_index, budget, 'question',
+                [(q.question, q.expect) for q in self.questions])))
         return calls
 
     def _call(self, client, request, call: LiveCall) -> LiveCall:

@@ -74,7 +74,8 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
             run = {
                 'mode': 'offline', 'bag': str(args.bag), 'bag_files': bag.fingerprint(), 'bag_notes': bag.notes,
                 'topics': topics, 'model': engine.model_name, 'device': str(engine.device),
-                'dtype': str(engine.dtype).removeprefix('torch.'), 'dominant_ratio': 1.0 - engine.config.contextual_ratio,
+                'dtype': str(engine.dtype).removeprefix('torch.'),
+                'dominant_ratio': 1.0 - engine.config.contextual_ratio,
                 'max_new_tokens': engine.config.max_new_tokens, 'describe_prompt': settings['describe_prompt'],
                 'questions': [dataclasses.asdict(question) for question in questions], 'budgets': budgets,
                 'every': args.every, 'period_s': args.period, 'max_frames': args.max_frames,

@@ -81,7 +81,8 @@ def label_table(summaries: list[dict]) -> list[str]:
     for s in summaries:
         lines.append(f'| {s["budget"]} | {s["label_pairs"]} | {format_rate(s["label_exact_match_rate"])} '
                      f'| {format_rate(s["label_token_f1_mean"])} | {format_rate(s["label_rouge_l_mean"])} '
-                     f'| {_bleu(s["label_bleu"])} | {_counted(s["label_keyword_hit_rate"], s["label_keyword_answers"])} |')
+                     f'| {_bleu(s["label_bleu"])} '
+                     f'| {_counted(s["label_keyword_hit_rate"], s["label_keyword_answers"])} |')
     return lines
 
 

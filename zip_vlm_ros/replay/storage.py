@@ -130,8 +130,10 @@ class McapStorage(StorageReader):
             opcode, length = self._data[position], int.from_bytes(self._data[position + 1:position + 9], 'little')
             end = position + 9 + length
             if opcode not in _KNOWN_OPCODES or end > size:
-                if end > size and opcode == _OPCODE_CHUNK and self._chunk_offsets is None:
-                    self.cut = (f'{self.path.name} ends inside a chunk at byte {position} (no footer): the '
+                if end > size and opcode in _KNOWN_OPCODES and self._chunk_offsets is None:
+                    # No summary and a record running past the end: the recorder stopped writing here.
+                    record = 'a chunk' if opcode == _OPCODE_CHUNK else 'a record'
+                    self.cut = (f'{self.path.name} ends inside {record} at byte {position} (no footer): the '
                                 f'recording was cut short; read up to the cut')
                     return
                 position = yield from self._skip_damage(position, f'no valid record at byte {position}')
