@@ -123,6 +123,11 @@ def test_sqlite3_with_damaged_pages_lists_them_and_evaluates_the_rest(tmp_path, 
     assert f'damaged: {db_file.name} row' in skipped
     damaged_rows = skipped.count('damaged:')
     assert len(evaluated(out)) + damaged_rows >= 7 and len(evaluated(out)) < 8
+    # a lost row keeps its place in its topic: the frames after it keep the indices of an intact bag
+    stamps = {topic: clean_bags['sqlite3'].good_frame_stamps[topic] for topic in (RAW_TOPIC, COMPRESSED_TOPIC)}
+    assert all(stamps[row['topic']][row['index']] == row['stamp_ns'] for row in read_jsonl(out / 'results.jsonl'))
+    listed = [line.split('|')[1:3] for line in skipped.splitlines() if 'damaged:' in line]
+    assert all(topic.strip() in stamps and index.strip().isdigit() for topic, index in listed), listed
     assert error_lines(capsys) == []
 
 

@@ -6,6 +6,7 @@ frame zero. The stamp is kept for the report and for image ages.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pathlib
@@ -87,9 +88,11 @@ class Bag:
         for storage in self.storages:
             for item in storage.messages():
                 if isinstance(item, DamagedRegion):
+                    lost_indices = []
                     for topic, _ in item.lost:  # a lost message still holds its place in its topic
+                        lost_indices.append(indices[topic])
                         indices[topic] += 1
-                    yield item
+                    yield dataclasses.replace(item, lost_indices=tuple(lost_indices))
                     continue
                 index = indices[item.topic]
                 indices[item.topic] += 1
@@ -286,4 +289,6 @@ def damaged_frames(region: DamagedRegion, topics: list[str]) -> list[SkippedFram
     reason = f'damaged: {region.file} {region.where}: {region.reason}'
     if not region.lost:
         return [SkippedFrame('', None, None, None, reason)]
-    return [SkippedFrame(topic, None, None, log_ns, reason) for topic, log_ns in region.lost if topic in topics]
+    indices = region.lost_indices or (None,) * len(region.lost)
+    return [SkippedFrame(topic, index, None, log_ns, reason)
+            for (topic, log_ns), index in zip(region.lost, indices) if topic in topics]

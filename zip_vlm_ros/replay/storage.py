@@ -48,6 +48,7 @@ class DamagedRegion:
     where: str                       # e.g. 'bytes 1561062..2895531' or 'row 17'
     reason: str
     lost: tuple[tuple[str, int], ...] = ()
+    lost_indices: tuple[int, ...] = ()   # each lost message's index in its topic (filled in by the Bag)
 
 
 @dataclass(frozen=True)
