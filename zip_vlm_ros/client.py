@@ -22,11 +22,15 @@ from rclpy.context import Context
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
 NODE_NAME = 'zip_vlm'
+# ROS 2 sends every response of a service to every client of it, and a client keeps only the last
+# `depth` responses that arrive together: with the default 10, a client among 40 concurrent callers
+# lost its own response (10 of 40 answered at depth 10, 40 of 40 at 100).
+RESPONSE_HISTORY_DEPTH = 100
 # Linux: domains 0..101 map to valid UDP ports below the ephemeral range; 0 is everyone's default.
 DOMAIN_IDS = range(1, 102)
 
@@ -130,14 +134,20 @@ class VlmClient:
 
     Args:
         node_name: full name of the vlm node, e.g. '/zip_vlm' or '/robot/zip_vlm'.
+        response_depth: response history of its service clients (RESPONSE_HISTORY_DEPTH: deep
+            enough for 100 concurrent callers of one service).
+        threads: executor threads (responses and subscriptions).
     """
 
-    def __init__(self, node_name: str = '/' + NODE_NAME, *, client_name: str = 'vlm_client'):
+    def __init__(self, node_name: str = '/' + NODE_NAME, *, client_name: str = 'vlm_client',
+                 response_depth: int = RESPONSE_HISTORY_DEPTH, threads: int = 4):
         self.target = node_name.rstrip('/')
         self.context = Context()
         rclpy.init(context=self.context)
         self.node = Node(client_name, context=self.context)
-        self._executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self._service_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=response_depth,
+                                       reliability=ReliabilityPolicy.RELIABLE)
+        self._executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
         self._executor.add_node(self.node)
         self._spinner = threading.Thread(target=self._spin, daemon=True)
         self._spinner.start()
@@ -168,7 +178,7 @@ class VlmClient:
         """A (cached) client for service `name` relative to the vlm node ('~/ask' -> /zip_vlm/ask)."""
         full = name.replace('~', self.target, 1) if name.startswith('~') else name
         if full not in self._clients:
-            self._clients[full] = self.node.create_client(srv_type, full)
+            self._clients[full] = self.node.create_client(srv_type, full, qos_profile=self._service_qos)
         return self._clients[full]
 
     def wait_for_service(self, srv_type: Any, name: str, timeout_s: float) -> bool:
