@@ -24,6 +24,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from zip_vlm_ros.spinning import BackgroundSpinner
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
 NODE_NAME = 'zip_vlm'
@@ -149,20 +150,13 @@ class VlmClient:
                                        reliability=ReliabilityPolicy.RELIABLE)
         self._executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
         self._executor.add_node(self.node)
-        self._spinner = threading.Thread(target=self._spin, daemon=True)
-        self._spinner.start()
+        self._spinner = BackgroundSpinner(self._executor, name='vlm_client')
         self._clients: dict[str, Any] = {}
         self._ready: set = set()  # clients whose server was seen once (see wait_for_service)
         self._publishers: dict[tuple, Any] = {}
 
-    def _spin(self) -> None:
-        try:
-            self._executor.spin()
-        except Exception:  # the context was shut down by close()
-            pass
-
     def close(self) -> None:
-        self._executor.shutdown(timeout_sec=5.0)
+        self._spinner.stop()
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
         self.context.destroy()
@@ -260,6 +254,33 @@ class VlmClient:
 
     def now(self) -> Any:
         return self.node.get_clock().now()
+
+
+def call_at_once(clients: list[VlmClient], call: Any, timeout_s: float) -> list[tuple[Any, float]]:
+    """Make `call(client)` from every client at the same moment, each in its own thread.
+
+    Returns (response, seconds) per client in order; a call unanswered within timeout_s gives
+    (TimeoutError, seconds). Each client should have discovered the service beforehand, or its
+    first call also waits for discovery.
+    """
+    outcomes: list[tuple[Any, float]] = [(None, 0.0)] * len(clients)
+    barrier = threading.Barrier(len(clients))
+
+    def run(index: int, client: VlmClient) -> None:
+        barrier.wait()
+        started = time.monotonic()
+        try:
+            response = call(client)
+        except TimeoutError as error:
+            response = error
+        outcomes[index] = (response, time.monotonic() - started)
+
+    threads = [threading.Thread(target=run, args=(index, client)) for index, client in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s + 30.0)
+    return outcomes
 
 
 def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> bool:

@@ -38,7 +38,7 @@ from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
@@ -57,6 +57,7 @@ from zip_vlm_ros.node_parameters import (
     ENGINE_PARAMETERS, IMAGE_TYPES, NODE_PARAMETERS, RUNTIME_PARAMETERS, ParameterError,
     ParameterSpec, Settings, camera_parameter_specs, declared_parameter_names, image_qos_profile,
     max_new_tokens_limit, parameter_problem, service_qos_profile, type_problem)
+from zip_vlm_ros.spinning import BackgroundSpinner
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
 NODE_NAME = 'zip_vlm'
@@ -789,34 +790,17 @@ def main(args: list[str] | None = None) -> int:
         return 1
     executor = MultiThreadedExecutor(num_threads=node.executor_threads)
     executor.add_node(node)
-    spinning = threading.Event()
-    spinning.set()
-    spinner = threading.Thread(target=_spin, args=(executor, spinning), name='executor')
-    spinner.start()
+    spinner = BackgroundSpinner(executor)
     exit_code = 0
     if node.autostart and not stop.is_set() and not node.start():
         exit_code = 1  # the failed transition logged its reason as one line
     if exit_code == 0:
         stop.wait()
     node.close()
-    # Stop taking work before shutting the executor down: shutdown() destroys the executor's guard
-    # condition, and a callback it had handed out a moment before then fails on it ("The following
-    # exception was never retrieved: cannot use Destroyable").
-    spinning.clear()
-    executor.wake()
-    spinner.join(timeout=5.0)
-    executor.shutdown(timeout_sec=5.0)
+    spinner.stop()
     node.destroy_node()
     rclpy.try_shutdown()
     return exit_code
-
-
-def _spin(executor: MultiThreadedExecutor, spinning: threading.Event) -> None:
-    try:
-        while spinning.is_set():
-            executor.spin_once(timeout_sec=0.1)
-    except ExternalShutdownException:
-        pass
 
 
 if __name__ == '__main__':
