@@ -38,6 +38,8 @@ def running_node(parameters: dict[str, Any], log_path, *, namespace: str = '', w
         client.close()
         exit_code = process.stop()
     assert exit_code == 0, f'vlm_node exited with {exit_code} on SIGINT; log:\n{process.log()}'
+    # rclpy prints this for a callback that failed on a destroyed handle during shutdown
+    assert 'exception was never retrieved' not in process.log(), process.log()
 
 
 _matched: set = set()

@@ -199,3 +199,34 @@ def test_bad_camera_list_exits_1_with_one_line(tmp_path):
     code, lines = run_failing_node({'cameras': '[front, 2nd]'}, tmp_path)
     assert code == 1
     assert_one_clear_line(lines, 'bad parameter', "'2nd'")
+
+
+def test_params_file_limits_are_checked_at_startup(tiny_model_dir, tmp_path):
+    """The set-time checks apply to the params file too: no node that fails every describe_scene."""
+    params_file = tmp_path / 'vlm.yaml'
+    params_file.write_text('/**:\n  ros__parameters:\n    question_max_chars: 20\n'
+                           '    describe_prompt: Describe the whole scene in great detail.\n')
+    command = [sys.executable, '-m', 'zip_vlm_ros.node', '--ros-args', '--params-file', str(params_file),
+               '-p', f'model:={tiny_model_dir}', '-p', 'token_budget:=8']
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    lines = [line for line in (completed.stdout + completed.stderr).splitlines() if line.strip()]
+    assert completed.returncode == 1
+    assert_one_clear_line(lines, 'configure failed', 'describe_prompt is 41 characters', 'question_max_chars = 20')
+
+
+def test_max_new_tokens_beyond_the_context_exits_1_with_one_line(tiny_model_dir, tmp_path):
+    code, lines = run_failing_node({'model': str(tiny_model_dir), 'token_budget': 8, 'max_new_tokens': 10**9},
+                                   tmp_path)
+    assert code == 1
+    assert_one_clear_line(lines, 'configure failed', f'max_new_tokens {10**9}', 'use 1..1008')
+
+
+@pytest.mark.parametrize('parameter, words', [
+    ('cameras:=[]', ['bad parameter', 'cameras is empty', 'e.g. [front]']),
+    ('max_new_tokens:=many', ['max_new_tokens must be a whole number', "got 'many' (str)"]),
+])
+def test_empty_camera_list_and_wrong_types_are_said_in_words(tmp_path, parameter, words):
+    name, _, value = parameter.partition(':=')
+    code, lines = run_failing_node({name: value}, tmp_path)
+    assert code == 1
+    assert_one_clear_line(lines, *words)
