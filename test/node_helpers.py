@@ -11,6 +11,7 @@ import skimage.data
 
 from zip_vlm_ros.client import NodeProcess, VlmClient, use_large_frames_profile, wait_until
 from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.node_bench import LONG_QUESTIONS  # noqa: F401  (the tests import it from here)
 from zip_vlm_ros.srv import DescribeScene
 
 # Raw frames over 512 KB need it (config/fastdds_large_frames.xml); set before any client exists.
@@ -71,12 +72,9 @@ def status_values(diagnostics: list) -> dict[str, str]:
     return {kv.key: kv.value for kv in diagnostics[-1].status[0].values} if diagnostics else {}
 
 
-# Ten questions about a photo for which the tiny checkpoint does not stop early: with the longest
-# answers the context allows, inference runs far longer than any test waits, so the job is certainly
-# still running when the test deactivates, signals or times it out.
-LONG_QUESTIONS = ['Tell me everything.', 'Describe every object in detail.', 'And then?', 'What else?',
-                  'Describe the colours.', 'Describe the light.', 'What is on the left?',
-                  'What is on the right?', 'What is behind it?', 'Describe it again.']
+# With the longest answers the context allows, LONG_QUESTIONS keep the tiny checkpoint decoding far
+# longer than any test waits: the job is certainly still running when the test deactivates, signals
+# or times it out.
 LONGEST_ANSWER = 1024 - 16  # tiny preset: context 1024 minus 16 visual tokens
 
 

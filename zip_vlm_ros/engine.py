@@ -83,16 +83,21 @@ class GenerationStopped(EngineError):
 
     Attributes: ``reason`` (what should_stop returned), ``tokens`` (ids generated so far for the prompt
     being decoded, one list per batch row; empty when it stopped before decoding), ``texts`` (those
-    tokens decoded) and ``completed`` (VlmOutputs of the prompts a generate_many call had finished).
+    tokens decoded, on first access: the stop itself does not wait for the tokenizer) and
+    ``completed`` (VlmOutputs of the prompts a generate_many call had finished).
     """
 
-    def __init__(self, reason: str, tokens: Sequence[Sequence[int]] = (), texts: Sequence[str] = (),
-                 completed: Sequence["VlmOutput"] = ()):
+    def __init__(self, reason: str, tokens: Sequence[Sequence[int]] = (),
+                 completed: Sequence["VlmOutput"] = (), decode: Callable[[list[int]], str] | None = None):
         super().__init__(reason)
         self.reason = reason
         self.tokens = [list(row) for row in tokens]
-        self.texts = list(texts)
         self.completed = list(completed)
+        self._decode = decode
+
+    @property
+    def texts(self) -> list[str]:
+        return [self._decode(row) for row in self.tokens] if self._decode else []
 
 
 @dataclass
@@ -583,14 +588,16 @@ class VlmEngine:
             reason = should_stop() if should_stop is not None else None
             if reason:
                 rows = self._rows_to_eos(generated) if generated is not None else []
-                texts = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
-                raise GenerationStopped(str(reason), rows, texts, completed)
+                raise GenerationStopped(str(reason), rows, completed, decode=self._decode_text)
         return check_stop
+
+    def _decode_text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     def _output(self, prompt: str, tokens: list[int], budget: int, *, reduction: str, vision_ms: float,
                 reduction_ms: float, prefill_ms: float, start: float, first_token_time: float, end_time: float,
                 prefix_reused: bool, kv_cache_bytes: int) -> VlmOutput:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        text = self._decode_text(tokens)
         total_ms = self._ms_since(start)
         return VlmOutput(
             prompt=prompt, text=text, model=self.model_name, reduction=reduction, token_budget=budget,
