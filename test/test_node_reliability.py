@@ -14,7 +14,7 @@ import skimage.data
 from diagnostic_msgs.msg import DiagnosticArray
 
 from node_helpers import LONG_QUESTIONS, LONGEST_ANSWER, running_node, status_values
-from zip_vlm_ros.client import VlmClient, call_at_once, wait_until
+from zip_vlm_ros.client import VlmClient, call_at_once, wait_until, wait_until_answered
 from zip_vlm_ros.conversions import rgb_to_image
 from zip_vlm_ros.srv import Ask
 
@@ -32,11 +32,12 @@ def node(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def callers(node):
-    """40 clients with their own contexts, each having discovered ~/ask."""
+    """40 clients with their own contexts, each already answered once by ~/ask (discovered both ways)."""
     clients = [VlmClient(client_name=f'caller_{index}', threads=2) for index in range(CALLERS)]
     try:
-        ready = call_at_once(clients, lambda client: client.wait_for_service(Ask, '~/ask', 60), 60)
-        assert all(found is True for found, _ in ready), 'a caller did not discover ~/ask'
+        ready = call_at_once(clients, lambda client: wait_until_answered(
+            client, Ask, '~/ask', Ask.Request(question=''), 120), 120)
+        assert all(found is True for found, _ in ready), 'a caller was never answered by ~/ask'
         yield clients
     finally:
         for client in clients:

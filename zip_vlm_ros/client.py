@@ -256,6 +256,24 @@ class VlmClient:
         return self.node.get_clock().now()
 
 
+def wait_until_answered(client: VlmClient, srv_type: Any, name: str, request: Any, timeout_s: float) -> bool:
+    """Call `name` with `request` until a response arrives (False after timeout_s).
+
+    Seeing the service is not enough for a burst: the server may not have discovered this client's
+    response reader yet, and a response sent before that is lost (under load, discovery of 40 new
+    participants took longer than VlmClient's 0.5 s pause). The first answered call proves both
+    directions; use a request the node refuses at once (an empty question).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            client.call(srv_type, name, request, timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
+            return True
+        except TimeoutError:
+            continue
+    return False
+
+
 def call_at_once(clients: list[VlmClient], call: Any, timeout_s: float) -> list[tuple[Any, float]]:
     """Make `call(client)` from every client at the same moment, each in its own thread.
 

@@ -210,14 +210,15 @@ def _burst_refusals(callers: list, bursts: int, timeout_s: float, log_path: path
     """All callers call ~/ask at once, then the bare service, `bursts` times; refused round trips."""
     import skimage.data
 
-    from zip_vlm_ros.client import call_at_once
+    from zip_vlm_ros.client import call_at_once, wait_until_answered
     from zip_vlm_ros.conversions import rgb_to_image
     from zip_vlm_ros.srv import Ask
 
     for service in ('~/ask', BARE_ASK):
-        ready = call_at_once(callers, lambda client: client.wait_for_service(Ask, service, timeout_s), timeout_s)
+        ready = call_at_once(callers, lambda client: wait_until_answered(
+            client, Ask, service, Ask.Request(question=''), timeout_s), timeout_s)
         if not all(found is True for found, _ in ready):
-            raise RuntimeError(f'{service} did not come up within {timeout_s} s; node log: {log_path}')
+            raise RuntimeError(f'{service} did not answer within {timeout_s} s; node log: {log_path}')
     question = Ask.Request(question='What is on the table?', image=rgb_to_image(skimage.data.coffee()))
     wait_s = CANCEL_DEADLINE_S + 2.0
     refusal_ms, bare_ms, lost = [], [], 0

@@ -13,7 +13,8 @@ class BackgroundSpinner:
     condition at once (it does not wait for work in progress), so a callback handed out a moment
     before fails on it ("The following exception was never retrieved: cannot use Destroyable"), and
     an interpreter exiting while the thread still spins aborts ("terminate called without an active
-    exception"). So the thread first stops taking work and is joined, then the executor shuts down.
+    exception"). So the thread first stops taking work and is joined, the callbacks it handed out
+    finish, then the executor shuts down.
     """
 
     def __init__(self, executor: Executor, name: str = 'executor', poll_s: float = 0.1):
@@ -35,4 +36,10 @@ class BackgroundSpinner:
         self._spinning.clear()
         self._executor.wake()
         self._thread.join(timeout_s)
+        # A MultiThreadedExecutor runs the callbacks it handed out in a thread pool, and one that
+        # starts after shutdown() fails on the destroyed guard condition: let the pool finish first.
+        # (rclpy 9 offers no public way; shutdown() itself stops the pool only after the guard.)
+        pool = getattr(self._executor, '_executor', None)
+        if pool is not None:
+            pool.shutdown(wait=True)
         self._executor.shutdown(timeout_sec=timeout_s)
