@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from typing import Any
 
 import pytest
+import skimage.data
 
 from zip_vlm_ros.client import NodeProcess, VlmClient, use_large_frames_profile, wait_until
+from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.node_bench import LONG_QUESTIONS  # noqa: F401  (the tests import it from here)
 from zip_vlm_ros.srv import DescribeScene
 
 # Raw frames over 512 KB need it (config/fastdds_large_frames.xml); set before any client exists.
@@ -35,6 +39,8 @@ def running_node(parameters: dict[str, Any], log_path, *, namespace: str = '', w
         client.close()
         exit_code = process.stop()
     assert exit_code == 0, f'vlm_node exited with {exit_code} on SIGINT; log:\n{process.log()}'
+    # rclpy prints this for a callback that failed on a destroyed handle during shutdown
+    assert 'exception was never retrieved' not in process.log(), process.log()
 
 
 _matched: set = set()
@@ -59,3 +65,50 @@ def publish_frame(client: VlmClient, topic: str, msg: Any, *, reliable: bool = T
 
 def stamp_tuple(stamp: Any) -> tuple[int, int]:
     return stamp.sec, stamp.nanosec
+
+
+def status_values(diagnostics: list) -> dict[str, str]:
+    """Key/values of the node's latest /diagnostics status (empty before the first)."""
+    return {kv.key: kv.value for kv in diagnostics[-1].status[0].values} if diagnostics else {}
+
+
+# With the longest answers the context allows, LONG_QUESTIONS keep the tiny checkpoint decoding far
+# longer than any test waits: the job is certainly still running when the test deactivates, signals
+# or times it out.
+LONGEST_ANSWER = 1024 - 16  # tiny preset: context 1024 minus 16 visual tokens
+
+
+class LoadedNode:
+    """One long request running and `queued` short ones waiting in a node, each call in its own thread.
+
+    Starts the long call, waits until the node's diagnostics say it runs, then starts the others and
+    waits until the node reports them all queued. `responses()` joins the calls.
+    """
+
+    def __init__(self, client: VlmClient, diagnostics: list, *, queued: int = 3, timeout_s: float = 60.0):
+        self.outcomes: list = [None] * (1 + queued)
+        coffee = rgb_to_image(skimage.data.coffee())
+        self._threads = [threading.Thread(target=self._call, args=(0, lambda: client.ask_many(
+            LONG_QUESTIONS, image=coffee, max_new_tokens=LONGEST_ANSWER, timeout_s=timeout_s)))]
+        for index in range(1, 1 + queued):
+            self._threads.append(threading.Thread(target=self._call, args=(index, lambda: client.ask(
+                'What is this?', image=coffee, max_new_tokens=2, timeout_s=timeout_s))))
+        self._threads[0].start()
+        assert wait_until(lambda: status_values(diagnostics).get('running') == 'true', 30), \
+            f'the long request never ran: {status_values(diagnostics)}'
+        for thread in self._threads[1:]:
+            thread.start()
+        assert wait_until(lambda: status_values(diagnostics).get('queue_depth') == str(queued), 30), \
+            f'the short requests were not queued: {status_values(diagnostics)}'
+        assert status_values(diagnostics).get('running') == 'true'
+
+    def _call(self, index: int, call: Any) -> None:
+        try:
+            self.outcomes[index] = call()
+        except TimeoutError as error:
+            self.outcomes[index] = error
+
+    def responses(self, timeout_s: float = 60.0) -> list:
+        for thread in self._threads:
+            thread.join(timeout_s)
+        return self.outcomes

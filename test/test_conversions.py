@@ -124,6 +124,19 @@ def test_grey_png_becomes_three_channels():
     np.testing.assert_array_equal(rgb[..., 0], skimage.data.camera())
 
 
+def test_16_bit_png_is_scaled_like_raw_mono16():
+    """A 16-bit grey PNG keeps the high byte, as raw mono16 does: 40000 -> 156, not clipped to 255."""
+    values = np.array([[0, 255, 256, 40000, 65535]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    PILImage.fromarray(values).save(buffer, format='PNG')
+    png = CompressedImage(format='png', data=buffer.getvalue())
+    raw = Image(height=1, width=5, encoding='mono16', step=10, data=values.astype('<u2').tobytes())
+    expected = [0, 0, 1, 156, 255]
+    assert compressed_to_rgb(png)[0, :, 0].tolist() == expected
+    assert image_to_rgb(raw)[0, :, 0].tolist() == expected
+    assert compressed_to_rgb(png).shape == (1, 5, 3)
+
+
 @pytest.mark.parametrize('mangle, words', [
     (lambda data: data[: len(data) // 2], ['cannot be decoded', 'corrupt or truncated']),
     (lambda data: b'\x00' * 100, ['cannot be decoded']),

@@ -26,6 +26,8 @@ from zip_vlm_ros.msg import VlmResult
 NS = '/robot'
 FRONT, REAR, SIDE = f'{NS}/image_raw', f'{NS}/rear/image_raw', f'{NS}/side/image_raw'
 BUDGET, FULL = 8, 16  # the tiny preset has 4x4 patches = 16 visual tokens
+CONTEXT = 1024  # the tiny preset's max_position_embeddings
+CLOCK_SKEW_S = 5.0
 QUESTION_MAX_CHARS = 100
 DESCRIBE_PROMPT = DEFAULT_DESCRIBE_PROMPT  # the node's default describe_prompt
 
@@ -38,7 +40,7 @@ def node(tiny_model_dir, tmp_path_factory):
         'camera.rear.type': 'sensor_msgs/CompressedImage',
         'token_budget': BUDGET, 'max_new_tokens': 4, 'max_image_age_s': 10.0,
         'max_pending_requests': 1, 'request_timeout_s': 120.0,
-        'question_max_chars': QUESTION_MAX_CHARS,
+        'question_max_chars': QUESTION_MAX_CHARS, 'max_clock_skew_s': CLOCK_SKEW_S,
     }
     with running_node(parameters, log_path, namespace=NS) as (process, client):
         yield process, client
@@ -157,10 +159,32 @@ def test_runtime_token_budget_change(client, images):
 
 
 def test_read_only_parameters_are_rejected_with_a_reason(client):
-    for name, value in (('model', '/elsewhere'), ('max_pending_requests', 9), ('cameras', ['x'])):
+    for name, value in (('max_pending_requests', 9), ('cameras', ['x'])):
         successful, reason = client.set_parameter(name, value)
         assert not successful and 'read-only at runtime' in reason and 'restart' in reason, reason
     assert client.get_parameter('max_pending_requests') == 1
+    # the engine's parameters change while unconfigured (test_node_lifecycle), not while loaded
+    successful, reason = client.set_parameter('model', '/elsewhere')
+    assert not successful and 'read-only while the node is configured' in reason and 'cleanup' in reason
+
+
+def test_parameter_limits_wrong_types_and_unknown_names_in_words(client):
+    limit = CONTEXT - FULL  # the tiny preset's context minus one image at full budget
+    successful, reason = client.set_parameter('max_new_tokens', 10**9)
+    assert not successful and f'use 1..{limit}' in reason and 'context' in reason, reason
+    assert client.set_parameter('max_new_tokens', limit) == (True, '')
+    assert client.set_parameter('max_new_tokens', 4) == (True, '')
+    successful, reason = client.set_parameter('describe_prompt', 'd' * (QUESTION_MAX_CHARS + 1))
+    assert not successful and f'question_max_chars = {QUESTION_MAX_CHARS}' in reason, reason
+    assert client.get_parameter('describe_prompt') == DESCRIBE_PROMPT
+    successful, reason = client.set_parameter('max_new_tokens', 'many')
+    assert not successful and reason == "max_new_tokens must be a whole number (e.g. 64); got 'many' (str)"
+    successful, reason = client.set_parameter('token_budgett', 8)
+    assert not successful and "'token_budgett' is not a parameter of this node" in reason
+    assert 'token_budget' in reason.split('known parameters are ')[1]
+    # a request asking for more than the context holds is refused with the range
+    assert_refused(client.ask('Is it day?', image=rgb_to_image(skimage.data.coffee()), max_new_tokens=10**9),
+                   f'max_new_tokens {10**9} is out of range', f'1..{limit}')
 
 
 def test_no_frame_yet_and_unknown_camera(client):
@@ -175,6 +199,25 @@ def test_stale_frame_refused_then_fresh_frame_served(client, images):
     publish_frame(client, FRONT, rgb_to_image(images['coffee']), stamp=old)
     assert_refused(client.describe(), "camera 'front'", 's old', 'max_image_age_s = 10')
     assert client.describe().success is False  # still the same stale frame
+    publish_frame(client, FRONT, rgb_to_image(images['coffee']))
+    assert client.describe().success
+
+
+def test_future_stamped_and_unstamped_frames(client, images):
+    """A stamp an hour ahead is refused naming the skew; within max_clock_skew_s the age reads 0,
+    never negative; a zero stamp is "no timestamp", not an age since 1970."""
+    ahead = client.now().to_msg()
+    ahead.sec += 3600
+    publish_frame(client, FRONT, rgb_to_image(images['coffee']), stamp=ahead)
+    assert_refused(client.describe(), "camera 'front'", 'in the future', f'max_clock_skew_s = {CLOCK_SKEW_S:g}')
+    slightly = client.now().to_msg()
+    slightly.sec += 3  # publish_frame waits 0.5 s: still about 2.5 s ahead, within 5 s
+    publish_frame(client, FRONT, rgb_to_image(images['coffee']), stamp=slightly)
+    response = client.describe()
+    assert response.success, response.message
+    assert response.result.image_age_ms == 0.0
+    publish_frame(client, FRONT, rgb_to_image(images['coffee']), stamp=Time(sec=0, nanosec=0))
+    assert_refused(client.describe(), 'no timestamp', 'header.stamp is 0')
     publish_frame(client, FRONT, rgb_to_image(images['coffee']))
     assert client.describe().success
 
@@ -245,7 +288,7 @@ def test_malformed_inline_image_is_refused(client):
 def test_bad_input_warnings_are_rate_limited(node, client):
     """20 identical bad requests in a burst log at most one warning; the next one, after the
     throttle period, says how many were held back."""
-    from zip_vlm_ros.node import WARN_THROTTLE_S
+    from zip_vlm_ros.jobs import WARN_THROTTLE_S
     process = node[0]
     marker = f'{QUESTION_MAX_CHARS + 7} characters'
     for _ in range(20):

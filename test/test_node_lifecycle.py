@@ -18,7 +18,7 @@ from rclpy.event_handler import PublisherEventCallbacks
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 
-from node_helpers import publish_frame, running_node
+from node_helpers import LoadedNode, publish_frame, running_node
 from zip_vlm_ros.client import wait_until
 from zip_vlm_ros.conversions import rgb_to_image
 from zip_vlm_ros.srv import DescribeScene
@@ -31,7 +31,7 @@ def managed(tiny_model_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp('vlm_lifecycle') / 'node.log'
     parameters = {
         'model': str(tiny_model_dir), 'autostart': False, 'token_budget': 8, 'max_new_tokens': 4,
-        'request_timeout_s': 120.0, 'max_image_age_s': 0.0,
+        'request_timeout_s': 120.0, 'max_image_age_s': 0.0, 'max_pending_requests': 3,
         'image_qos': 'reliable',
     }
     with running_node(parameters, log_path, wait_for=GetState, service='~/get_state') as (process, client):
@@ -68,6 +68,19 @@ def test_starts_unconfigured_with_error_diagnostics(client):
     assert not client.wait_for_service(DescribeScene, '~/describe_scene', 1.0)
 
 
+def test_a_failed_configure_is_corrected_through_parameters(managed, client, tiny_model_dir, tmp_path):
+    """model/device/dtype are settable while unconfigured: no restart after a wrong path."""
+    missing = str(tmp_path / 'no_such_checkpoint')
+    assert client.set_parameter('model', missing) == (True, '')
+    assert not transition(client, Transition.TRANSITION_CONFIGURE)
+    assert state(client) == State.PRIMARY_STATE_UNCONFIGURED
+    assert wait_until(lambda: f'configure failed: model path {missing!r} does not exist' in managed[0].log(), 10)
+    successful, reason = client.set_parameter('dtype', 'float64')
+    assert not successful and 'float64' in reason, reason
+    assert client.set_parameter('model', str(tiny_model_dir)) == (True, '')
+    assert client.set_parameter('device', 'cpu') == (True, '')
+
+
 def test_configure_then_activate_serves(client):
     assert transition(client, Transition.TRANSITION_CONFIGURE)
     assert state(client) == State.PRIMARY_STATE_INACTIVE
@@ -91,11 +104,36 @@ def test_configure_then_activate_serves(client):
     assert values['lifecycle_state'] == 'active' and values['visual_tokens_full'] == '16'
 
 
-def test_deactivate_removes_services_and_cleanup_frees_the_model(client):
+def assert_answered_with(outcomes, reason):
+    assert len(outcomes) == 4
+    for response in outcomes:
+        assert not isinstance(response, TimeoutError), f'a caller got no response: {response}'
+        assert not response.success and reason in response.message, response.message
+
+
+def test_deactivate_with_requests_running_and_queued_answers_every_caller(client):
+    load = LoadedNode(client, client.diagnostics)
+    started = time.monotonic()
+    assert transition(client, Transition.TRANSITION_DEACTIVATE)
+    assert state(client) == State.PRIMARY_STATE_INACTIVE  # the lifecycle services keep answering
+    assert_answered_with(load.responses(), 'the node was deactivated')
+    assert time.monotonic() - started < 20, 'callers waited for the long inference'
+    # the services stay and refuse at once while inactive
+    coffee = rgb_to_image(skimage.data.coffee())
+    refused = client.ask('Still there?', image=coffee, timeout_s=10)
+    assert not refused.success and 'not active' in refused.message
+    values = {kv.key: kv.value for kv in fresh_status(client).values}
+    assert values['running'] == 'false' and int(values['requests_cancelled']) == 4
+    assert transition(client, Transition.TRANSITION_ACTIVATE)
+    response = client.ask('Still there?', image=coffee, timeout_s=60)
+    assert response.success, response.message
+
+
+def test_deactivate_keeps_services_refusing_and_cleanup_frees_the_model(client):
     assert transition(client, Transition.TRANSITION_DEACTIVATE)
     assert state(client) == State.PRIMARY_STATE_INACTIVE
-    describe = client.client(DescribeScene, '~/describe_scene')
-    assert wait_until(lambda: not describe.service_is_ready(), 15), 'describe_scene still offered'
+    response = client.describe(timeout_s=10)
+    assert not response.success and 'not active' in response.message
     assert transition(client, Transition.TRANSITION_CLEANUP)
     assert state(client) == State.PRIMARY_STATE_UNCONFIGURED
     status = fresh_status(client)
@@ -112,9 +150,11 @@ def test_configure_again_after_cleanup(managed, client):
     assert managed[0].log().count('model released') == 1
 
 
-def test_shutdown_transition_finalizes(client):
+def test_shutdown_transition_with_requests_running_and_queued_answers_every_caller(client):
+    load = LoadedNode(client, client.diagnostics)
     assert transition(client, Transition.TRANSITION_ACTIVE_SHUTDOWN)
     assert state(client) == State.PRIMARY_STATE_FINALIZED
+    assert_answered_with(load.responses(), 'the node was deactivated')
 
 
 def run_failing_node(parameters, tmp_path):
@@ -159,3 +199,34 @@ def test_bad_camera_list_exits_1_with_one_line(tmp_path):
     code, lines = run_failing_node({'cameras': '[front, 2nd]'}, tmp_path)
     assert code == 1
     assert_one_clear_line(lines, 'bad parameter', "'2nd'")
+
+
+def test_params_file_limits_are_checked_at_startup(tiny_model_dir, tmp_path):
+    """The set-time checks apply to the params file too: no node that fails every describe_scene."""
+    params_file = tmp_path / 'vlm.yaml'
+    params_file.write_text('/**:\n  ros__parameters:\n    question_max_chars: 20\n'
+                           '    describe_prompt: Describe the whole scene in great detail.\n')
+    command = [sys.executable, '-m', 'zip_vlm_ros.node', '--ros-args', '--params-file', str(params_file),
+               '-p', f'model:={tiny_model_dir}', '-p', 'token_budget:=8']
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    lines = [line for line in (completed.stdout + completed.stderr).splitlines() if line.strip()]
+    assert completed.returncode == 1
+    assert_one_clear_line(lines, 'configure failed', 'describe_prompt is 41 characters', 'question_max_chars = 20')
+
+
+def test_max_new_tokens_beyond_the_context_exits_1_with_one_line(tiny_model_dir, tmp_path):
+    code, lines = run_failing_node({'model': str(tiny_model_dir), 'token_budget': 8, 'max_new_tokens': 10**9},
+                                   tmp_path)
+    assert code == 1
+    assert_one_clear_line(lines, 'configure failed', f'max_new_tokens {10**9}', 'use 1..1008')
+
+
+@pytest.mark.parametrize('parameter, words', [
+    ('cameras:=[]', ['bad parameter', 'cameras is empty', 'e.g. [front]']),
+    ('max_new_tokens:=many', ['max_new_tokens must be a whole number', "got 'many' (str)"]),
+])
+def test_empty_camera_list_and_wrong_types_are_said_in_words(tmp_path, parameter, words):
+    name, _, value = parameter.partition(':=')
+    code, lines = run_failing_node({name: value}, tmp_path)
+    assert code == 1
+    assert_one_clear_line(lines, *words)

@@ -11,9 +11,9 @@ import torch
 from rclpy.context import Context
 from std_msgs.msg import Header
 
-from zip_vlm_ros.node import (
-    CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, ThrottledWarnings, VlmNode,
-    parameter_problem)
+from zip_vlm_ros.jobs import CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, ThrottledWarnings
+from zip_vlm_ros.node import VlmNode
+from zip_vlm_ros.node_parameters import parameter_problem, type_problem
 
 
 @pytest.mark.parametrize('name, value, full, words', [
@@ -31,6 +31,8 @@ from zip_vlm_ros.node import (
     ('cameras', ['front', 'front'], None, ['twice']),
     ('cameras', ['front', 'rear-left'], None, ["'rear-left'"]),
     ('camera.front.type', 'sensor_msgs/PointCloud2', None, ['sensor_msgs/Image or']),
+    ('max_clock_skew_s', -1.0, None, ['tolerance in seconds']),
+    ('service_history_depth', 0, None, ['callers that may call at once']),
 ])
 def test_parameter_problems_name_value_and_fix(name, value, full, words):
     problem = parameter_problem(name, value, visual_tokens_full=full)
@@ -46,6 +48,29 @@ def test_parameter_problems_name_value_and_fix(name, value, full, words):
 ])
 def test_valid_parameters_pass(name, value, full):
     assert parameter_problem(name, value, visual_tokens_full=full) is None
+
+
+def test_parameter_limits_of_the_loaded_model():
+    assert 'use 1..1000' in parameter_problem('max_new_tokens', 10**9, max_new_tokens=1000)
+    assert parameter_problem('max_new_tokens', 1000, max_new_tokens=1000) is None
+    problem = parameter_problem('describe_prompt', 'x' * 21, question_max_chars=20)
+    assert 'more than question_max_chars = 20' in problem
+
+
+@pytest.mark.parametrize('name, value, default, words', [
+    ('max_new_tokens', 'many', 64, ['a whole number', "'many'", 'str']),
+    ('token_budget', 8.5, 64, ['a whole number']),
+    ('autostart', 1, True, ['true or false']),
+    ('cameras', [1, 2], ['front'], ['list of strings']),
+])
+def test_wrong_types_are_named_in_words(name, value, default, words):
+    problem = type_problem(name, value, default)
+    for word in words:
+        assert word in problem, problem
+
+
+def test_whole_numbers_are_numbers():
+    assert type_problem('request_timeout_s', 3, 30.0) is None
 
 
 def make_job(timeout_s=10.0):
@@ -82,11 +107,17 @@ def test_jobs_whose_callers_gave_up_leave_the_queue():
     queue.submit(make_job())       # its place is free
 
 
-def test_job_deadline_while_running_discards_the_late_result():
+def test_job_deadline_while_running_answers_and_tells_the_engine_to_stop():
     job = make_job(timeout_s=0.1)
+    answered = []
+    job.add_settled_callback(answered.append)
     assert job.start()
+    assert job.should_stop() is None
     job.wait()
-    assert job.state == Job.ABANDONED and 'during inference' in job.timeout_message()
+    assert job.state == Job.TIMED_OUT and 'during inference' in job.error
+    assert answered == [job]
+    assert job.should_stop() == job.error
+    assert job.stop_requested_s == job.deadline_s
     assert not job.finish(['late result'], None)
     assert job.results == []
 
@@ -101,10 +132,40 @@ def test_job_finished_in_time_is_answered():
 
 def test_cancel_answers_a_waiting_job_with_the_reason():
     job = make_job()
-    job.cancel('the node was deactivated')
+    assert job.cancel('the node was deactivated')
     job.wait()
-    assert (job.state, job.error) == (Job.DONE, 'the node was deactivated')
+    assert (job.state, job.error) == (Job.CANCELLED, 'the node was deactivated')
     assert not job.start()
+    assert not job.cancel('twice')
+
+
+def test_closing_the_queue_cancels_running_and_waiting_jobs():
+    queue = RequestQueue(max_pending=2)
+    queue.open()
+    jobs = [make_job() for _ in range(3)]
+    for job in jobs:
+        queue.submit(job)
+    running = queue.next(0)
+    assert running is jobs[0] and running.start()
+    queue.close('the node is shutting down')
+    assert [job.state for job in jobs] == [Job.CANCELLED] * 3
+    assert running.should_stop() == 'the node is shutting down'
+    assert queue.next(0) is None
+    with pytest.raises(RequestRejected, match='not active'):
+        queue.submit(make_job())
+
+
+def test_expire_overdue_answers_waiting_jobs_while_the_worker_is_busy():
+    queue = RequestQueue(max_pending=2)
+    queue.open()
+    running, waiting = make_job(timeout_s=10), make_job(timeout_s=0.05)
+    queue.submit(running)
+    queue.submit(waiting)
+    assert queue.next(0) is running and running.start()
+    time.sleep(0.1)
+    queue.expire_overdue()
+    assert waiting.state == Job.DROPPED and 'waiting in the queue' in waiting.error
+    assert running.state == Job.RUNNING
 
 
 def test_feed_counts_received_and_superseded_frames():
@@ -143,7 +204,7 @@ class OutOfMemoryEngine:
     """Stands in for the engine on a GPU that runs out of memory (not causable on this machine)."""
     visual_tokens_full = 16
 
-    def generate(self, *args, **kwargs):
+    def generate_many(self, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail')
 
 

@@ -22,11 +22,16 @@ from rclpy.context import Context
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from zip_vlm_ros.spinning import BackgroundSpinner
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
 NODE_NAME = 'zip_vlm'
+# ROS 2 sends every response of a service to every client of it, and a client keeps only the last
+# `depth` responses that arrive together: with the default 10, a client among 40 concurrent callers
+# lost its own response (10 of 40 answered at depth 10, 40 of 40 at 100).
+RESPONSE_HISTORY_DEPTH = 100
 # Linux: domains 0..101 map to valid UDP ports below the ephemeral range; 0 is everyone's default.
 DOMAIN_IDS = range(1, 102)
 
@@ -130,29 +135,28 @@ class VlmClient:
 
     Args:
         node_name: full name of the vlm node, e.g. '/zip_vlm' or '/robot/zip_vlm'.
+        response_depth: response history of its service clients (RESPONSE_HISTORY_DEPTH: deep
+            enough for 100 concurrent callers of one service).
+        threads: executor threads (responses and subscriptions).
     """
 
-    def __init__(self, node_name: str = '/' + NODE_NAME, *, client_name: str = 'vlm_client'):
+    def __init__(self, node_name: str = '/' + NODE_NAME, *, client_name: str = 'vlm_client',
+                 response_depth: int = RESPONSE_HISTORY_DEPTH, threads: int = 4):
         self.target = node_name.rstrip('/')
         self.context = Context()
         rclpy.init(context=self.context)
         self.node = Node(client_name, context=self.context)
-        self._executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self._service_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=response_depth,
+                                       reliability=ReliabilityPolicy.RELIABLE)
+        self._executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
         self._executor.add_node(self.node)
-        self._spinner = threading.Thread(target=self._spin, daemon=True)
-        self._spinner.start()
+        self._spinner = BackgroundSpinner(self._executor, name='vlm_client')
         self._clients: dict[str, Any] = {}
         self._ready: set = set()  # clients whose server was seen once (see wait_for_service)
         self._publishers: dict[tuple, Any] = {}
 
-    def _spin(self) -> None:
-        try:
-            self._executor.spin()
-        except Exception:  # the context was shut down by close()
-            pass
-
     def close(self) -> None:
-        self._executor.shutdown(timeout_sec=5.0)
+        self._spinner.stop()
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
         self.context.destroy()
@@ -168,7 +172,7 @@ class VlmClient:
         """A (cached) client for service `name` relative to the vlm node ('~/ask' -> /zip_vlm/ask)."""
         full = name.replace('~', self.target, 1) if name.startswith('~') else name
         if full not in self._clients:
-            self._clients[full] = self.node.create_client(srv_type, full)
+            self._clients[full] = self.node.create_client(srv_type, full, qos_profile=self._service_qos)
         return self._clients[full]
 
     def wait_for_service(self, srv_type: Any, name: str, timeout_s: float) -> bool:
@@ -250,6 +254,51 @@ class VlmClient:
 
     def now(self) -> Any:
         return self.node.get_clock().now()
+
+
+def wait_until_answered(client: VlmClient, srv_type: Any, name: str, request: Any, timeout_s: float) -> bool:
+    """Call `name` with `request` until a response arrives (False after timeout_s).
+
+    Seeing the service is not enough for a burst: the server may not have discovered this client's
+    response reader yet, and a response sent before that is lost (under load, discovery of 40 new
+    participants took longer than VlmClient's 0.5 s pause). The first answered call proves both
+    directions; use a request the node refuses at once (an empty question).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            client.call(srv_type, name, request, timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
+            return True
+        except TimeoutError:
+            continue
+    return False
+
+
+def call_at_once(clients: list[VlmClient], call: Any, timeout_s: float) -> list[tuple[Any, float]]:
+    """Make `call(client)` from every client at the same moment, each in its own thread.
+
+    Returns (response, seconds) per client in order; a call unanswered within timeout_s gives
+    (TimeoutError, seconds). Each client should have discovered the service beforehand, or its
+    first call also waits for discovery.
+    """
+    outcomes: list[tuple[Any, float]] = [(None, 0.0)] * len(clients)
+    barrier = threading.Barrier(len(clients))
+
+    def run(index: int, client: VlmClient) -> None:
+        barrier.wait()
+        started = time.monotonic()
+        try:
+            response = call(client)
+        except TimeoutError as error:
+            response = error
+        outcomes[index] = (response, time.monotonic() - started)
+
+    threads = [threading.Thread(target=run, args=(index, client)) for index, client in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s + 30.0)
+    return outcomes
 
 
 def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> bool:

@@ -108,8 +108,7 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     if channel_bytes == 2:
         big_endian = bool(getattr(msg, 'is_bigendian', False))
         words = np.ascontiguousarray(rows).view('>u2' if big_endian else '<u2')
-        # keep the high byte: 16-bit cameras fill the full range, and the model takes 8-bit input
-        pixels = (words >> 8).astype(np.uint8).reshape(height, width, channels)
+        pixels = _sixteen_to_eight_bits(words).reshape(height, width, channels)
     else:
         pixels = rows.reshape(height, width, channels) if channels > 1 else rows.reshape(height, width)
 
@@ -164,6 +163,12 @@ def _bayer_to_rgb(mosaic: np.ndarray, *, pattern: str) -> np.ndarray:
     return np.repeat(np.repeat(rgb_cells, 2, axis=0), 2, axis=1)
 
 
+def _sixteen_to_eight_bits(words: np.ndarray) -> np.ndarray:
+    """16-bit samples (any shape) -> uint8 of the same shape, keeping the high byte: 16-bit cameras
+    fill the full range, and the model takes 8-bit input."""
+    return (words.astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+
+
 def compressed_to_rgb(msg: Any) -> np.ndarray:
     """Decode a ``sensor_msgs/CompressedImage`` (JPEG or PNG) into an RGB array.
 
@@ -193,7 +198,11 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
             if decoded.format not in ('JPEG', 'PNG'):
                 raise ImageConversionError(
                     f'compressed image holds {decoded.format} data, not jpeg or png: publish jpeg or png')
-            rgb = np.asarray(decoded.convert('RGB'))
+            if decoded.mode.startswith('I'):  # 16-bit grayscale PNG: scaled as raw mono16 is
+                gray = _sixteen_to_eight_bits(np.asarray(decoded))
+                rgb = np.repeat(gray[:, :, None], 3, axis=2)
+            else:
+                rgb = np.asarray(decoded.convert('RGB'))
     except ImageConversionError:
         raise
     except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as error:

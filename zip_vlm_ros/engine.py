@@ -32,7 +32,7 @@ import math
 import os
 import pathlib
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_DESCRIBE_PROMPT",
     "EngineConfig",
     "EngineError",
+    "GenerationStopped",
     "ModelLoadError",
     "RequestError",
     "SamplingOptions",
@@ -70,6 +71,33 @@ class ModelLoadError(EngineError):
 
 class RequestError(EngineError):
     """One request is invalid (token budget, prompt, image, sampling options); the engine stays usable."""
+
+
+# Asked between stages and before every decode step; a non-empty string stops the generation and
+# becomes GenerationStopped.reason (e.g. "timed out", "the node is shutting down").
+ShouldStop = Callable[[], "str | None"]
+
+
+class GenerationStopped(EngineError):
+    """A generation its caller stopped through ``should_stop``; the engine stays usable.
+
+    Attributes: ``reason`` (what should_stop returned), ``tokens`` (ids generated so far for the prompt
+    being decoded, one list per batch row; empty when it stopped before decoding), ``texts`` (those
+    tokens decoded, on first access: the stop itself does not wait for the tokenizer) and
+    ``completed`` (VlmOutputs of the prompts a generate_many call had finished).
+    """
+
+    def __init__(self, reason: str, tokens: Sequence[Sequence[int]] = (),
+                 completed: Sequence["VlmOutput"] = (), decode: Callable[[list[int]], str] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.tokens = [list(row) for row in tokens]
+        self.completed = list(completed)
+        self._decode = decode
+
+    @property
+    def texts(self) -> list[str]:
+        return [self._decode(row) for row in self.tokens] if self._decode else []
 
 
 @dataclass
@@ -182,8 +210,9 @@ class VlmEngine:
     """LLaVA + VisionZip inference. See the module docstring for the stages and the prefix cache.
 
     Attributes: ``config``, ``model_name``, ``device``, ``dtype``, ``visual_tokens_full`` (visual
-    tokens the stock model feeds per image, 576 for LLaVA-1.5), ``model`` and ``processor`` (the
-    loaded transformers objects).
+    tokens the stock model feeds per image, 576 for LLaVA-1.5), ``context_tokens`` (the language
+    model's context length: prompt plus answer), ``model`` and ``processor`` (the loaded transformers
+    objects).
     """
 
     def __init__(self, config: EngineConfig):
@@ -204,6 +233,7 @@ class VlmEngine:
         num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
         # "default" drops CLS from the stock features, "full" keeps it.
         self.visual_tokens_full = num_patches + (1 if self.select_strategy == "full" else 0)
+        self.context_tokens = llava_config.text_config.max_position_embeddings
         self.image_token_id = llava_config.image_token_id
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"
         if self.tokenizer.convert_tokens_to_ids(self.image_token) != self.image_token_id:
@@ -266,24 +296,28 @@ class VlmEngine:
 
     def generate(self, image: np.ndarray, prompt: str, *, token_budget: int | None = None,
                  max_new_tokens: int | None = None, frame_key: Hashable | None = None,
-                 sampling: SamplingOptions | None = None) -> VlmOutput:
+                 sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None) -> VlmOutput:
         """Answer `prompt` about `image` (``HxWx3 uint8 RGB``).
 
         `frame_key` names the image's pixels (same key => same pixels) so that later prompts on the
-        frame reuse its prefix; None disables reuse. Raises RequestError for bad arguments.
+        frame reuse its prefix; None disables reuse. `should_stop` is asked between stages and before
+        each decode step; a reason it returns raises GenerationStopped. Raises RequestError for bad
+        arguments.
         """
         return self.generate_many(image, [prompt], token_budget=token_budget, max_new_tokens=max_new_tokens,
-                                  frame_key=frame_key, sampling=sampling)[0]
+                                  frame_key=frame_key, sampling=sampling, should_stop=should_stop)[0]
 
     @torch.inference_mode()
     def generate_many(self, image: np.ndarray, prompts: Sequence[str], *, token_budget: int | None = None,
                       max_new_tokens: int | None = None, frame_key: Hashable | None = None,
-                      sampling: SamplingOptions | None = None) -> list[VlmOutput]:
+                      sampling: SamplingOptions | None = None,
+                      should_stop: ShouldStop | None = None) -> list[VlmOutput]:
         """Answer several prompts about one image, in order, computing the image prefix once.
 
         The first prompt pays for vision, reduction and the prefix prefill (unless `frame_key` finds
         them cached); the others report ``prefix_reused=True`` and only their own work in the timings.
         With a seed, each prompt samples from a generator seeded afresh, as separate calls would.
+        `should_stop` as in ``generate``; GenerationStopped.completed holds the prompts answered before.
         """
         self._check_open()
         _check_image(image)
@@ -302,7 +336,9 @@ class VlmEngine:
         visual: _VisualFeatures | None = None
         prefixes_this_call: dict[tuple[int, ...], _Prefix] = {}
         outputs = []
+        check_stop = self._stop_checker(should_stop, completed=outputs)
         for prompt in prompts:
+            check_stop()
             start = self._clock()
             prefix_ids, suffix_ids = self._tokenize_prompt(prompt, budget)
             cache_key = None if cache_key_base is None else cache_key_base + (prefix_ids,)
@@ -315,6 +351,7 @@ class VlmEngine:
                 if visual is None:
                     visual = self._encode_images([image], budget)
                     vision_ms, reduction_ms = visual.vision_ms, visual.reduction_ms
+                check_stop()
                 prefill_start = self._clock()
                 prefix = self._prefill_prefix(prefix_ids, visual.features)
                 prefix_prefill_ms = self._ms_since(prefill_start)
@@ -322,13 +359,14 @@ class VlmEngine:
                 if cache_key is not None:
                     self._prefix_cache.put(cache_key, prefix)
 
+            check_stop()
             suffix_start = self._clock()
             kv_cache = _fork_cache(prefix.kv_cache)
             suffix = torch.tensor([suffix_ids], dtype=torch.long, device=self.device)
             logits = self.model(input_ids=suffix, past_key_values=kv_cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1].float()
             prefill_ms = prefix_prefill_ms + self._ms_since(suffix_start)
-            tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling)
+            tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling, check_stop)
             outputs.append(self._output(
                 prompt, tokens[0], budget, reduction=self._reduction_name(budget), vision_ms=vision_ms,
                 reduction_ms=reduction_ms, prefill_ms=prefill_ms, start=start, first_token_time=first_token_time,
@@ -338,13 +376,14 @@ class VlmEngine:
     @torch.inference_mode()
     def generate_batch(self, images: Sequence[np.ndarray], prompts: Sequence[str], *,
                        token_budget: int | None = None, max_new_tokens: int | None = None,
-                       sampling: SamplingOptions | None = None) -> list[VlmOutput]:
+                       sampling: SamplingOptions | None = None,
+                       should_stop: ShouldStop | None = None) -> list[VlmOutput]:
         """Answer ``prompts[i]`` about ``images[i]`` for several cameras in one batched forward.
 
         Prompts are left-padded with an attention mask; each row stops at its own EOS. Vision,
         reduction, prefill and decode times are the batch's (the same in every output); token counts
         are per row and ``kv_cache_bytes`` is the row's share of the batch's prompt cache. The
-        prefix cache is not used.
+        prefix cache is not used. `should_stop` as in ``generate``.
         """
         self._check_open()
         if not isinstance(images, Sequence) or isinstance(images, np.ndarray):
@@ -359,9 +398,12 @@ class VlmEngine:
         max_new = self._check_max_new_tokens(max_new_tokens)
         sampling = _check_sampling(sampling)
 
+        check_stop = self._stop_checker(should_stop)
+        check_stop()
         start = self._clock()
         rows = [prefix + suffix for prefix, suffix in (self._tokenize_prompt(p, budget) for p in prompts)]
         visual = self._encode_images(list(images), budget)
+        check_stop()
         prefill_start = self._clock()
         length = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
@@ -379,7 +421,7 @@ class VlmEngine:
         kv_bytes_per_row = _cache_nbytes(kv_cache) // len(rows)
         logits = output.logits[:, -1].float()
         prefill_ms = self._ms_since(prefill_start)
-        tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling,
+        tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling, check_stop,
                                                           attention_mask=attention_mask, position_ids=position_ids)
         return [
             self._output(prompt, row_tokens, budget, reduction=visual.reduction, vision_ms=visual.vision_ms,
@@ -499,12 +541,14 @@ class VlmEngine:
         return _Prefix(output.past_key_values, len(prefix_ids), _cache_nbytes(output.past_key_values))
 
     def _decode(self, logits: torch.Tensor, kv_cache, max_new_tokens: int, sampling: SamplingOptions,
+                check_stop: Callable[..., None],
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
         """Generate from the prefill's last-position `logits` ``[batch, vocab]`` (float32).
 
         Each row stops at its first EOS (later steps of a finished row are padding, as in stock
         generate). With `attention_mask` ``[batch, length]`` and `position_ids` (left padding) both
-        grow by one per step. Returns ``(tokens per row incl. EOS, first token time, end time)``.
+        grow by one per step. `check_stop(rows)` runs before each step, so a stop request waits for
+        at most one step. Returns ``(tokens per row incl. EOS, first token time, end time)``.
         """
         batch_size = logits.shape[0]
         choose = _token_chooser(sampling, self.device)
@@ -513,6 +557,7 @@ class VlmEngine:
         generated = torch.empty((batch_size, 0), dtype=torch.long, device=self.device)
         first_token_time = None
         for step in range(max_new_tokens):
+            check_stop(generated)
             next_tokens = choose(generated, logits)
             next_tokens = torch.where(finished, torch.full_like(next_tokens, self.pad_token_id), next_tokens)
             generated = torch.cat([generated, next_tokens[:, None]], dim=1)
@@ -527,17 +572,32 @@ class VlmEngine:
             logits = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
                                 position_ids=position_ids, past_key_values=kv_cache,
                                 use_cache=True).logits[:, -1].float()
-        end_time = self._clock()
+        return self._rows_to_eos(generated), first_token_time, self._clock()
+
+    def _rows_to_eos(self, generated: torch.Tensor) -> list[list[int]]:
+        """Token ids per row of `generated` ``[batch, steps]``, each cut after its first EOS."""
         rows = []
         for row in generated.tolist():
             stop = next((index for index, token in enumerate(row) if token in self.eos_token_ids), None)
             rows.append(row if stop is None else row[:stop + 1])
-        return rows, first_token_time, end_time
+        return rows
+
+    def _stop_checker(self, should_stop: ShouldStop | None, completed: Sequence[VlmOutput] = ()):
+        """``check_stop(generated [batch, steps] or None)``: raise GenerationStopped when should_stop gives a reason."""
+        def check_stop(generated: torch.Tensor | None = None) -> None:
+            reason = should_stop() if should_stop is not None else None
+            if reason:
+                rows = self._rows_to_eos(generated) if generated is not None else []
+                raise GenerationStopped(str(reason), rows, completed, decode=self._decode_text)
+        return check_stop
+
+    def _decode_text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     def _output(self, prompt: str, tokens: list[int], budget: int, *, reduction: str, vision_ms: float,
                 reduction_ms: float, prefill_ms: float, start: float, first_token_time: float, end_time: float,
                 prefix_reused: bool, kv_cache_bytes: int) -> VlmOutput:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        text = self._decode_text(tokens)
         total_ms = self._ms_since(start)
         return VlmOutput(
             prompt=prompt, text=text, model=self.model_name, reduction=reduction, token_budget=budget,

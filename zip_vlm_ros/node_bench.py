@@ -9,19 +9,37 @@
    Target <= 1 ms: the callback only stores a reference. Shown next to it: the node's own counter
    while 1080p frames stream to it over DDS, and rclpy's deserialization of such a frame (done by
    the executor before any callback, not by the node).
+3. Every caller answered: refusal latency, the round trip of the callers refused while 40 callers
+   (each its own ROS context) call ~/ask at once with max_pending_requests 4, target p95 <= 50 ms;
+   and cancel latency, from a request's deadline passing to the worker being free (the node's
+   stop_latency diagnostics over requests that run past request_timeout_s), target p95 <= one decode
+   step + 10 ms.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import pathlib
+import signal
+import subprocess
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
 OVERHEAD_TARGET_MS = 5.0
 CALLBACK_TARGET_US = 1000.0
+REFUSAL_TARGET_MS = 50.0
+CANCEL_SLACK_MS = 10.0  # cancel latency target: one decode step + this
+BURST_CALLERS = 40
+CANCEL_DEADLINE_S = 2.0  # request_timeout_s of the reliability node
+BARE_ASK = '/bench_bare/zip_vlm/ask'
+# Ten questions about a photo for which the tiny checkpoint does not stop early: with the longest
+# answers the context allows, inference runs far past any deadline used here.
+LONG_QUESTIONS = ['Tell me everything.', 'Describe every object in detail.', 'And then?', 'What else?',
+                  'Describe the colours.', 'Describe the light.', 'What is on the left?',
+                  'What is on the right?', 'What is behind it?', 'Describe it again.']
 FRAME_SHAPE = (1080, 1920, 3)
 
 
@@ -135,16 +153,129 @@ def measure_node_process(model_dir: str, *, requests: int, stream_s: float, log_
             'dds_callback_us_max': float(values['image_callback_max_us'])}
 
 
+# The floor for the refusal row: a bare rclpy service that refuses at once, in its own process, called
+# by the same 40 callers in the same bursts (interleaved with the node's).
+BARE_SERVICE = """
+import rclpy
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import QoSProfile
+from zip_vlm_ros.srv import Ask
+
+def refuse(request, response):
+    response.success, response.message = False, 'refused'
+    return response
+
+rclpy.init()
+node = Node('zip_vlm', namespace='/bench_bare')
+node.create_service(Ask, '~/ask', refuse, qos_profile=QoSProfile(depth=100))
+try:
+    rclpy.spin(node)
+except (KeyboardInterrupt, ExternalShutdownException):
+    pass
+"""
+
+
+def _refusal_ms(outcomes: list) -> list[float]:
+    return [seconds * 1e3 for response, seconds in outcomes
+            if not isinstance(response, TimeoutError) and not response.success]
+
+
+def measure_reliability(model_dir: str, *, bursts: int, cancels: int, log_path: pathlib.Path,
+                        timeout_s: float) -> dict[str, float]:
+    """Refusal latency in 40-caller bursts (next to a bare service's) and cancel latency, one node."""
+    from zip_vlm_ros.client import NodeProcess, VlmClient
+
+    parameters = {'model': model_dir, 'token_budget': 8, 'max_new_tokens': 8, 'max_pending_requests': 4,
+                  'request_timeout_s': CANCEL_DEADLINE_S}
+    node = NodeProcess(parameters, log_path, remaps={'__ns': '/bench_burst'})
+    bare = subprocess.Popen([sys.executable, '-c', BARE_SERVICE])
+    callers = [VlmClient('/bench_burst/zip_vlm', client_name=f'bench_caller_{index}', threads=2)
+               for index in range(BURST_CALLERS)]
+    try:
+        results = _burst_refusals(callers, bursts, timeout_s, log_path)
+        results.update(_cancel_latency(callers[0], model_dir, cancels, timeout_s))
+    finally:
+        for caller in callers:
+            caller.close()
+        bare.send_signal(signal.SIGINT)
+        bare.wait(30)
+        exit_code = node.stop()
+    if exit_code != 0:
+        raise RuntimeError(f'vlm_node exited with {exit_code}; log: {log_path}')
+    return results
+
+
+def _burst_refusals(callers: list, bursts: int, timeout_s: float, log_path: pathlib.Path) -> dict[str, float]:
+    """All callers call ~/ask at once, then the bare service, `bursts` times; refused round trips."""
+    import skimage.data
+
+    from zip_vlm_ros.client import call_at_once, wait_until_answered
+    from zip_vlm_ros.conversions import rgb_to_image
+    from zip_vlm_ros.srv import Ask
+
+    for service in ('~/ask', BARE_ASK):
+        ready = call_at_once(callers, lambda client: wait_until_answered(
+            client, Ask, service, Ask.Request(question=''), timeout_s), timeout_s)
+        if not all(found is True for found, _ in ready):
+            raise RuntimeError(f'{service} did not answer within {timeout_s} s; node log: {log_path}')
+    question = Ask.Request(question='What is on the table?', image=rgb_to_image(skimage.data.coffee()))
+    # A caller still unanswered after this counts as lost (a slow answer on a loaded machine is not lost).
+    wait_s = 30.0
+    refusal_ms, bare_ms, lost = [], [], 0
+    for _ in range(bursts):
+        outcomes = call_at_once(callers, lambda client: client.call(Ask, '~/ask', question, wait_s), wait_s)
+        lost += sum(isinstance(response, TimeoutError) for response, _ in outcomes)
+        refusal_ms += _refusal_ms(outcomes)
+        bare_ms += _refusal_ms(call_at_once(callers, lambda client: client.call(Ask, BARE_ASK, question, wait_s),
+                                            wait_s))
+    nan = (float('nan'), float('nan'))
+    refusal = _percentiles(refusal_ms) if refusal_ms else nan
+    floor = _percentiles(bare_ms) if bare_ms else nan
+    return {'refusal_ms_p50': refusal[0], 'refusal_ms_p95': refusal[1], 'refusals': len(refusal_ms),
+            'bare_refusal_ms_p50': floor[0], 'bare_refusal_ms_p95': floor[1], 'burst_lost': lost,
+            'bursts': bursts}
+
+
+def _cancel_latency(client: Any, model_dir: str, cancels: int, timeout_s: float) -> dict[str, float]:
+    """Requests that run past their deadline; the node times each stop (stop_latency diagnostics)."""
+    import skimage.data
+    from diagnostic_msgs.msg import DiagnosticArray
+    from transformers import AutoConfig
+
+    from zip_vlm_ros.client import wait_until
+    from zip_vlm_ros.conversions import rgb_to_image
+    from zip_vlm_ros.node_parameters import max_new_tokens_limit
+    from zip_vlm_ros.srv import AskMany
+
+    diagnostics = client.collect(DiagnosticArray, '/diagnostics')
+    client.wait_for_service(AskMany, '~/ask_many', timeout_s)
+    coffee = rgb_to_image(skimage.data.coffee())
+    step = client.ask('Describe it.', image=coffee, max_new_tokens=32, timeout_s=timeout_s).result
+    context = AutoConfig.from_pretrained(model_dir).text_config.max_position_embeddings
+    longest = max_new_tokens_limit(context, step.visual_tokens_full)
+    for _ in range(cancels):
+        client.ask_many(LONG_QUESTIONS, image=coffee, max_new_tokens=longest, timeout_s=timeout_s)
+    seen = len(diagnostics)
+    wait_until(lambda: len(diagnostics) > seen + 1, 10)
+    values = {kv.key: kv.value for kv in diagnostics[-1].status[0].values}
+    return {'cancels': cancels, 'decode_step_ms': step.decode_ms / max(1, step.generated_tokens - 1),
+            'cancel_ms_p50': float(values['stop_latency_p50_ms']),
+            'cancel_ms_p95': float(values['stop_latency_p95_ms'])}
+
+
 def run_node_bench(model_dir: str | os.PathLike, *, requests: int = 50, callback_frames: int = 100,
-                   stream_s: float = 5.0, log_path: os.PathLike | None = None,
-                   timeout_s: float = 120.0) -> dict:
+                   stream_s: float = 5.0, bursts: int = 3, cancels: int = 8,
+                   log_path: os.PathLike | None = None, timeout_s: float = 120.0) -> dict:
     """Measure the node's overhead and image callback cost (see the module docstring).
 
     Needs ROS_AUTOMATIC_DISCOVERY_RANGE / ROS_DOMAIN_ID set by the caller (main() does).
     Returns the measurements, the targets and pass flags:
         overhead_ms_p50/p95, round_trip_ms_p50/p95, engine_ms_p50/p95, callback_us_p50/p95/max,
         deserialize_ms_p50, dds_callback_us_p50/max, dds_frames_received/published,
-        targets {'overhead_ms_p50', 'callback_us_p50'}, passed {same keys: bool}.
+        refusal_ms_p50/p95, refusals, burst_lost, cancel_ms_p50/p95, decode_step_ms,
+        targets {'overhead_ms_p50', 'callback_us_p50', 'refusal_ms_p95', 'cancel_ms_p95'},
+        passed {same keys: bool}.
     """
     from zip_vlm_ros.client import use_large_frames_profile
 
@@ -153,9 +284,18 @@ def run_node_bench(model_dir: str | os.PathLike, *, requests: int = 50, callback
     results = measure_callback_in_process(callback_frames)
     results.update(measure_node_process(str(model_dir), requests=requests, stream_s=stream_s,
                                         log_path=log_path, timeout_s=timeout_s))
-    results['targets'] = {'overhead_ms_p50': OVERHEAD_TARGET_MS, 'callback_us_p50': CALLBACK_TARGET_US}
+    results.update(measure_reliability(str(model_dir), bursts=bursts, cancels=cancels,
+                                       log_path=log_path.with_name('node_bench_burst_vlm_node.log'),
+                                       timeout_s=timeout_s))
+    cancel_target_ms = results['decode_step_ms'] + CANCEL_SLACK_MS
+    results['targets'] = {'overhead_ms_p50': OVERHEAD_TARGET_MS, 'callback_us_p50': CALLBACK_TARGET_US,
+                          'refusal_ms_p95': REFUSAL_TARGET_MS, 'cancel_ms_p95': cancel_target_ms}
     results['passed'] = {'overhead_ms_p50': results['overhead_ms_p50'] <= OVERHEAD_TARGET_MS,
-                         'callback_us_p50': results['callback_us_p50'] <= CALLBACK_TARGET_US}
+                         'callback_us_p50': results['callback_us_p50'] <= CALLBACK_TARGET_US,
+                         # a lost caller fails the row whatever the latency of the others
+                         'refusal_ms_p95': results['refusal_ms_p95'] <= REFUSAL_TARGET_MS
+                         and results['burst_lost'] == 0,
+                         'cancel_ms_p95': results['cancel_ms_p95'] <= cancel_target_ms}
     results['requests'], results['callback_frames'] = requests, callback_frames
     return results
 
@@ -180,6 +320,17 @@ def format_report(results: dict) -> str:
          'info'),
         ('  1080p frames received / published over DDS', str(results['dds_frames_received']),
          str(results['dds_frames_published']), '', 'info'),
+        (f'refusal round trip, {BURST_CALLERS}-caller bursts ({results["refusals"]} refused)',
+         f'{results["refusal_ms_p50"]:.1f} ms', f'{results["refusal_ms_p95"]:.1f} ms',
+         f'p95 <= {REFUSAL_TARGET_MS:g} ms', verdict[results['passed']['refusal_ms_p95']]),
+        (f'  callers without a response in 30 s ({results["bursts"]} bursts)', str(results['burst_lost']), '',
+         '0', 'info'),
+        ('  same bursts, bare rclpy service refusing at once', f'{results["bare_refusal_ms_p50"]:.1f} ms',
+         f'{results["bare_refusal_ms_p95"]:.1f} ms', '', 'info'),
+        (f'cancel latency, deadline to worker free ({results["cancels"]} requests)',
+         f'{results["cancel_ms_p50"]:.1f} ms', f'{results["cancel_ms_p95"]:.1f} ms',
+         f'p95 <= {results["targets"]["cancel_ms_p95"]:.1f} ms', verdict[results['passed']['cancel_ms_p95']]),
+        ('  one decode step (tiny checkpoint)', f'{results["decode_step_ms"]:.1f} ms', '', '', 'info'),
     ]
     widths = [max(len(row[index]) for row in rows) for index in range(5)]
     lines = ['  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
@@ -196,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--requests', type=int, default=50, help='describe calls timed (default: 50)')
     parser.add_argument('--callback-frames', type=int, default=100,
                         help='1080p frames through the callback (default: 100)')
+    parser.add_argument('--bursts', type=int, default=3, help=f'{BURST_CALLERS}-caller bursts (default: 3)')
+    parser.add_argument('--cancels', type=int, default=8,
+                        help='requests run past their deadline for the cancel latency (default: 8)')
     parser.add_argument('--domain-id', type=int, help='ROS_DOMAIN_ID (default: random in 1..101)')
     args = parser.parse_args(argv)
 
@@ -210,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()
         model = str(build_checkpoint(args.cache_dir / 'tiny', preset='tiny'))
     results = run_node_bench(model, requests=args.requests, callback_frames=args.callback_frames,
+                             bursts=args.bursts, cancels=args.cancels,
                              log_path=args.cache_dir / 'node_bench_vlm_node.log')
     print(f'vlm_node overhead and image callback cost (model: {model})')
     print(format_report(results))

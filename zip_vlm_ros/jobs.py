@@ -1,0 +1,358 @@
+"""The node's bookkeeping, without rclpy: each camera's latest frame, jobs with deadlines and a stop
+signal for the engine, the FIFO queue the worker reads, throttled warnings and the counters behind
+/diagnostics."""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from zip_vlm_ros.conversions import message_to_rgb
+from zip_vlm_ros.msg import VlmResult
+
+# The same kind of bad input is logged at most once per this period (with a count of the rest).
+WARN_THROTTLE_S = 5.0
+INACTIVE_MESSAGE = 'the node is not active: activate it with the lifecycle service ~/change_state'
+
+
+class RequestRejected(Exception):
+    """A request the node answers with success=false; `key` groups it for throttled log warnings."""
+
+    def __init__(self, key: Any, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass
+class Frame:
+    """A received image message, undecoded, and its sequence number within its camera."""
+
+    msg: Any
+    seq: int
+    received_s: float  # time.monotonic() at receipt
+    used: bool = False
+
+
+class CameraFeed:
+    """The latest frame of one camera and its counters.
+
+    The image callback (`store`) only swaps a reference under a lock: decoding happens in `rgb`,
+    called by the worker when a request uses the frame. A frame replaced before any request used it
+    counts as superseded.
+    """
+
+    def __init__(self, name: str, topic: str, type_name: str):
+        self.name, self.topic, self.type_name = name, topic, type_name
+        self._lock = threading.Lock()
+        self._latest: Frame | None = None
+        self._seq = 0
+        self.received = 0
+        self.superseded = 0
+        self._decoded: tuple[int, np.ndarray] | None = None  # (seq, rgb) of the last decoded frame
+
+    def store(self, msg: Any) -> None:
+        with self._lock:
+            self._seq += 1
+            if self._latest is not None and not self._latest.used:
+                self.superseded += 1
+            self._latest = Frame(msg, self._seq, time.monotonic())
+            self.received += 1
+
+    def peek(self) -> Frame | None:
+        return self._latest
+
+    def take(self) -> Frame | None:
+        """The latest frame, marked as used by a request."""
+        with self._lock:
+            if self._latest is not None:
+                self._latest.used = True
+            return self._latest
+
+    def rgb(self, frame: Frame) -> np.ndarray:
+        """Decode `frame` to (H, W, 3) uint8 RGB; repeated requests on one frame decode it once."""
+        decoded = self._decoded
+        if decoded is not None and decoded[0] == frame.seq:
+            return decoded[1]
+        rgb = message_to_rgb(frame.msg)
+        self._decoded = (frame.seq, rgb)
+        return rgb
+
+
+@dataclass
+class InlineImage:
+    rgb: np.ndarray
+    header: Any
+
+
+class Job:
+    """One request on its way through the queue and the worker.
+
+    State moves WAITING -> RUNNING -> DONE (results or an error), unless the job is settled early:
+    DROPPED (deadline passed while waiting: never run), TIMED_OUT (deadline passed while running) or
+    CANCELLED (deactivate, cleanup, shutdown, caller gone). The first outcome wins, under the lock;
+    the callbacks of `add_settled_callback` then run once, in the thread that settled it, so a
+    caller is answered the moment its outcome is known. A job settled while running keeps the
+    engine going only until it next asks `should_stop` (between stages and decode steps).
+    """
+
+    WAITING, RUNNING, DONE = 'waiting', 'running', 'done'
+    DROPPED, TIMED_OUT, CANCELLED = 'dropped', 'timed_out', 'cancelled'
+
+    def __init__(self, kind: str, prompts: list[str], *, camera: str, inline: Any,
+                 token_budget: int, max_new_tokens: int, timeout_s: float, periodic: bool = False):
+        self.kind, self.prompts, self.camera, self.inline = kind, prompts, camera, inline
+        self.token_budget, self.max_new_tokens = token_budget, max_new_tokens
+        self.timeout_s, self.periodic = timeout_s, periodic
+        self.submitted_s = time.monotonic()
+        self.deadline_s = self.submitted_s + timeout_s
+        self.state = Job.WAITING
+        self.results: list[VlmResult] = []
+        self.error: str | None = None
+        self.stop_requested_s: float | None = None  # when the deadline passed or the cancel came
+        self._lock = threading.Lock()
+        self._settled = threading.Event()
+        self._callbacks: list[Callable[[Job], None]] = []
+
+    def _settle(self, state: str, *, error: str | None = None, results: list | None = None) -> list:
+        """Set the outcome (lock held by the caller); returns the callbacks to run after unlocking."""
+        self.state, self.error, self.results = state, error, results or []
+        if state != Job.DONE:
+            self.stop_requested_s = min(time.monotonic(), self.deadline_s) if state in (
+                Job.DROPPED, Job.TIMED_OUT) else time.monotonic()
+        self._settled.set()
+        callbacks, self._callbacks = self._callbacks, []
+        return callbacks
+
+    def _run_callbacks(self, callbacks: list) -> None:
+        for callback in callbacks:
+            callback(self)
+
+    def add_settled_callback(self, callback: Callable[[Job], None]) -> None:
+        """Call `callback(job)` once the outcome is known (at once if it is known already)."""
+        with self._lock:
+            if not self._settled.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    @property
+    def settled(self) -> bool:
+        return self._settled.is_set()
+
+    def start(self) -> bool:
+        """Worker: claim the job to run it; False when it was cancelled or its deadline passed."""
+        callbacks = []
+        with self._lock:
+            if self.state == Job.WAITING and time.monotonic() >= self.deadline_s:
+                callbacks = self._settle(Job.DROPPED, error=self.timeout_message(Job.DROPPED))
+            elif self.state == Job.WAITING:
+                self.state = Job.RUNNING
+        self._run_callbacks(callbacks)
+        return self.state == Job.RUNNING
+
+    def finish(self, results: list[VlmResult], error: str | None) -> bool:
+        """Worker: deliver the outcome; False when the job was settled meanwhile (late or cancelled)."""
+        with self._lock:
+            if self.state != Job.RUNNING:
+                return False
+            callbacks = self._settle(Job.DONE, error=error, results=results)
+        self._run_callbacks(callbacks)
+        return True
+
+    def expire(self) -> bool:
+        """Settle the job as timed out if its deadline has passed; True when this call did it."""
+        if time.monotonic() < self.deadline_s:
+            return False
+        with self._lock:
+            if self.state not in (Job.WAITING, Job.RUNNING):
+                return False
+            state = Job.DROPPED if self.state == Job.WAITING else Job.TIMED_OUT
+            callbacks = self._settle(state, error=self.timeout_message(state))
+        self._run_callbacks(callbacks)
+        return True
+
+    def cancel(self, reason: str) -> bool:
+        """Answer the job with `reason` now; a running job stops at the engine's next check."""
+        with self._lock:
+            if self.state not in (Job.WAITING, Job.RUNNING):
+                return False
+            callbacks = self._settle(Job.CANCELLED, error=reason)
+        self._run_callbacks(callbacks)
+        return True
+
+    def should_stop(self) -> str | None:
+        """For the engine: why the running job must stop now (deadline passed, cancelled), or None."""
+        self.expire()
+        return self.error if self.state in (Job.TIMED_OUT, Job.CANCELLED) else None
+
+    def wait(self) -> None:
+        """Block until the job is settled; its deadline settles it at the latest (for in-process use)."""
+        self._settled.wait(max(0.0, self.deadline_s - time.monotonic()))
+        self.expire()
+        self._settled.wait()
+
+    def timeout_message(self, state: str | None = None) -> str:
+        if (state or self.state) in (Job.WAITING, Job.DROPPED):
+            return (f'timed out after {self.timeout_s:g} s (request_timeout_s) waiting in the queue: '
+                    f'the node is busy; retry later, or raise request_timeout_s')
+        return (f'timed out after {self.timeout_s:g} s (request_timeout_s) during inference: lower '
+                f'max_new_tokens or token_budget, or raise request_timeout_s')
+
+
+class RequestQueue:
+    """FIFO of jobs for the worker: one running plus at most `max_pending` waiting."""
+
+    def __init__(self, max_pending: int):
+        self.max_pending = max_pending
+        self._jobs: collections.deque[Job] = collections.deque()
+        self.running: Job | None = None  # the job the worker holds (from `next` until `done`)
+        self._open = False  # accepting jobs (the node is active)
+        self._ready = threading.Condition()
+
+    def open(self) -> None:
+        with self._ready:
+            self._open = True
+
+    def close(self, reason: str) -> None:
+        """Stop accepting jobs and cancel the waiting and running ones with `reason`."""
+        with self._ready:
+            self._open = False
+            jobs = list(self._jobs) + ([self.running] if self.running is not None else [])
+            self._jobs.clear()
+            self._ready.notify_all()
+        for job in jobs:
+            job.cancel(reason)
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`, or raise RequestRejected at once: inactive, or max_pending already waiting."""
+        with self._ready:
+            if not self._open:
+                raise RequestRejected('inactive', INACTIVE_MESSAGE)
+            self._prune()
+            ahead = len(self._jobs) + int(self.running is not None)
+            if ahead >= self.max_pending + 1:
+                raise RequestRejected('busy', (
+                    f'busy: {ahead} request(s) ahead and max_pending_requests = {self.max_pending}: '
+                    f'retry later, or raise max_pending_requests'))
+            self._jobs.append(job)
+            self._ready.notify()
+
+    def next(self, timeout_s: float) -> Job | None:
+        """Worker: the oldest waiting job (held as `running` until `done`), or None after timeout_s."""
+        with self._ready:
+            self._prune()
+            if not self._jobs:
+                self._ready.wait(timeout_s)
+                self._prune()
+            if not self._jobs:
+                return None
+            self.running = self._jobs.popleft()
+            return self.running
+
+    def done(self) -> None:
+        with self._ready:
+            self.running = None
+
+    def expire_overdue(self) -> None:
+        """Answer every job whose deadline has passed, running or waiting (called periodically)."""
+        with self._ready:
+            jobs = list(self._jobs) + ([self.running] if self.running is not None else [])
+        for job in jobs:
+            job.expire()
+
+    def jobs(self) -> list[Job]:
+        """The running job (if any) and the waiting ones, oldest first."""
+        with self._ready:
+            return ([self.running] if self.running is not None else []) + list(self._jobs)
+
+    def _prune(self) -> None:
+        """Forget settled jobs (deadline passed, cancelled): they hold no place in the queue."""
+        if any(job.state != Job.WAITING for job in self._jobs):
+            self._jobs = collections.deque(job for job in self._jobs if job.state == Job.WAITING)
+
+    def __len__(self) -> int:
+        """Jobs waiting (those already answered excluded)."""
+        with self._ready:
+            self._prune()
+            return len(self._jobs)
+
+
+class ThrottledWarnings:
+    """Log a warning per key at most once per period, with the count of the ones held back."""
+
+    def __init__(self, logger: Any, period_s: float = WARN_THROTTLE_S):
+        self._logger, self._period_s = logger, period_s
+        self._last: dict[Any, list] = {}  # key -> [time logged, suppressed since]
+        self._lock = threading.Lock()
+
+    def warn(self, key: Any, message: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            entry = self._last.get(key)
+            if entry is not None and now - entry[0] < self._period_s:
+                entry[1] += 1
+                return False
+            held_back = entry[1] if entry else 0
+            self._last[key] = [now, 0]
+        suffix = f' ({held_back} more like this in the last {self._period_s:g} s)' if held_back else ''
+        self._logger.warning(message + suffix)
+        return True
+
+
+class RequestStats:
+    """Counters and recent latencies for /diagnostics."""
+
+    def __init__(self, window: int = 200):
+        self._lock = threading.Lock()
+        self._round_trip_ms: collections.deque[float] = collections.deque(maxlen=window)
+        self._inference_ms: collections.deque[float] = collections.deque(maxlen=window)
+        self._callback_us: collections.deque[float] = collections.deque(maxlen=window)
+        self._stop_ms: collections.deque[float] = collections.deque(maxlen=window)
+        self.counts = collections.Counter()
+        self._problems: collections.deque[float] = collections.deque(maxlen=window)
+        self.last_error = ''
+
+    def succeeded(self, round_trip_ms: float, inference_ms: list[float]) -> None:
+        with self._lock:
+            self.counts['ok'] += 1
+            self._round_trip_ms.append(round_trip_ms)
+            self._inference_ms.extend(inference_ms)
+
+    def image_callback(self, duration_us: float) -> None:
+        with self._lock:
+            self._callback_us.append(duration_us)
+
+    def stopped(self, stop_ms: float) -> None:
+        """A stopped job freed the worker `stop_ms` after its deadline passed or its cancel came."""
+        with self._lock:
+            self._stop_ms.append(stop_ms)
+
+    def latencies(self) -> dict[str, list[float]]:
+        """Copies of the recent samples: round_trip_ms, inference_ms, callback_us, stop_ms."""
+        with self._lock:
+            return {'round_trip_ms': list(self._round_trip_ms), 'inference_ms': list(self._inference_ms),
+                    'callback_us': list(self._callback_us), 'stop_ms': list(self._stop_ms)}
+
+    def failed(self, kind: str, message: str) -> None:
+        """kind: 'failed' (bad input, engine error), 'refused' (queue full, inactive), 'timed_out',
+        'cancelled' (deactivate, shutdown, caller gone), 'late'."""
+        with self._lock:
+            self.counts[kind] += 1
+            self.last_error = message
+            if kind in ('refused', 'timed_out', 'late'):
+                self._problems.append(time.monotonic())
+
+    def recent_problems(self, within_s: float) -> int:
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for stamp in self._problems if now - stamp <= within_s)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """q-th percentile of `values`, NaN when empty."""
+    return float(np.percentile(values, q)) if values else float('nan')
+
