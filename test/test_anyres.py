@@ -2,7 +2,7 @@
 cases and an independent construction that follows the VisionZip authors' restore_image_features_sorted."""
 import pytest
 import torch
-
+from anyres_reference import reference_layout
 from zip_vlm_ros.anyres import (MIN_TOKENS_PER_CROP, anyres_full_token_count, anyres_grid_shape,
                                 anyres_visionzip_layout, split_budget_over_crops, unpadded_grid_size)
 from zip_vlm_ros.visionzip import split_budget, visionzip_compress
@@ -60,31 +60,6 @@ def test_layout_on_a_hand_computed_2x1_grid():
                                        13, 23]  # grid contextual tokens
 
 
-def _reference_layout(crop_tokens, dominant_indices, contextual, grid_shape, patches_per_side):
-    """The authors' construction, written out independently: scatter each grid crop's kept patches into
-    a full [crops, P*P] canvas with a mask, stitch the canvases into the image grid, read the mask's
-    positions in raster order; then the grid crops' CLS tokens, then their contextual tokens."""
-    grid_height, grid_width = grid_shape
-    side = patches_per_side
-    grid = crop_tokens[1:]
-    num_grid, kept, hidden = grid.shape
-    dominant = kept - contextual
-    canvas = torch.zeros(num_grid, side * side, hidden, dtype=grid.dtype)
-    mask = torch.zeros(num_grid, side * side, dtype=torch.bool)
-    for crop in range(num_grid):
-        for slot, position in enumerate(dominant_indices[1 + crop, 1:].tolist()):
-            canvas[crop, position - 1] = grid[crop, 1 + slot]
-            mask[crop, position - 1] = True
-    stitched = canvas.view(grid_height, grid_width, side, side, hidden).permute(0, 2, 1, 3, 4)
-    stitched = stitched.reshape(grid_height * side, grid_width * side, hidden)
-    stitched_mask = mask.view(grid_height, grid_width, side, side).permute(0, 2, 1, 3)
-    stitched_mask = stitched_mask.reshape(grid_height * side, grid_width * side)
-    parts = [crop_tokens[0], stitched[stitched_mask], grid[:, 0]]
-    if contextual:
-        parts.append(grid[:, -contextual:].reshape(-1, hidden))
-    return torch.cat(parts)
-
-
 @pytest.mark.parametrize("grid_shape, per_crop", [((2, 2), 32), ((1, 3), 12), ((3, 1), 7), ((2, 2), 1)])
 def test_layout_equals_the_reference_construction_on_visionzip_output(grid_shape, per_crop):
     side = 6
@@ -97,7 +72,7 @@ def test_layout_equals_the_reference_construction_on_visionzip_output(grid_shape
     tokens, dominant_indices = visionzip_compress(hidden, attention, keys, dominant, contextual)
     ours = anyres_visionzip_layout(tokens, dominant_indices, contextual, grid_shape, side)
     assert ours.shape == (crops * per_crop, 8)
-    assert torch.equal(ours, _reference_layout(tokens, dominant_indices, contextual, grid_shape, side))
+    assert torch.equal(ours, reference_layout(tokens, dominant_indices, contextual, grid_shape, side))
 
 
 def test_layout_rejects_a_crop_count_that_does_not_fit_the_grid():
