@@ -15,11 +15,13 @@ import numpy as np
 import torch
 
 from zip_vlm_ros.errors import ModelLoadError, first_line
-from zip_vlm_ros.visionzip import encode_for_visionzip, split_budget, visionzip_compress
+from zip_vlm_ros.visionzip import VisionZipFeatures, encode_for_visionzip, split_budget, visionzip_compress
 
 __all__ = ["FamilyAdapter", "VisualTokens", "check_clip_tower", "load_weights_and_processor"]
 
 ImageSize = tuple[int, int]  # (height, width) in pixels
+# encode_for_visionzip or encode_reference_style: (vision_tower, pixel_values, feature_layer) -> features
+Encoder = Callable[[torch.nn.Module, torch.Tensor, int], VisionZipFeatures]
 
 
 @dataclass
@@ -92,27 +94,46 @@ class FamilyAdapter:
         """Visual tokens the LLM reads for an image of this size at `budget` (>= 1)."""
         raise NotImplementedError
 
+    def num_crops(self, image_size: ImageSize) -> int:
+        """Square crops the vision tower encodes for an image of this size (1: the image itself)."""
+        return 1
+
     def reduction_settings(self, image_size: ImageSize, budget: int) -> tuple:
         """Everything besides the pixels that decides an image's visual tokens (a prefix-cache key part)."""
         raise NotImplementedError
 
+    def preprocess(self, images: list[np.ndarray]) -> dict:
+        """The image processor's tensors for ``HxWx3 uint8`` `images`, on the model's device and dtype."""
+        raise NotImplementedError
+
+    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, *,
+                      encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
+        """``(features [sum(counts), text_hidden], counts, reductions, reduction ms)`` from ``preprocess``
+        output. `encoder` feeds VisionZip (``encode_reference_style`` for side-by-side benchmarks)."""
+        raise NotImplementedError
+
     def encode(self, images: list[np.ndarray], budget: int) -> VisualTokens:
         """Visual tokens for ``HxWx3 uint8`` `images` at `budget`, as ``visual_token_count`` says."""
-        raise NotImplementedError
+        start = self.clock()
+        features, counts, reductions, reduction_ms = self.encode_pixels(
+            self.preprocess(images), [image.shape[:2] for image in images], budget)
+        vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
+        return VisualTokens(features, counts, reductions, vision_ms, reduction_ms)
 
     # ------------------------------------------------------------------ shared by the families
 
     def reduced(self, image_size: ImageSize, budget: int) -> bool:
         return budget < self.full_token_count(image_size)
 
-    def compress_crops(self, pixel_values: torch.Tensor, per_crop: int) -> CropTokens:
+    def compress_crops(self, pixel_values: torch.Tensor, per_crop: int,
+                       encoder: Encoder = encode_for_visionzip) -> CropTokens:
         """VisionZip on every crop: ``pixel_values [crops, 3, H, W]`` -> `per_crop` projected tokens each.
 
         Every crop gets the same ``split_budget(per_crop)`` dominant/contextual split; CLS is kept among
         the dominant tokens and projected like a patch, as in the VisionZip reference.
         """
         llava = self.model.model
-        encoded = encode_for_visionzip(llava.vision_tower, pixel_values, self.feature_layer)
+        encoded = encoder(llava.vision_tower, pixel_values, self.feature_layer)
         reduction_start = self.clock()
         dominant, contextual = split_budget(per_crop, self.contextual_ratio)
         tokens, dominant_indices = visionzip_compress(*encoded, dominant, contextual)  # [crops, per_crop, hidden]

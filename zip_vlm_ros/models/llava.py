@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from zip_vlm_ros.models.base import FamilyAdapter, ImageSize, VisualTokens
+from zip_vlm_ros.models.base import Encoder, FamilyAdapter, ImageSize
+from zip_vlm_ros.visionzip import encode_for_visionzip
 
 __all__ = ["LlavaAdapter"]
 
@@ -41,23 +42,24 @@ class LlavaAdapter(FamilyAdapter):
             return ("none", self.feature_layer, self.select_strategy)
         return ("visionzip", self.feature_layer, budget, self.contextual_ratio)
 
-    def encode(self, images: list[np.ndarray], budget: int) -> VisualTokens:
-        """All images in one tower forward: ``[len(images) * count, text_hidden]`` features."""
-        start = self.clock()
+    def preprocess(self, images: list[np.ndarray]) -> dict:
         pixel_values = self.image_processor(images=images, return_tensors="pt",
                                             input_data_format="channels_last")["pixel_values"]
-        pixel_values = pixel_values.to(self.model.device, self.model.dtype)  # [batch, 3, height, width]
-        count = self.visual_token_count(images[0].shape[:2], budget)
-        reduction = "visionzip" if self.reduced(images[0].shape[:2], budget) else "none"
+        return {"pixel_values": pixel_values.to(self.model.device, self.model.dtype)}  # [batch, 3, height, width]
+
+    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, *,
+                      encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
+        """All images in one tower forward: ``[len(images) * count, text_hidden]`` features."""
+        count = self.visual_token_count(image_sizes[0], budget)
+        reduction = "visionzip" if self.reduced(image_sizes[0], budget) else "none"
         if reduction == "none":
             image_outputs = self.model.model.get_image_features(
-                pixel_values=pixel_values, vision_feature_layer=self.feature_layer,
+                pixel_values=pixels["pixel_values"], vision_feature_layer=self.feature_layer,
                 vision_feature_select_strategy=self.select_strategy)
             features = torch.cat(list(image_outputs.pooler_output))  # [batch * visual_tokens_full, text_hidden]
             reduction_ms = 0.0
         else:
-            crops = self.compress_crops(pixel_values, budget)
+            crops = self.compress_crops(pixels["pixel_values"], budget, encoder)
             features = crops.tokens.flatten(0, 1)  # [batch * budget, text_hidden]
             reduction_ms = crops.reduction_ms
-        vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
-        return VisualTokens(features, [count] * len(images), [reduction] * len(images), vision_ms, reduction_ms)
+        return features, [count] * len(image_sizes), [reduction] * len(image_sizes), reduction_ms

@@ -15,7 +15,8 @@ import torch
 from zip_vlm_ros.anyres import (anyres_full_token_count, anyres_grid_shape, anyres_visionzip_layout,
                                 split_budget_over_crops)
 from zip_vlm_ros.errors import ModelLoadError
-from zip_vlm_ros.models.base import FamilyAdapter, ImageSize, VisualTokens, check_clip_tower
+from zip_vlm_ros.models.base import Encoder, FamilyAdapter, ImageSize, check_clip_tower
+from zip_vlm_ros.visionzip import encode_for_visionzip
 
 __all__ = ["LlavaNextAdapter"]
 
@@ -82,34 +83,30 @@ class LlavaNextAdapter(FamilyAdapter):
             return ("none", self.feature_layer, self.select_strategy)
         return ("visionzip", self.feature_layer, self.tokens_per_crop_at(image_size, budget), self.contextual_ratio)
 
-    def encode(self, images: list[np.ndarray], budget: int) -> VisualTokens:
-        """One preprocessing call, then one tower forward per image over its crops."""
-        start = self.clock()
+    def preprocess(self, images: list[np.ndarray]) -> dict:
         inputs = self.image_processor(images=images, return_tensors="pt", input_data_format="channels_last")
-        pixel_values = inputs["pixel_values"].to(self.model.device, self.model.dtype)  # [batch, max_crops, 3, H, W]
-        features, counts, reductions, reduction_ms = [], [], [], 0.0
-        for index, image in enumerate(images):
-            image_size = image.shape[:2]
+        # pixel_values: [batch, max_crops, 3, H, W], padded after each image's real crops.
+        return {"pixel_values": inputs["pixel_values"].to(self.model.device, self.model.dtype),
+                "image_sizes": inputs["image_sizes"]}
+
+    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, *,
+                      encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
+        """One tower forward per image over its crops."""
+        features, reductions, reduction_ms = [], [], 0.0
+        for index, image_size in enumerate(image_sizes):
             if self.reduced(image_size, budget):
-                image_features, image_reduction_ms = self._reduced_features(pixel_values[index], image_size, budget)
-                reduction_ms += image_reduction_ms
+                grid_shape = self.grid_shape(image_size)
+                crops = pixels["pixel_values"][index, :self.num_crops(image_size)]  # [num_crops, 3, H, W]
+                compressed = self.compress_crops(crops, self.tokens_per_crop_at(image_size, budget), encoder)
+                features.append(anyres_visionzip_layout(compressed.tokens, compressed.dominant_indices,
+                                                        compressed.contextual, grid_shape, self.patches_per_side))
+                reduction_ms += compressed.reduction_ms
                 reductions.append("visionzip")
             else:
                 image_outputs = self.model.model.get_image_features(
-                    pixel_values=pixel_values[index:index + 1], image_sizes=inputs["image_sizes"][index:index + 1],
+                    pixel_values=pixels["pixel_values"][index:index + 1],
+                    image_sizes=pixels["image_sizes"][index:index + 1],
                     vision_feature_layer=self.feature_layer, vision_feature_select_strategy=self.select_strategy)
-                image_features = image_outputs.pooler_output[0]  # [full count, text_hidden]
+                features.append(image_outputs.pooler_output[0])  # [full count, text_hidden]
                 reductions.append("none")
-            features.append(image_features)
-            counts.append(image_features.shape[0])
-        vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
-        return VisualTokens(torch.cat(features), counts, reductions, vision_ms, reduction_ms)
-
-    def _reduced_features(self, crops: torch.Tensor, image_size: ImageSize, budget: int) -> tuple[torch.Tensor, float]:
-        """VisionZip on each of the image's crops (``crops [max_crops, 3, H, W]``, padded after the real
-        ones), laid out for the LLM: ``([num_crops * per_crop, text_hidden], reduction ms)``."""
-        grid_shape = self.grid_shape(image_size)
-        compressed = self.compress_crops(crops[:self.num_crops(image_size)], self.tokens_per_crop_at(image_size, budget))
-        features = anyres_visionzip_layout(compressed.tokens, compressed.dominant_indices, compressed.contextual,
-                                           grid_shape, self.patches_per_side)
-        return features, compressed.reduction_ms
+        return torch.cat(features), [len(image_features) for image_features in features], reductions, reduction_ms
