@@ -18,7 +18,8 @@ frame). The sections are:
   LLaVA-NeXT every crop, unpadding and newlines), VisionZip through ``encode_for_visionzip`` and
   reference-style VisionZip through ``encode_reference_style`` (eager attention, every layer's attention
   map), each followed by the projector (and for LLaVA-NeXT the per-crop layout);
-* five questions on one frame with and without prefix reuse, at full budget and the target budget;
+* five questions on one frame with and without prefix reuse, at full budget and the target budget
+  (``--no-questions`` skips them);
 * ratios against the project's targets, each PASS or MISS, computed from the numbers above.
 
 Without ``--model`` the ``bench`` preset of ``vlm_tiny_model`` is built (once) under
@@ -486,9 +487,10 @@ def format_report(results: dict) -> str:
         stage = vision[name]
         lines.append(f"  {label:<36}{_fmt(stage['ms']):>9} ms  peak+ {_mib(stage['peak_extra_bytes']):>7} MiB")
 
-    lines += ["", f"{results['questions']} questions on one frame (per-question TTFT in ms):",
-              f"  {'budget':<8}{'reuse':<7}{'total':>9}" + "".join(f"{'q' + str(i):>8}"
-                                                              for i in range(1, results["questions"] + 1))]
+    if results["frame_questions"]:
+        lines += ["", f"{results['questions']} questions on one frame (per-question TTFT in ms):",
+                  f"  {'budget':<8}{'reuse':<7}{'total':>9}" + "".join(f"{'q' + str(i):>8}"
+                                                                  for i in range(1, results["questions"] + 1))]
     for row in results["frame_questions"]:
         lines.append(f"  {row['budget']:<8}{'yes' if row['reuse'] else 'no':<7}{_fmt(row['total_ms']):>9}"
                      + "".join(f"{_fmt(row[f'q{i}_ttft_ms']):>8}" for i in range(1, results["questions"] + 1)))
@@ -545,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "LLaVA-NeXT: coffee-720p)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--dtype", default="auto", help="auto, float16, bfloat16 or float32 (default: %(default)s)")
+    parser.add_argument("--no-questions", action="store_true",
+                        help="skip the several-questions section (its full-token rows prefill every question "
+                             "from scratch: many minutes on a CPU for LLaVA-NeXT frames); its targets show N/A")
     parser.add_argument("--quick", action="store_true", help="1 repeat and 4 new tokens: a smoke test, not a "
                                                              "measurement")
     return parser
@@ -599,7 +604,7 @@ def run_benchmark(args) -> dict:
                 measure_frame_questions, engine, image, FRAME_QUESTIONS, full if name == FULL else vision_budget,
                 reuse, args.max_new_tokens, frame_keys)
             for name in (FULL, str(args.target_budget)) for reuse in (False, True)
-        }
+        } if not args.no_questions else {}
         measured = measure_interleaved(question_rows, args.repeats, track_memory=False)
         results["frame_questions"] = [{"budget": name, "reuse": reuse, **measured[name, reuse]}
                                       for name, reuse in question_rows]
