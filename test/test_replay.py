@@ -480,10 +480,12 @@ def check_paced_live_run(bag, out):
         assert int(s['answers']) == sum(row['budget'] == budget for row in rows) == 3 * 3
 
 
-def test_offline_replay_of_a_llava_next_checkpoint(tmp_path, capsys, bags, tiny_next_model_dir):
+def test_offline_replay_of_a_llava_next_checkpoint(tmp_path, capsys, bags, questions_file, tiny_next_model_dir):
     out = tmp_path / 'out'
+    # The offline test's amount of text, so that corpus BLEU has 4-grams to count.
     status = run_replay(bags['mcap'].path, '--out', out, '--model', tiny_next_model_dir, '--budgets', 'full,40,20',
-                        '--max-new-tokens', MAX_NEW_TOKENS, '--max-frames', 1, '--topics', RAW_TOPIC)
+                        '--questions', questions_file, '--max-new-tokens', MAX_NEW_TOKENS, '--max-frames', 2,
+                        '--topics', RAW_TOPIC, COMPRESSED_TOPIC)
     assert status == 0, capsys.readouterr().err
     rows, summary, _ = check_outputs_match_results(out, ['full', '40', '20'])
     assert {row['budget'] for row in rows} == {'full', '40', '20'}
