@@ -290,8 +290,9 @@ class VlmEngine:
                       sampling: SamplingOptions | None = None) -> list[VlmOutput]:
         """Answer several prompts about one image, in order, computing the image prefix once.
 
-        The first prompt pays for vision, reduction and the prefix prefill (unless `frame_key` finds
-        them cached); the others report ``prefix_reused=True`` and only their own work in the timings.
+        The first prompt pays for vision, reduction and one forward over the prefix and its own tokens
+        (unless `frame_key` finds the prefix cached); the others run one forward over their own tokens,
+        report ``prefix_reused=True`` and only their own work in the timings.
         With a seed, each prompt samples from a generator seeded afresh, as separate calls would.
         """
         self._check_open()
@@ -349,7 +350,8 @@ class VlmEngine:
                        sampling: SamplingOptions | None = None) -> list[VlmOutput]:
         """Answer ``prompts[i]`` about ``images[i]`` for several cameras in one batched forward.
 
-        Prompts are left-padded with an attention mask; each row stops at its own EOS. Vision,
+        As a frame's first question in ``generate_many``, each row's prefix and question are read in
+        that one forward. Prompts are left-padded with an attention mask; each row stops at its own EOS. Vision,
         reduction, prefill and decode times are the batch's (the same in every output); token counts
         are per row and ``kv_cache_bytes`` is the row's share of the batch's prompt cache. The
         prefix cache is not used.
