@@ -23,7 +23,7 @@ by concatenating into new tensors.
 
 Exactness: in float32 an answer computed on a reused prefix equals the from-scratch answer token for
 token (the tests check frames, budgets, questions, greedy and seeded sampling). The two computations
-differ only in how the prompt is split into forwards, so their logits differ by float rounding (about
+differ only in how the prompt is split into forwards, so their logits differ by float rounding (a few
 1e-6 in float32); in float16/bfloat16 that rounding is larger and an answer may differ, as it may with
 any change of batch shape.
 
