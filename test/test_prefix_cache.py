@@ -227,3 +227,26 @@ def test_lru_eviction_by_bytes_and_oversized_entries(tiny_model_dir, cached):
 
 def test_zero_entries_disables_the_cache(uncached):
     assert _reuse_pattern(uncached, [A, A]) == [False, False]
+
+
+@pytest.mark.parametrize("sampling", [None, SamplingOptions(do_sample=True, temperature=0.9, top_k=50, seed=7)],
+                         ids=["greedy", "seeded-sampling"])
+def test_llava_next_reuse_is_the_from_scratch_answer(tiny_next_model_dir, sampling):
+    """The one-forward first question and the kept prefix views hold for AnyRes frames too: frames of two
+    aspect ratios (different crop grids and unpadding), at full tokens and under VisionZip."""
+    cached, uncached = _engine(tiny_next_model_dir), _engine(tiny_next_model_dir, prefix_cache_entries=0)
+    try:
+        coffee = FRAMES[("front", 1)]  # 400x600
+        frames = {("wide", 0): coffee, ("tall", 1): coffee[:, 150:350].copy()}
+        for budget in (10_000, 20):
+            for key, image in frames.items():
+                reused = [cached.generate(image, q, token_budget=budget, frame_key=(key, budget), max_new_tokens=10,
+                                          sampling=sampling) for q in QUESTIONS]
+                scratch = [uncached.generate(image, q, token_budget=budget, max_new_tokens=10, sampling=sampling)
+                           for q in QUESTIONS]
+                assert [o.prefix_reused for o in reused] == [False, True, True]
+                assert [(o.text, o.generated_tokens) for o in reused] == [(o.text, o.generated_tokens)
+                                                                          for o in scratch]
+    finally:
+        cached.close()
+        uncached.close()
