@@ -1,0 +1,107 @@
+"""The vlm_replay command line: parse the arguments, read the inputs, run offline or live."""
+from __future__ import annotations
+
+import argparse
+import math
+
+from zip_vlm_ros.replay.console import warn
+from zip_vlm_ros.replay.inputs import DEFAULT_BUDGETS, ReplayError, load_labels, load_questions, parse_budgets
+from zip_vlm_ros.replay.offline import EXIT_NOTHING_EVALUATED, run_offline
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='vlm_replay',
+        description='Evaluate visual-token budgets on a rosbag2 recording: scene descriptions and questions '
+                    'per frame and budget, with results.jsonl, summary.csv, report.md and plots in --out.')
+    parser.add_argument('bag', help='rosbag2 directory (with metadata.yaml) or a .mcap/.db3 file')
+    parser.add_argument('--out', required=True, help='directory for results.jsonl, summary.csv, report.md, plots')
+    parser.add_argument('--topics', nargs='+', metavar='TOPIC', help='image topics to evaluate (default: all)')
+    parser.add_argument('--questions', metavar='FILE',
+                        help='YAML list of {question: ..., expect: [keywords]} asked about every frame')
+    parser.add_argument('--labels', metavar='FILE',
+                        help='YAML list of human labels {topic, index | stamp, question?, answer?, keywords?}: '
+                             'answers are scored against them per budget')
+    parser.add_argument('--budgets', default=DEFAULT_BUDGETS,
+                        help=f'comma-separated visual-token budgets, "full" = no reduction (default {DEFAULT_BUDGETS})')
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument('--every', type=_positive_int, default=1, metavar='N',
+                           help='offline: evaluate every Nth frame of each topic (default 1)')
+    selection.add_argument('--period', type=_positive_float, metavar='S',
+                           help='offline: at most one frame per S seconds of each topic; live: ask every S '
+                                'seconds of bag time (default 1)')
+    parser.add_argument('--max-frames', type=_positive_int, metavar='K',
+                        help='offline: at most K evaluated frames per topic; live: at most K rounds of requests')
+    parser.add_argument('--resume', action='store_true',
+                        help='continue an earlier run in --out, skipping work already in results.jsonl')
+    engine = parser.add_argument_group(
+        'engine (offline): the node\'s parameters of the same names; defaults are the node\'s defaults')
+    engine.add_argument('--params-file', metavar='YAML',
+                        help='read model, device, dtype, dominant_ratio, max_new_tokens and describe_prompt from '
+                             'the node\'s params file (e.g. config/vlm.yaml); the options below override it')
+    engine.add_argument('--model', help='LLaVA checkpoint directory or hub id (required offline)')
+    engine.add_argument('--device', help='auto|cpu|cuda|cuda:N')
+    engine.add_argument('--dtype', help='auto|float16|bfloat16|float32')
+    engine.add_argument('--dominant-ratio', type=float, help='share of the budget given to dominant tokens')
+    engine.add_argument('--max-new-tokens', type=_positive_int, help='answer length limit in tokens')
+    parser.add_argument('--describe-prompt', help='scene description prompt (default: the node\'s)')
+    live = parser.add_argument_group('live mode (plays the bag into a running vlm_node)')
+    live.add_argument('--live', action='store_true', help='replay into a running node instead of offline')
+    live.add_argument('--rate', type=_positive_float, default=1.0, help='playback rate factor (default 1)')
+    live.add_argument('--clock', type=_positive_float, nargs='?', const=40.0, metavar='HZ',
+                      help='publish /clock with bag time at HZ (default 40) for nodes with use_sim_time')
+    live.add_argument('--node-name', default='/zip_vlm', help='node whose services to call (default /zip_vlm)')
+    live.add_argument('--camera', default='', help='camera name for the requests (default: the node\'s first)')
+    live.add_argument('--remap', action='append', default=[], metavar='OLD:=NEW',
+                      help='publish bag topic OLD on NEW (repeatable)')
+    live.add_argument('--timeout', type=_positive_float, default=60.0,
+                      help='seconds before a service call counts as timed out (default 60)')
+    live.add_argument('--wait', type=_positive_float, default=30.0,
+                      help='seconds to wait for the node\'s services at start (default 30)')
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f'must be a positive number, got {text}')
+    return value
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        budgets = parse_budgets(args.budgets)
+        questions = load_questions(args.questions) if args.questions else []
+        labels = load_labels(args.labels) if args.labels else []
+        if args.live:
+            if args.every != 1:
+                raise ReplayError('--every applies to offline replay; in --live mode use --period to set how '
+                                  'often the node is asked')
+            if args.resume:
+                raise ReplayError('--resume applies to offline replay; a live run cannot be repeated exactly: '
+                                  'use a new --out')
+            from zip_vlm_ros.replay.live import run_live
+
+            return run_live(args, budgets, questions, labels)
+        return run_offline(args, budgets, questions, labels)
+    except ReplayError as error:
+        warn(str(error), level='error')
+    except OSError as error:  # e.g. the disk filled up or --out vanished while results were written
+        where = f' {error.filename}' if error.filename else ''
+        warn(f'cannot write{where} ({error.strerror or type(error).__name__}): free space or choose another --out',
+             level='error')
+    return EXIT_NOTHING_EVALUATED

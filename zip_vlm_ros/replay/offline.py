@@ -1,0 +1,233 @@
+"""Offline evaluation: the bag's frames go straight into the node's engine, once per budget; the scene
+description and every question share the frame's image prefix (``VlmEngine.generate_many``)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+from collections import Counter
+
+import numpy as np
+
+from zip_vlm_ros.replay.bag import (Bag, Frame, FrameSelector, SkippedFrame, damaged_frames, decode_frame, open_bag,
+                                    resolve_topics)
+from zip_vlm_ros.replay.console import note, progress_bar, warn
+from zip_vlm_ros.replay.inputs import (FULL_BUDGET, NODE_ENGINE_PARAMETERS, Label, Question, ReplayError,
+                                       budget_tokens, load_node_parameters)
+from zip_vlm_ros.replay.report import format_stamp, write_report
+from zip_vlm_ros.replay.results import (REPORT_FILE, RESULTS_FILE, ResultsWriter, check_resumed_run, output_row,
+                                        prepare_out_dir, result_key, write_run_file)
+from zip_vlm_ros.replay.storage import DamagedRegion
+
+EXIT_OK, EXIT_NOTHING_EVALUATED, EXIT_BAG_UNREADABLE, EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+def engine_settings(args: argparse.Namespace, questions: list[Question]) -> dict:
+    """Command line, then the node's params file, then the engine's (= the node's) defaults."""
+    from zip_vlm_ros.engine import DEFAULT_DESCRIBE_PROMPT
+
+    node_parameters = load_node_parameters(args.params_file) if args.params_file else {}
+    settings = {name: node_parameters.get(name) if getattr(args, name) is None else getattr(args, name)
+                for name in NODE_ENGINE_PARAMETERS}
+    if not settings['model']:
+        raise ReplayError('--model is required for offline replay (or a --params-file that sets model): pass a '
+                          'LLaVA checkpoint directory or hub id, or use --live to evaluate a running node')
+    ratio = settings['dominant_ratio']
+    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+        raise ReplayError(f'dominant_ratio {ratio!r} is out of range: use 0 < dominant_ratio <= 1 '
+                          f'(the node\'s default is 54/64 = 0.84375)')
+    settings['describe_prompt'] = settings['describe_prompt'] or DEFAULT_DESCRIBE_PROMPT
+    if any(question.question == settings['describe_prompt'] for question in questions):
+        raise ReplayError(f'the questions file repeats the description prompt {settings["describe_prompt"]!r}: '
+                          f'remove it from the questions (the description is always evaluated)')
+    return settings
+
+
+def load_engine(settings: dict):
+    from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
+
+    ratio = settings['dominant_ratio']
+    values = {'model': str(settings['model']), 'device': settings['device'], 'dtype': settings['dtype'],
+              'contextual_ratio': None if ratio is None else 1.0 - ratio, 'max_new_tokens': settings['max_new_tokens']}
+    config = EngineConfig(**{key: value for key, value in values.items() if value is not None})
+    note(f'loading {config.model} ...')
+    try:
+        return VlmEngine(config)
+    except EngineError as error:
+        raise ReplayError(str(error)) from None
+
+
+def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Question], labels: list[Label]) -> int:
+    settings = engine_settings(args, questions)
+    out_dir = pathlib.Path(args.out)
+    bag = open_bag(args.bag)
+    try:
+        topics = resolve_topics(bag.topics, args.topics, args.bag)
+        # Before the (slow) model load, so that a wrong --out or a damaged results file fails at once.
+        done_rows = prepare_out_dir(out_dir, resume=args.resume)
+        engine = load_engine(settings)
+        try:
+            for budget in budgets:
+                if budget != FULL_BUDGET and int(budget) >= engine.visual_tokens_full:
+                    note(f'note: budget {budget} >= the {engine.visual_tokens_full} visual tokens of '
+                         f'{engine.model_name}: no reduction, same as full')
+            run = {
+                'mode': 'offline', 'bag': str(args.bag), 'bag_files': bag.fingerprint(), 'bag_notes': bag.notes,
+                'topics': topics, 'model': engine.model_name, 'device': str(engine.device),
+                'dtype': str(engine.dtype).removeprefix('torch.'),
+                'dominant_ratio': 1.0 - engine.config.contextual_ratio,
+                'max_new_tokens': engine.config.max_new_tokens, 'describe_prompt': settings['describe_prompt'],
+                'questions': [dataclasses.asdict(question) for question in questions], 'budgets': budgets,
+                'every': args.every, 'period_s': args.period, 'max_frames': args.max_frames,
+            }
+            if args.resume and (done_rows or (out_dir / RESULTS_FILE).exists()):
+                check_resumed_run(out_dir, run)
+            write_run_file(out_dir, run)
+            return OfflineEvaluation(args, bag, engine, run, done_rows, labels).run()
+        finally:
+            engine.close()
+    finally:
+        bag.close()
+
+
+class OfflineEvaluation:
+    """The offline loop: frames in bag order, each at every budget, all prompts sharing the prefix."""
+
+    def __init__(self, args, bag: Bag, engine, run: dict, done_rows: list[dict], labels: list[Label]):
+        from rosbags.typesys import Stores, get_typestore
+
+        self.args, self.bag, self.engine, self.run_info, self.labels = args, bag, engine, run, labels
+        self.typestore = get_typestore(Stores.ROS2_KILTED)
+        self.out_dir = pathlib.Path(args.out)
+        self.topics, self.budgets = run['topics'], run['budgets']
+        self.done_rows, self.done_keys = done_rows, {result_key(row) for row in done_rows}
+        self.prompts = [(run['describe_prompt'], 'describe', ())] + [
+            (q['question'], 'question', tuple(q['expect'])) for q in run['questions']]
+        self.selector = FrameSelector(every=args.every, period_s=args.period, max_frames=args.max_frames)
+        self.skipped: list[SkippedFrame] = []
+        self.skipped_per_topic: Counter[str] = Counter()
+        self.new_rows: list[dict] = []
+        self.warmed_up = False
+        self.progress = None
+        self.writer = None
+
+    def run(self) -> int:
+        interrupted = False
+        self.writer = ResultsWriter(self.out_dir / RESULTS_FILE)
+        self.progress = progress_bar(self._estimated_total(), 'frame-budgets')
+        try:
+            self._read_bag()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            self.writer.close()
+            if not interrupted and self.progress.total is not None:
+                self.progress.total = self.progress.n  # the estimate becomes exact
+            self.progress.close()
+        return self._finish(interrupted)
+
+    def _read_bag(self) -> None:
+        for item in self.bag.messages(self.topics):
+            if isinstance(item, DamagedRegion):
+                frames = damaged_frames(item, self.topics)
+                self.skipped.extend(frames)
+                warn(frames[0].reason if frames else f'damaged region in {item.file} {item.where}')
+                continue
+            if not self.selector.wants(item.topic, item.log_ns):
+                if all(self.selector.topic_full(name) for name in self.topics):
+                    return
+                continue
+            frame = decode_frame(self.typestore, item)
+            if isinstance(frame, SkippedFrame):
+                self.skipped.append(frame)
+                self._drop_from_total(frame.topic)
+                warn(f'skipped {frame.topic} frame {frame.index} at {format_stamp(frame.stamp_ns)}: {frame.reason}')
+                continue
+            self.selector.accept(item.topic, item.log_ns)
+            self._evaluate_frame(frame)
+
+    def _estimated_total(self) -> int | None:
+        """Frame-budgets the selection will give, not counting the malformed frames met so far."""
+        duration_ns = max(self.bag.end_ns - self.bag.start_ns, 0)
+        estimates = [self.selector.expected_frames(self.bag.topics[topic].msgcount, duration_ns,
+                                                   skipped=self.skipped_per_topic[topic]) for topic in self.topics]
+        return None if None in estimates else sum(estimates) * len(self.budgets)
+
+    def _drop_from_total(self, topic: str) -> None:
+        """A malformed frame was counted in the estimate; the bar's total should not wait for it."""
+        self.skipped_per_topic[topic] += 1
+        total = self._estimated_total()
+        if total is not None:
+            self.progress.total = max(total, self.progress.n)
+            self.progress.refresh()
+
+    def _evaluate_frame(self, frame: Frame) -> None:
+        todo_by_budget = {budget: [(prompt, kind, expect) for prompt, kind, expect in self.prompts
+                                   if (frame.topic, frame.index, budget, prompt) not in self.done_keys]
+                          for budget in self.budgets}
+        if not self.warmed_up and any(todo_by_budget.values()):
+            _warm_up(self.engine, frame.rgb, self.budgets, self.run_info['describe_prompt'])
+            self.warmed_up = True
+        for budget, todo in todo_by_budget.items():
+            if todo:
+                self._evaluate_budget(frame, budget, todo)
+            self.progress.update(1)
+
+    def _evaluate_budget(self, frame: Frame, budget: str, todo: list[tuple]) -> None:
+        from zip_vlm_ros.engine import EngineError
+
+        try:
+            outputs = self.engine.generate_many(
+                frame.rgb, [prompt for prompt, _, _ in todo],
+                token_budget=budget_tokens(budget, self.engine.visual_tokens_full),
+                # The frame's identity in the bag, never its stamp (several images may share one), and
+                # per budget label: budgets that mean the same token count (192 and full on a small
+                # model) are each timed from scratch instead of sharing one prefix.
+                frame_key=(frame.topic, frame.index, budget))
+        except EngineError as error:
+            self.skipped.append(SkippedFrame(frame.topic, frame.index, frame.stamp_ns, frame.log_ns,
+                                             f'budget {budget}: {error}'))
+            warn(f'{frame.topic} frame {frame.index} at {format_stamp(frame.stamp_ns)}, budget {budget}: {error}')
+            return
+        rows = [output_row(frame, budget, output, kind=kind, expect=expect)
+                for (_, kind, expect), output in zip(todo, outputs)]
+        self.writer.write(rows)
+        self.new_rows.extend(rows)
+
+    def _finish(self, interrupted: bool) -> int:
+        problems, partial = [], []
+        if interrupted:
+            partial.append('interrupted before the end of the selection; run again with --resume to continue')
+        partial += self.bag.cut
+        if self.bag.stopped:
+            partial.append(self.bag.stopped)
+        for topic in self.topics if not (interrupted or self.bag.stopped) else ():
+            if self.selector.accepted[topic] == 0:
+                problems.append(f'no frame of {topic} could be evaluated (selection empty or every frame malformed)')
+                warn(problems[-1])
+        all_rows = self.done_rows + self.new_rows
+        write_report(self.out_dir, all_rows, self.skipped, self.run_info, problems=problems, partial=partial,
+                     labels=self.labels)
+        note(f'{len(self.new_rows)} new answers ({len(self.done_rows)} from earlier runs), {len(self.skipped)} '
+             f'skipped frames; report in {self.out_dir / REPORT_FILE}')
+        if self.bag.stopped:
+            warn(f'{self.bag.stopped}; the report covers the frames before it', level='error')
+            return EXIT_BAG_UNREADABLE
+        if interrupted:
+            note('interrupted; run again with --resume to continue')
+            return EXIT_INTERRUPTED
+        return EXIT_OK if all_rows else EXIT_NOTHING_EVALUATED
+
+
+def _warm_up(engine, rgb: np.ndarray, budgets: list[str], prompt: str) -> None:
+    """One unrecorded request per budget before timing starts: the first calls of a fresh process pay for
+    lazy initialisation (kernels, allocator, caches), which would otherwise land on whichever budget
+    happens to run first and skew the comparison."""
+    from zip_vlm_ros.engine import EngineError
+
+    for budget in budgets:
+        try:
+            engine.generate(rgb, prompt, token_budget=budget_tokens(budget, engine.visual_tokens_full),
+                            max_new_tokens=2, frame_key=None)
+        except EngineError:
+            return  # the real request on this frame reports the problem
