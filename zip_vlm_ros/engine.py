@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from zip_vlm_ros.streaming import IncrementalDetokenizer, StreamedText
 from zip_vlm_ros.visionzip import encode_for_visionzip, split_budget, visionzip_compress
 
 __all__ = [
@@ -76,6 +77,8 @@ class RequestError(EngineError):
 # Asked between stages and before every decode step; a non-empty string stops the generation and
 # becomes GenerationStopped.reason (e.g. "timed out", "the node is shutting down").
 ShouldStop = Callable[[], "str | None"]
+# Called after every generated token with that step's text (see zip_vlm_ros.streaming).
+OnToken = Callable[[StreamedText], None]
 
 
 class GenerationStopped(EngineError):
@@ -296,28 +299,32 @@ class VlmEngine:
 
     def generate(self, image: np.ndarray, prompt: str, *, token_budget: int | None = None,
                  max_new_tokens: int | None = None, frame_key: Hashable | None = None,
-                 sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None) -> VlmOutput:
+                 sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None,
+                 on_token: OnToken | None = None) -> VlmOutput:
         """Answer `prompt` about `image` (``HxWx3 uint8 RGB``).
 
         `frame_key` names the image's pixels (same key => same pixels) so that later prompts on the
         frame reuse its prefix; None disables reuse. `should_stop` is asked between stages and before
-        each decode step; a reason it returns raises GenerationStopped. Raises RequestError for bad
-        arguments.
+        each decode step; a reason it returns raises GenerationStopped. `on_token(StreamedText)` is
+        called after every generated token, in this thread, with the text that token completes (the
+        deltas concatenate to the output's text). Raises RequestError for bad arguments.
         """
         return self.generate_many(image, [prompt], token_budget=token_budget, max_new_tokens=max_new_tokens,
-                                  frame_key=frame_key, sampling=sampling, should_stop=should_stop)[0]
+                                  frame_key=frame_key, sampling=sampling, should_stop=should_stop,
+                                  on_token=on_token)[0]
 
     @torch.inference_mode()
     def generate_many(self, image: np.ndarray, prompts: Sequence[str], *, token_budget: int | None = None,
                       max_new_tokens: int | None = None, frame_key: Hashable | None = None,
                       sampling: SamplingOptions | None = None,
-                      should_stop: ShouldStop | None = None) -> list[VlmOutput]:
+                      should_stop: ShouldStop | None = None, on_token: OnToken | None = None) -> list[VlmOutput]:
         """Answer several prompts about one image, in order, computing the image prefix once.
 
         The first prompt pays for vision, reduction and the prefix prefill (unless `frame_key` finds
         them cached); the others report ``prefix_reused=True`` and only their own work in the timings.
         With a seed, each prompt samples from a generator seeded afresh, as separate calls would.
-        `should_stop` as in ``generate``; GenerationStopped.completed holds the prompts answered before.
+        `should_stop` and `on_token` as in ``generate``; GenerationStopped.completed holds the prompts
+        answered before; StreamedText.prompt_index says which prompt a step belongs to.
         """
         self._check_open()
         _check_image(image)
@@ -337,7 +344,7 @@ class VlmEngine:
         prefixes_this_call: dict[tuple[int, ...], _Prefix] = {}
         outputs = []
         check_stop = self._stop_checker(should_stop, completed=outputs)
-        for prompt in prompts:
+        for prompt_index, prompt in enumerate(prompts):
             check_stop()
             start = self._clock()
             prefix_ids, suffix_ids = self._tokenize_prompt(prompt, budget)
@@ -366,7 +373,9 @@ class VlmEngine:
             logits = self.model(input_ids=suffix, past_key_values=kv_cache, use_cache=True,
                                 logits_to_keep=1).logits[:, -1].float()
             prefill_ms = prefix_prefill_ms + self._ms_since(suffix_start)
-            tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling, check_stop)
+            stream = self._text_stream(on_token, prompt_index, start)
+            tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling, check_stop,
+                                                              on_step=stream)
             outputs.append(self._output(
                 prompt, tokens[0], budget, reduction=self._reduction_name(budget), vision_ms=vision_ms,
                 reduction_ms=reduction_ms, prefill_ms=prefill_ms, start=start, first_token_time=first_token_time,
@@ -542,13 +551,15 @@ class VlmEngine:
 
     def _decode(self, logits: torch.Tensor, kv_cache, max_new_tokens: int, sampling: SamplingOptions,
                 check_stop: Callable[..., None],
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                on_step: Callable[[int, bool], None] | None = None):
         """Generate from the prefill's last-position `logits` ``[batch, vocab]`` (float32).
 
         Each row stops at its first EOS (later steps of a finished row are padding, as in stock
         generate). With `attention_mask` ``[batch, length]`` and `position_ids` (left padding) both
         grow by one per step. `check_stop(rows)` runs before each step, so a stop request waits for
-        at most one step. Returns ``(tokens per row incl. EOS, first token time, end time)``.
+        at most one step. `on_step(row 0's token id, last)` runs after each step (single-row streaming).
+        Returns ``(tokens per row incl. EOS, first token time, end time)``.
         """
         batch_size = logits.shape[0]
         choose = _token_chooser(sampling, self.device)
@@ -564,7 +575,10 @@ class VlmEngine:
             if first_token_time is None:
                 first_token_time = self._clock()
             finished |= torch.isin(next_tokens, eos)
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            last = step == max_new_tokens - 1 or bool(finished.all())
+            if on_step is not None:
+                on_step(int(next_tokens[0]), last)
+            if last:
                 break
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch_size, 1))], dim=1)
@@ -590,6 +604,22 @@ class VlmEngine:
                 rows = self._rows_to_eos(generated) if generated is not None else []
                 raise GenerationStopped(str(reason), rows, completed, decode=self._decode_text)
         return check_stop
+
+    def _text_stream(self, on_token: OnToken | None, prompt_index: int,
+                     start: float) -> Callable[[int, bool], None] | None:
+        """``on_step(token_id, last)`` for `_decode` that reports each step's text to `on_token`."""
+        if on_token is None:
+            return None
+        detokenizer = IncrementalDetokenizer(self._decode_text)
+
+        def on_step(token_id: int, last: bool) -> None:
+            delta = detokenizer.push(token_id)
+            if last:  # the final text: whatever was held back (trailing spaces are stripped by then)
+                delta += detokenizer.finish()
+            on_token(StreamedText(prompt_index=prompt_index, delta=delta, text=detokenizer.text,
+                                  generated_tokens=detokenizer.generated_tokens,
+                                  elapsed_ms=self._ms_since(start)))
+        return on_step
 
     def _decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
