@@ -113,6 +113,9 @@ class Job:
         self.results: list[VlmResult] = []
         self.error: str | None = None
         self.stop_requested_s: float | None = None  # when the deadline passed or the cancel came
+        # Called by the engine after every generated token (StreamedText) while the job runs: the
+        # action server's feedback; None for services.
+        self.on_token: Callable[[Any], None] | None = None
         self._lock = threading.Lock()
         self._settled = threading.Event()
         self._callbacks: list[Callable[[Job], None]] = []

@@ -12,7 +12,8 @@ What it does, and what it never does:
   outcome without holding an executor thread, so refusals are answered at once at any load. A job
   is answered the moment its deadline passes or the node deactivates, and the engine, which asks
   the job's `should_stop` between stages and decode steps, frees the worker within one step.
-- Services `~/describe_scene`, `~/ask`, `~/ask_many` appear on the first activation and stay
+- Services `~/describe_scene`, `~/ask`, `~/ask_many` and the action `~/ask_action` (the answer
+  streamed as feedback, cancellable; see ask_action.py) appear on the first activation and stay
   (inactive: an immediate refusal); they answer with success/message; every result also goes to `~/results`
   (VlmResult, header = the source image's header) and its text to `~/description` or `~/answer`.
 - `/diagnostics` at 1 Hz: model, device, latency, queue depth, per-camera frame counters, last error.
@@ -46,6 +47,7 @@ from rclpy.task import Future
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
+from zip_vlm_ros.ask_action import CLIENT_PROBE_SERVICE, AskActionServer
 from zip_vlm_ros.conversions import (
     ImageConversionError, image_has_pixels, image_to_rgb, output_to_result, stamp_to_seconds)
 from zip_vlm_ros.engine import EngineConfig, EngineError, GenerationStopped, VlmEngine
@@ -69,7 +71,8 @@ RECENT_PROBLEM_S = 30.0
 # How often waiting and running jobs are checked against their deadlines (also bounds how late a
 # caller can hear its answer if the executor missed a wake-up).
 DEADLINE_CHECK_S = 0.1
-SERVICE_OF_KIND = {'describe': '~/describe_scene', 'ask': '~/ask', 'ask_many': '~/ask_many'}
+SERVICE_OF_KIND = {'describe': '~/describe_scene', 'ask': '~/ask', 'ask_many': '~/ask_many',
+                   'ask_action': CLIENT_PROBE_SERVICE}
 # At exit, how long callers still being answered may take before the node goes.
 ANSWER_GRACE_S = 5.0
 
@@ -125,6 +128,7 @@ class VlmNode(LifecycleNode):
         self._deadline_timer = self.create_timer(
             DEADLINE_CHECK_S, self._expire_overdue, callback_group=self._timers_group, clock=self._steady_clock)
         self._services_made = False
+        self._ask_action: AskActionServer | None = None
         self.add_on_set_parameters_callback(self._validate_parameter_change)
         self.add_post_set_parameters_callback(self._apply_parameter_change)
 
@@ -315,6 +319,9 @@ class VlmNode(LifecycleNode):
         for srv_type, name, callback in ((DescribeScene, '~/describe_scene', self._on_describe_scene),
                                          (Ask, '~/ask', self._on_ask), (AskMany, '~/ask_many', self._on_ask_many)):
             self.create_service(srv_type, name, callback, qos_profile=qos, callback_group=self._requests_group)
+        self._ask_action = AskActionServer(
+            self, make_job=functools.partial(self._ask_job, 'ask_action'), serve=self._serve, service_qos=qos,
+            callback_group=self._requests_group)
         self._services_made = True
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -371,6 +378,12 @@ class VlmNode(LifecycleNode):
             self._engine = None
             self.get_logger().info('model released')
         self._feeds, self._last_described = {}, {}
+
+    def destroy_node(self) -> None:
+        if self._ask_action is not None:  # Node.destroy_node leaves waitables such as action servers
+            self._ask_action.destroy()
+            self._ask_action = None
+        super().destroy_node()
 
     def start(self) -> bool:
         """Autostart: configure and activate; False (reason logged) when either fails."""
@@ -493,11 +506,13 @@ class VlmNode(LifecycleNode):
             return self._make_job('describe', [self._check_prompt(prompt, 'prompt')], request, inline=None)
         return await self._serve(make_job, response)
 
+    def _ask_job(self, kind: str, request: Any) -> Job:
+        """The job of an Ask service request or action goal (the same fields)."""
+        question = self._check_prompt(request.question, 'question')
+        return self._make_job(kind, [question], request, inline=self._inline_image(request.image))
+
     async def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
-        def make_job() -> Job:
-            question = self._check_prompt(request.question, 'question')
-            return self._make_job('ask', [question], request, inline=self._inline_image(request.image))
-        return await self._serve(make_job, response)
+        return await self._serve(functools.partial(self._ask_job, 'ask', request), response)
 
     async def _on_ask_many(self, request: AskMany.Request, response: AskMany.Response) -> AskMany.Response:
         def make_job() -> Job:
@@ -652,7 +667,7 @@ class VlmNode(LifecycleNode):
         # generate is generate_many with one prompt: one call serves every kind of job.
         outputs = self._engine.generate_many(
             rgb, job.prompts, token_budget=job.token_budget, max_new_tokens=job.max_new_tokens,
-            frame_key=frame_key, should_stop=job.should_stop)
+            frame_key=frame_key, should_stop=job.should_stop, on_token=job.on_token)
         # An inline image without a stamp has no age; report 0 rather than the time since 1970.
         # A stamp slightly ahead of the node's clock (within max_clock_skew_s) reports 0, never < 0.
         image_age_ms = max(0.0, self._age_s(header.stamp) * 1e3) if _stamped(header.stamp) else 0.0
