@@ -104,12 +104,13 @@ class AskActionServer:
             return job
         try:
             result = await self._serve(make_job, AskAction.Result())
+            if not result.success:
+                result.partial_text = stream.text
+            self._set_terminal_state(goal_handle, stream, result)
+            return result
         finally:
+            # after the terminal state: a later cancel request no longer reaches _cancel
             self._streams.pop(key, None)
-        if not result.success:
-            result.partial_text = stream.text
-        self._set_terminal_state(goal_handle, stream, result)
-        return result
 
     def _cancel(self, goal_handle: ServerGoalHandle) -> CancelResponse:
         """Accept a cancel while the goal waits or runs: its job is answered now and never (re)started."""
