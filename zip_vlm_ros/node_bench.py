@@ -279,7 +279,8 @@ def _burst_refusals(callers: list, bursts: int, timeout_s: float, log_path: path
         if not all(found is True for found, _ in ready):
             raise RuntimeError(f'{service} did not answer within {timeout_s} s; node log: {log_path}')
     question = Ask.Request(question='What is on the table?', image=rgb_to_image(skimage.data.coffee()))
-    wait_s = CANCEL_DEADLINE_S + 2.0
+    # A caller still unanswered after this counts as lost (a slow answer on a loaded machine is not lost).
+    wait_s = 30.0
     refusal_ms, bare_ms, lost = [], [], 0
     for _ in range(bursts):
         outcomes = call_at_once(callers, lambda client: client.call(Ask, '~/ask', question, wait_s), wait_s)
@@ -384,8 +385,8 @@ def format_report(results: dict) -> str:
         (f'refusal round trip, {BURST_CALLERS}-caller bursts ({results["refusals"]} refused)',
          f'{results["refusal_ms_p50"]:.1f} ms', f'{results["refusal_ms_p95"]:.1f} ms',
          f'p95 <= {REFUSAL_TARGET_MS:g} ms', verdict[results['passed']['refusal_ms_p95']]),
-        (f'  callers without a response ({results["bursts"]} bursts)', str(results['burst_lost']), '', '0',
-         'info'),
+        (f'  callers without a response in 30 s ({results["bursts"]} bursts)', str(results['burst_lost']), '',
+         '0', 'info'),
         ('  same bursts, bare rclpy service refusing at once', f'{results["bare_refusal_ms_p50"]:.1f} ms',
          f'{results["bare_refusal_ms_p95"]:.1f} ms', '', 'info'),
         (f'cancel latency, deadline to worker free ({results["cancels"]} requests)',
