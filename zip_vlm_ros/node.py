@@ -53,7 +53,7 @@ from zip_vlm_ros.conversions import (
 from zip_vlm_ros.engine import EngineConfig, EngineError, GenerationStopped, VlmEngine
 from zip_vlm_ros.jobs import (
     INACTIVE_MESSAGE, CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, RequestStats,
-    ThrottledWarnings, percentile)
+    ThrottledWarnings, check_frame_age, check_prompt, percentile)
 from zip_vlm_ros.msg import VlmResult
 from zip_vlm_ros.node_parameters import (
     ENGINE_PARAMETERS, IMAGE_TYPES, NODE_PARAMETERS, RUNTIME_PARAMETERS, ParameterError,
@@ -417,37 +417,11 @@ class VlmNode(LifecycleNode):
         return self.get_clock().now().nanoseconds * 1e-9 - stamp_to_seconds(stamp)
 
     def _check_frame_age(self, camera: str, stamp: Any) -> None:
-        """RequestRejected for a camera frame without a stamp, stamped in the future beyond
-        max_clock_skew_s, or older than max_image_age_s."""
-        settings = self._settings
-        if settings.max_image_age_s > 0 and not _stamped(stamp):
-            raise RequestRejected(('unstamped', camera), (
-                f'latest frame of camera {camera!r} has no timestamp (header.stamp is 0): stamp images '
-                f'with the capture time, or set max_image_age_s 0 to accept any age'))
-        age_s = self._age_s(stamp)
-        if -age_s > settings.max_clock_skew_s:
-            raise RequestRejected(('future', camera), (
-                f'latest frame of camera {camera!r} is stamped {-age_s:.2f} s in the future, more than '
-                f'max_clock_skew_s = {settings.max_clock_skew_s:g}: synchronize the camera\'s clock with '
-                f'this node\'s (chrony/PTP; use_sim_time for bag replay), or raise max_clock_skew_s'))
-        limit_s = settings.max_image_age_s
-        if limit_s > 0 and age_s > limit_s:
-            raise RequestRejected(('stale', camera), (
-                f'latest frame of camera {camera!r} is {age_s:.2f} s old, more than '
-                f'max_image_age_s = {limit_s:g}: the camera stopped publishing or its stamps/clock '
-                f'are off (use_sim_time for bag replay), or raise max_image_age_s'))
+        check_frame_age(camera, stamped=_stamped(stamp), age_s=self._age_s(stamp), settings=self._settings)
 
     # ---------------------------------------------------------------- requests
     def _check_prompt(self, text: str, what: str) -> str:
-        text = text.strip()
-        if not text:
-            raise RequestRejected(f'empty_{what}', f'{what} is empty: send the {what} text')
-        limit = self._settings.question_max_chars
-        if len(text) > limit:
-            raise RequestRejected(f'long_{what}', (
-                f'{what} is {len(text)} characters, more than question_max_chars = {limit}: '
-                f'shorten it, or raise question_max_chars'))
-        return text
+        return check_prompt(text, what, self._settings.question_max_chars)
 
     def _resolve_limits(self, token_budget: int, max_new_tokens: int) -> tuple[int, int]:
         """Request overrides (0 = node default) checked against the model; returns the values to use."""
