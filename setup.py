@@ -13,7 +13,7 @@ package_name = 'zip_vlm_ros'
 setup(
     name=package_name,
     version='0.1.0',
-    packages=[package_name, package_name + '.replay'],
+    packages=[package_name, package_name + '.models', package_name + '.replay'],
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),

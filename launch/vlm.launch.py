@@ -62,7 +62,7 @@ def generate_launch_description():
             description='auto, cpu, cuda or cuda:N (empty: the params file value)'),
         DeclareLaunchArgument(
             'token_budget', default_value='',
-            description='visual tokens kept per image, 1..576 for LLaVA-1.5 (empty: the params file value)'),
+            description='visual tokens per image, 1..576 for LLaVA-1.5, 1..2928 for LLaVA-NeXT-7B (empty: the params file value)'),
         DeclareLaunchArgument(
             'image_topic', default_value=DEFAULT_CAMERA_TOPIC,
             description='image topic of the default (first) camera, remapped from image_raw'),

@@ -23,3 +23,11 @@ def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
     from zip_vlm_ros.tiny_model import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp('models') / 'tiny', preset='tiny')
+
+
+@pytest.fixture(scope='session')
+def tiny_next_model_dir(tmp_path_factory) -> pathlib.Path:
+    """A random LLaVA-NeXT (AnyRes) checkpoint of the `tiny-next` preset, built offline once per session."""
+    from zip_vlm_ros.tiny_model import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp('models') / 'tiny-next', preset='tiny-next')

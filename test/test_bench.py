@@ -7,6 +7,7 @@ benchmark on the bench preset, not here.
 import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,3 +109,31 @@ def test_bad_arguments_and_model_fail_with_one_line(tmp_path, capsys):
     assert bench.main(["--model", str(tmp_path / "missing"), "--quick"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("vlm_bench: ") and "does not exist" in error and "\n" not in error
+
+
+def test_llava_next_run_reports_crops_full_count_and_its_targets(tiny_next_model_dir, tmp_path):
+    json_path = tmp_path / "next.json"
+    exit_code = bench.main(["--model", str(tiny_next_model_dir), "--quick", "--budgets", "full,40,20",
+                            "--target-budget", "20", "--image", "coffee-720p", "--no-questions",
+                            "--json", str(json_path)])
+    assert exit_code == 0
+    results = json.loads(json_path.read_text())
+    # 1280x720 on tiny-next: base + 2x2 grid; 16 base patches + 4 unpadded rows of 8 patches + 4 newlines.
+    assert (results["family"], results["crops"], results["image_size"]) == ("llava_next", 5, [720, 1280])
+    assert results["visual_tokens_full"] == 52 == results["stock_generate"]["visual_tokens"]
+    assert {row["budget"]: row["visual_tokens"] for row in results["budgets"]} == {"full": 52, "40": 40, "20": 20}
+    assert set(results["vision_stage"]) == {"stock", "visionzip", "reference"}
+    assert results["frame_questions"] == []
+    verdicts = {target["name"]: target["result"] for target in results["targets"]}
+    assert verdicts["summed TTFT of 5 questions, full no reuse / VisionZip with reuse"] == "N/A"
+    assert "N/A" not in verdicts["LLM prefill speed-up, stock generate / VisionZip"]
+    assert "questions on one frame" not in bench.format_report(results)
+    bounds = {target["name"]: target["target"] for target in results["targets"]}
+    assert bounds["LLM prefill speed-up, stock generate / VisionZip"] == ">= 8x"
+    assert bounds["frame KV-cache bytes, VisionZip / full tokens"] == "<= 0.07x"
+
+
+def test_720p_frames_are_16_by_9_crops_of_the_photos():
+    frame = bench.bench_image("coffee-720p")
+    assert frame.shape == (720, 1280, 3) and frame.dtype == np.uint8
+    assert bench.bench_image("coffee").shape == (400, 600, 3)

@@ -1,4 +1,5 @@
 """vlm_demo, the README's first command, end to end: its own checkpoint, node process and camera."""
+import re
 import subprocess
 import sys
 
@@ -22,3 +23,20 @@ def test_demo_runs_every_call_and_exits_0(tmp_path):
     assert [row for row in rows if '8/16' in row] and any('16/16' in row for row in rows[-1:])
     assert (tmp_path / 'tiny' / 'config.json').is_file() and (tmp_path / 'vlm_node.log').is_file()
     assert 'Traceback' not in output
+
+
+def test_demo_runs_the_llava_next_preset(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, '-m', 'zip_vlm_ros.demo', '--preset', 'tiny-next', '--cache-dir', str(tmp_path),
+         '--max-new-tokens', '2', '--timeout', '240'],
+        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    assert '[demo] ok: 7 results, vlm_node exit status 0' in completed.stdout
+    visual = [re.search(r' (\d+/\d+) ', line).group(1) for line in completed.stdout.splitlines()
+              if line.split()[:1] in (['describe'], ['ask'], ['ask_many'])]
+    # The skimage photos all become a base + 2x2 grid: 40 tokens = 8 per crop; the last call reads all.
+    assert len(visual) == 7 and all(cell.startswith('40/') for cell in visual[:-1])
+    used, full = visual[-1].split('/')
+    assert used == full and int(full) in (70, 88)
+    assert (tmp_path / 'tiny-next' / 'config.json').is_file()

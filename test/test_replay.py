@@ -478,3 +478,20 @@ def check_paced_live_run(bag, out):
         cells = report_table_row(report, 'Service calls', budget)
         assert cells[1:5] == ['3/3', '6', '0', '0'] and cells[5] == pair(p50, p95)
         assert int(s['answers']) == sum(row['budget'] == budget for row in rows) == 3 * 3
+
+
+def test_offline_replay_of_a_llava_next_checkpoint(tmp_path, capsys, bags, questions_file, tiny_next_model_dir):
+    out = tmp_path / 'out'
+    # The offline test's amount of text, so that corpus BLEU has 4-grams to count.
+    status = run_replay(bags['mcap'].path, '--out', out, '--model', tiny_next_model_dir, '--budgets', 'full,40,20',
+                        '--questions', questions_file, '--max-new-tokens', MAX_NEW_TOKENS, '--max-frames', 2,
+                        '--topics', RAW_TOPIC, COMPRESSED_TOPIC)
+    assert status == 0, capsys.readouterr().err
+    rows, summary, _ = check_outputs_match_results(out, ['full', '40', '20'])
+    assert {row['budget'] for row in rows} == {'full', '40', '20'}
+    for row in rows:
+        # Each frame reads its own full count (aspect ratio dependent), or the budget shared by its crops.
+        if row['budget'] == 'full':
+            assert row['reduction'] == 'none' and row['visual_tokens'] == row['visual_tokens_full'] > 40
+        else:
+            assert row['reduction'] == 'visionzip' and row['visual_tokens'] <= int(row['budget'])

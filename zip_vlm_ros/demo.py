@@ -1,6 +1,7 @@
 """vlm_demo: the whole pipeline in one command, offline.
 
     vlm_demo                          # tiny random checkpoint (built once into the cache dir)
+    vlm_demo --preset tiny-next       # the same as LLaVA-NeXT (AnyRes crops)
     vlm_demo --model /models/llava-1.5-7b-hf --token-budget 64
 
 Builds (or reuses) a tiny LLaVA checkpoint, starts vlm_node as a separate process, streams real
@@ -22,7 +23,9 @@ import time
 
 from zip_vlm_ros.client import DOMAIN_IDS, use_local_ros_domain
 
-TINY_FULL_TOKENS = 16  # the tiny preset: 56x56 pixels in 14x14 patches
+# Offline presets: (largest full visual-token count per image, default budget). tiny: 56x56 pixels in
+# 14x14 patches; tiny-next: a base crop and up to a 2x2 grid of them, the budget is 8 tokens per crop.
+PRESET_TOKENS = {'tiny': (16, 8), 'tiny-next': (88, 40)}
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
 COLUMNS = ('call', 'camera', 'prompt', 'budget', 'visual', 'gen', 'vision', 'reduce', 'prefill',
            'decode', 'total ms', 'age ms', 'reused', 'answer')
@@ -37,13 +40,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='vlm_demo', description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', help='LLaVA checkpoint dir or hub id (default: the tiny offline '
                                         'checkpoint, random weights: its answers are gibberish)')
+    parser.add_argument('--preset', choices=sorted(PRESET_TOKENS), default='tiny',
+                        help='offline checkpoint without --model: tiny (LLaVA-1.5 style) or tiny-next '
+                             '(LLaVA-NeXT style) (default: %(default)s)')
     parser.add_argument('--cache-dir', type=pathlib.Path, default=default_cache_dir(),
                         help='where the tiny checkpoint and the node log go (default: %(default)s)')
     parser.add_argument('--domain-id', type=int, choices=DOMAIN_IDS, metavar='N',
                         help='ROS_DOMAIN_ID (default: random in 1..101)')
     parser.add_argument('--token-budget', type=int,
-                        help='visual tokens kept per image (default: 8 for the tiny checkpoint, '
-                             'else the node default)')
+                        help='visual tokens kept per image (default: 8 for the tiny checkpoint, 40 for '
+                             'tiny-next, else the node default)')
     parser.add_argument('--max-new-tokens', type=int, default=12, help='answer length (default: 12)')
     parser.add_argument('--timeout', type=float, default=300.0,
                         help='seconds to wait for the node and for each call (default: 300)')
@@ -89,10 +95,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
         from zip_vlm_ros.tiny_model import build_checkpoint
         transformers.utils.logging.disable_progress_bar()  # keep the demo's output to its table
-        print(f'[demo] tiny random-weight LLaVA checkpoint in {args.cache_dir / "tiny"} '
+        print(f'[demo] {args.preset} random-weight checkpoint in {args.cache_dir / args.preset} '
               f'(answers are gibberish; pass --model for a real one)', flush=True)
-        model = str(build_checkpoint(args.cache_dir / 'tiny', preset='tiny'))
-    token_budget = args.token_budget or (None if args.model else TINY_FULL_TOKENS // 2)
+        model = str(build_checkpoint(args.cache_dir / args.preset, preset=args.preset))
+    largest_full, preset_budget = PRESET_TOKENS[args.preset]
+    token_budget = args.token_budget or (None if args.model else preset_budget)
 
     parameters = {'model': model, 'cameras': ['front'], 'camera.front.topic': 'front/image_raw',
                   'max_new_tokens': args.max_new_tokens, 'max_image_age_s': 5.0,
@@ -137,8 +144,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f'  ({len(goal.feedback)} feedback messages)', flush=True)
         record('ask_action', streamed)
         if first.success:  # the same photo stream with every visual token: no reduction
-            record('describe full', client.describe(token_budget=first.result.visual_tokens_full,
-                                                    timeout_s=timeout_s))
+            full_budget = first.result.visual_tokens_full if args.model else largest_full
+            record('describe full', client.describe(token_budget=full_budget, timeout_s=timeout_s))
     finally:
         if streamer is not None:
             streamer.stop()

@@ -1,4 +1,4 @@
-"""The LLaVA engine: model loading, prompts, VisionZip-reduced generation and a per-frame prefix cache.
+"""The LLaVA engine: prompts, VisionZip-reduced generation and a per-frame prefix cache, for every model family.
 
 No ROS here: the node, replay and bench tools hand it ``HxWx3 uint8 RGB`` numpy images and prompts
 and get ``VlmOutput`` records back.
@@ -7,8 +7,8 @@ One request runs in four stages, each timed:
 
 1. vision     the checkpoint's image processor and vision tower (+ multimodal projector);
 2. reduction  VisionZip (``zip_vlm_ros.visionzip``) keeps ``token_budget`` of the visual tokens when the
-              budget is below the model's full count (576 for LLaVA-1.5); otherwise the stock LLaVA
-              features are used unchanged;
+              budget is below the image's full count (576 for LLaVA-1.5; for LLaVA-NeXT it depends on
+              the aspect ratio, 1948 for 1280x720); otherwise the stock features are used unchanged;
 3. prefill    the language model reads the prompt: first the *prefix* (the prompt up to and including
               the visual tokens), then the question's own tokens (the *suffix*);
 4. decode     greedy or sampled tokens until EOS or ``max_new_tokens``.
@@ -19,6 +19,11 @@ frame (``frame_key``) and kept in a small LRU cache; each question prefills only
 the cached keys/values. Every path prefills prefix and suffix separately, so an answer computed with a
 reused prefix is token-for-token the answer computed from scratch.
 
+Stages 1-2 and the layout of the visual tokens in the prompt belong to the checkpoint's model family
+(``zip_vlm_ros.models``: LLaVA-1.5, LLaVA-NeXT); the engine only places an adapter's flat run of visual
+tokens at the image placeholders, so prefill, decode, sampling and the cache never learn the family.
+``token_budget`` means the same for every family: the visual tokens the LLM reads per image.
+
 The engine is thread-compatible, not thread-safe: call it from one thread (the node's worker).
 """
 
@@ -27,10 +32,7 @@ from __future__ import annotations
 import collections
 import copy
 import gc
-import json
 import math
-import os
-import pathlib
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -38,8 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from zip_vlm_ros.errors import EngineError, ModelLoadError, RequestError
+from zip_vlm_ros.models import VisualTokens, load_family
 from zip_vlm_ros.streaming import IncrementalDetokenizer, StreamedText
-from zip_vlm_ros.visionzip import encode_for_visionzip, split_budget, visionzip_compress
 
 __all__ = [
     "DEFAULT_DESCRIBE_PROMPT",
@@ -60,18 +63,6 @@ LLAVA_1_5_PROMPT = "USER: {image}\n{prompt} ASSISTANT:"
 # The scene-description prompt: the node's `describe_prompt` default and vlm_replay's, so that offline
 # replay reports describe exactly what the node answers.
 DEFAULT_DESCRIBE_PROMPT = "Describe the scene in one sentence."
-
-
-class EngineError(Exception):
-    """A problem the user can fix; ``str(error)`` is one line saying what is wrong and how to fix it."""
-
-
-class ModelLoadError(EngineError):
-    """The engine cannot be built from its EngineConfig (missing path, not LLaVA, no CUDA, bad values)."""
-
-
-class RequestError(EngineError):
-    """One request is invalid (token budget, prompt, image, sampling options); the engine stays usable."""
 
 
 # Asked between stages and before every decode step; a non-empty string stops the generation and
@@ -105,7 +96,7 @@ class GenerationStopped(EngineError):
 
 @dataclass
 class EngineConfig:
-    model: str                          # local checkpoint dir or hub id (LlavaForConditionalGeneration)
+    model: str                          # local checkpoint dir or hub id (LLaVA-1.5 or LLaVA-NeXT)
     device: str = "auto"                # auto|cpu|cuda|cuda:N   (auto: CUDA when available)
     dtype: str = "auto"                 # auto|float16|bfloat16|float32 (auto: fp16 on CUDA, fp32 on CPU)
     token_budget: int = 64              # default budget; >= visual_tokens_full means no reduction
@@ -135,8 +126,8 @@ class VlmOutput:
     model: str
     reduction: str                      # "visionzip" or "none"
     token_budget: int                   # effective budget (visual_tokens_full when no reduction)
-    visual_tokens: int                  # fed to the LLM
-    visual_tokens_full: int             # before reduction (576 for LLaVA-1.5)
+    visual_tokens: int                  # fed to the LLM (AnyRes: crops x the budget's share per crop)
+    visual_tokens_full: int             # this image's count before reduction (576 for LLaVA-1.5)
     generated_tokens: int               # new tokens, counting the EOS token when generation stopped on it
     vision_ms: float                    # image preprocessing, vision encoder and projector
     reduction_ms: float                 # VisionZip selection + merge (0 for "none")
@@ -199,21 +190,12 @@ class _PrefixCache:
         self.nbytes = 0
 
 
-@dataclass
-class _VisualFeatures:
-    """Projected visual tokens for a batch of images, ready to be placed at the image placeholders."""
-
-    features: torch.Tensor              # [batch, visual_tokens, text_hidden]
-    reduction: str
-    vision_ms: float
-    reduction_ms: float
-
-
 class VlmEngine:
     """LLaVA + VisionZip inference. See the module docstring for the stages and the prefix cache.
 
-    Attributes: ``config``, ``model_name``, ``device``, ``dtype``, ``visual_tokens_full`` (visual
-    tokens the stock model feeds per image, 576 for LLaVA-1.5), ``context_tokens`` (the language
+    Attributes: ``config``, ``model_name``, ``device``, ``dtype``, ``family`` (the model-family
+    adapter), ``visual_tokens_full`` (the most visual tokens the stock model feeds for one image: 576
+    for LLaVA-1.5, 2928 for LLaVA-NeXT-7B; the largest useful budget), ``context_tokens`` (the language
     model's context length: prompt plus answer), ``model`` and ``processor`` (the loaded transformers
     objects).
     """
@@ -225,19 +207,13 @@ class VlmEngine:
         self.model_name = config.model.rstrip("/") or config.model
         self.device = _resolve_device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.device)
-        llava_config = _load_llava_config(config.model)
-        self.model, self.processor = _load_model_and_processor(config.model, self.dtype, self.device)
+        self.family = load_family(config.model, self.dtype, self.device, config.contextual_ratio, self._clock)
+        self.model, self.processor = self.family.model, self.family.processor
         self.tokenizer = self.processor.tokenizer
         self.image_processor = self.processor.image_processor
-
-        vision_config = llava_config.vision_config
-        self.feature_layer = llava_config.vision_feature_layer
-        self.select_strategy = llava_config.vision_feature_select_strategy
-        num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
-        # "default" drops CLS from the stock features, "full" keeps it.
-        self.visual_tokens_full = num_patches + (1 if self.select_strategy == "full" else 0)
-        self.context_tokens = llava_config.text_config.max_position_embeddings
-        self.image_token_id = llava_config.image_token_id
+        self.visual_tokens_full = self.family.visual_tokens_full
+        self.context_tokens = self.family.hf_config.text_config.max_position_embeddings
+        self.image_token_id = self.family.hf_config.image_token_id
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"
         if self.tokenizer.convert_tokens_to_ids(self.image_token) != self.image_token_id:
             raise ModelLoadError(
@@ -338,16 +314,18 @@ class VlmEngine:
                 hash(frame_key)
             except TypeError:
                 raise RequestError(f"frame_key must be hashable, e.g. ('front', 17); got {frame_key!r}") from None
-            cache_key_base = (self.model_name, frame_key, budget, self._reduction_settings(budget))
+            cache_key_base = (self.model_name, frame_key, budget,
+                              self.family.reduction_settings(image.shape[:2], budget))
 
-        visual: _VisualFeatures | None = None
+        visual_tokens = self.family.visual_token_count(image.shape[:2], budget)
+        visual: VisualTokens | None = None
         prefixes_this_call: dict[tuple[int, ...], _Prefix] = {}
         outputs = []
         check_stop = self._stop_checker(should_stop, completed=outputs)
         for prompt_index, prompt in enumerate(prompts):
             check_stop()
             start = self._clock()
-            prefix_ids, suffix_ids = self._tokenize_prompt(prompt, budget)
+            prefix_ids, suffix_ids = self._tokenize_prompt(prompt, visual_tokens)
             cache_key = None if cache_key_base is None else cache_key_base + (prefix_ids,)
             prefix = prefixes_this_call.get(prefix_ids)
             if prefix is None and cache_key is not None:
@@ -356,7 +334,7 @@ class VlmEngine:
             vision_ms = reduction_ms = prefix_prefill_ms = 0.0
             if prefix is None:
                 if visual is None:
-                    visual = self._encode_images([image], budget)
+                    visual = self.family.encode([image], budget)
                     vision_ms, reduction_ms = visual.vision_ms, visual.reduction_ms
                 check_stop()
                 prefill_start = self._clock()
@@ -377,7 +355,7 @@ class VlmEngine:
             tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling, check_stop,
                                                               on_step=stream)
             outputs.append(self._output(
-                prompt, tokens[0], budget, reduction=self._reduction_name(budget), vision_ms=vision_ms,
+                prompt, tokens[0], budget, image.shape[:2], visual_tokens, vision_ms=vision_ms,
                 reduction_ms=reduction_ms, prefill_ms=prefill_ms, start=start, first_token_time=first_token_time,
                 end_time=end_time, prefix_reused=reused, kv_cache_bytes=prefix.nbytes))
         return outputs
@@ -410,8 +388,10 @@ class VlmEngine:
         check_stop = self._stop_checker(should_stop)
         check_stop()
         start = self._clock()
-        rows = [prefix + suffix for prefix, suffix in (self._tokenize_prompt(p, budget) for p in prompts)]
-        visual = self._encode_images(list(images), budget)
+        counts = [self.family.visual_token_count(image.shape[:2], budget) for image in images]
+        rows = [prefix + suffix for prefix, suffix in (self._tokenize_prompt(prompt, count)
+                                                       for prompt, count in zip(prompts, counts))]
+        visual = self.family.encode(list(images), budget)
         check_stop()
         prefill_start = self._clock()
         length = max(len(row) for row in rows)
@@ -433,11 +413,11 @@ class VlmEngine:
         tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling, check_stop,
                                                           attention_mask=attention_mask, position_ids=position_ids)
         return [
-            self._output(prompt, row_tokens, budget, reduction=visual.reduction, vision_ms=visual.vision_ms,
+            self._output(prompt, row_tokens, budget, image.shape[:2], count, vision_ms=visual.vision_ms,
                          reduction_ms=visual.reduction_ms, prefill_ms=prefill_ms, start=start,
                          first_token_time=first_token_time, end_time=end_time, prefix_reused=False,
                          kv_cache_bytes=kv_bytes_per_row)
-            for prompt, row_tokens in zip(prompts, tokens)
+            for prompt, row_tokens, image, count in zip(prompts, tokens, images, counts)
         ]
 
     def clear_prefix_cache(self) -> None:
@@ -450,7 +430,7 @@ class VlmEngine:
             return
         self._closed = True
         self._prefix_cache.clear()
-        del self.model, self.processor, self.tokenizer, self.image_processor
+        del self.model, self.processor, self.tokenizer, self.image_processor, self.family
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -488,51 +468,13 @@ class VlmEngine:
         split = image_positions[-1] + 1
         return tuple(ids[:split]), tuple(ids[split:])
 
-    # ------------------------------------------------------------------ vision and reduction
-
-    def _reduction_name(self, budget: int) -> str:
-        return "visionzip" if budget < self.visual_tokens_full else "none"
-
-    def _reduction_settings(self, budget: int) -> tuple:
-        """What besides the budget decides a frame's visual tokens (part of the prefix cache key)."""
-        if budget >= self.visual_tokens_full:
-            return ("none", self.feature_layer, self.select_strategy)
-        return ("visionzip", self.feature_layer, split_budget(budget, self.config.contextual_ratio))
-
-    def _encode_images(self, images: list[np.ndarray], budget: int) -> _VisualFeatures:
-        """Visual tokens for `images`: ``features [len(images), budget, text_hidden]``.
-
-        Budget below ``visual_tokens_full``: VisionZip on the feature layer, CLS kept among the dominant
-        tokens, then the projector. Otherwise the model's own ``get_image_features``.
-        """
-        start = self._clock()
-        pixel_values = self.image_processor(images=images, return_tensors="pt",
-                                            input_data_format="channels_last")["pixel_values"]
-        pixel_values = pixel_values.to(self.device, self.dtype)  # [batch, 3, height, width]
-        llava = self.model.model
-        if budget >= self.visual_tokens_full:
-            image_outputs = llava.get_image_features(pixel_values=pixel_values,
-                                                     vision_feature_layer=self.feature_layer,
-                                                     vision_feature_select_strategy=self.select_strategy)
-            features = torch.stack(list(image_outputs.pooler_output))  # [batch, visual_tokens_full, text_hidden]
-            return _VisualFeatures(features, "none", self._ms_since(start), 0.0)
-
-        encoded = encode_for_visionzip(llava.vision_tower, pixel_values, self.feature_layer)
-        reduction_start = self._clock()
-        dominant, contextual = split_budget(budget, self.config.contextual_ratio)
-        tokens, _ = visionzip_compress(encoded.hidden_states, encoded.cls_attention, encoded.keys,
-                                       dominant, contextual)  # [batch, budget, vision_hidden]
-        projector_start = self._clock()
-        features = llava.multi_modal_projector(tokens)  # [batch, budget, text_hidden]
-        end = self._clock()
-        vision_ms = (reduction_start - start + end - projector_start) * 1000.0
-        return _VisualFeatures(features, "visionzip", vision_ms, (projector_start - reduction_start) * 1000.0)
+    # ------------------------------------------------------------------ visual tokens in the prompt
 
     def _embed_with_image(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the image placeholders replaced by `features`, as LlavaModel does.
 
-        input_ids ``[batch, length]`` holding ``budget`` image tokens per row; features ``[batch, budget,
-        text_hidden]``. Returns ``[batch, length, text_hidden]``.
+        input_ids ``[batch, length]`` holding each row's image's count of image tokens; features
+        ``[sum of counts, text_hidden]``, row 0's image first. Returns ``[batch, length, text_hidden]``.
         """
         inputs_embeds = self.model.get_input_embeddings()(input_ids)
         image_mask = (input_ids == self.image_token_id).unsqueeze(-1)  # [batch, length, 1]
@@ -544,7 +486,7 @@ class VlmEngine:
     def _prefill_prefix(self, prefix_ids: tuple[int, ...], features: torch.Tensor) -> _Prefix:
         """Run the LLM over the prefix (ids through the last visual token) of one image."""
         input_ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.device)
-        inputs_embeds = self._embed_with_image(input_ids, features[:1])
+        inputs_embeds = self._embed_with_image(input_ids, features)
         # The base language model: the prefix needs keys/values only, no logits.
         output = self.model.model.language_model(inputs_embeds=inputs_embeds, use_cache=True)
         return _Prefix(output.past_key_values, len(prefix_ids), _cache_nbytes(output.past_key_values))
@@ -624,14 +566,17 @@ class VlmEngine:
     def _decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
-    def _output(self, prompt: str, tokens: list[int], budget: int, *, reduction: str, vision_ms: float,
-                reduction_ms: float, prefill_ms: float, start: float, first_token_time: float, end_time: float,
-                prefix_reused: bool, kv_cache_bytes: int) -> VlmOutput:
+    def _output(self, prompt: str, tokens: list[int], budget: int, image_size: tuple[int, int], visual_tokens: int,
+                *, vision_ms: float, reduction_ms: float, prefill_ms: float, start: float, first_token_time: float,
+                end_time: float, prefix_reused: bool, kv_cache_bytes: int) -> VlmOutput:
         text = self._decode_text(tokens)
         total_ms = self._ms_since(start)
+        full = self.family.full_token_count(image_size)
+        reduced = self.family.reduced(image_size, budget)
         return VlmOutput(
-            prompt=prompt, text=text, model=self.model_name, reduction=reduction, token_budget=budget,
-            visual_tokens=budget, visual_tokens_full=self.visual_tokens_full, generated_tokens=len(tokens),
+            prompt=prompt, text=text, model=self.model_name, reduction="visionzip" if reduced else "none",
+            token_budget=budget if reduced else full, visual_tokens=visual_tokens, visual_tokens_full=full,
+            generated_tokens=len(tokens),
             vision_ms=vision_ms, reduction_ms=reduction_ms, prefill_ms=prefill_ms,
             ttft_ms=(first_token_time - start) * 1000.0, decode_ms=(end_time - first_token_time) * 1000.0,
             total_ms=total_ms, prefix_reused=prefix_reused, kv_cache_bytes=kv_cache_bytes)
@@ -649,11 +594,6 @@ class VlmEngine:
 
 
 # ---------------------------------------------------------------------- helpers (pure)
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
 
 def _first_not_none(*values):
     return next(value for value in values if value is not None)
@@ -810,74 +750,3 @@ def _resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
         raise ModelLoadError(f"dtype 'bfloat16' is not supported by {torch.cuda.get_device_name(device)}; "
                              f"use float16 or auto")
     return DTYPES[spec]
-
-
-def _looks_like_local_path(model: str) -> bool:
-    """True for paths (absolute, ./ ../ ~, or more than one '/'); hub ids are 'name' or 'org/name'."""
-    return (model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model)
-
-
-def _load_llava_config(model: str):
-    """The checkpoint's LlavaConfig, or a ModelLoadError saying what was found instead."""
-    from transformers import AutoConfig
-
-    path = pathlib.Path(model).expanduser()
-    if path.exists() or _looks_like_local_path(model):
-        if not path.exists():
-            raise ModelLoadError(f"model path {model!r} does not exist; give a LLaVA checkpoint directory or a "
-                                 f"hub id such as llava-hf/llava-1.5-7b-hf")
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"model path {model!r} is not a transformers checkpoint (no config.json); give a "
-                                 f"LLaVA checkpoint directory")
-        try:
-            raw = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(f"{model}/config.json cannot be read ({error}); re-download the checkpoint") from None
-        _check_llava_type(model, raw.get("model_type"), raw.get("architectures"))
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except Exception as error:
-        raise ModelLoadError(f"cannot load model {model!r}: {_first_line(error)}") from error
-    _check_llava_type(model, config.model_type, getattr(config, "architectures", None))
-    vision_type = config.vision_config.model_type
-    if vision_type != "clip_vision_model" or not isinstance(config.vision_feature_layer, int):
-        raise ModelLoadError(f"{model}: VisionZip needs a CLIP vision tower with one feature layer; this checkpoint "
-                             f"has {vision_type!r} with vision_feature_layer={config.vision_feature_layer!r}")
-    return config
-
-
-def _check_llava_type(model: str, model_type, architectures) -> None:
-    if model_type != "llava":
-        raise ModelLoadError(
-            f"{model} is not a LLaVA checkpoint: its config has model_type {model_type!r} "
-            f"(architectures {architectures!r}); use a LlavaForConditionalGeneration checkpoint such as "
-            f"llava-hf/llava-1.5-7b-hf")
-
-
-def _load_model_and_processor(model: str, dtype: torch.dtype, device: torch.device):
-    """LlavaForConditionalGeneration (eval, on `device`, SDPA as configured) and its processor."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    # Any failure inside transformers' loaders is a problem with the checkpoint's files: report it in
-    # one line and keep the original exception chained for logs.
-    try:
-        processor = AutoProcessor.from_pretrained(model)
-    except Exception as error:
-        raise ModelLoadError(f"cannot load the processor of {model!r}: {_first_line(error)}") from error
-    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
-        raise ModelLoadError(f"{model}: its processor ({type(processor).__name__}) has no image processor and "
-                             f"tokenizer; a LLaVA checkpoint needs both (processor_config.json, tokenizer files)")
-    try:
-        # Loaded on the CPU, then moved: placing weights directly on a device needs `accelerate`.
-        llava = LlavaForConditionalGeneration.from_pretrained(model, dtype=dtype)
-    except Exception as error:
-        raise ModelLoadError(f"cannot load the weights of {model!r}: {_first_line(error)}") from error
-    try:
-        llava = llava.to(device)
-    except torch.OutOfMemoryError:
-        del llava
-        gc.collect()
-        torch.cuda.empty_cache()
-        raise ModelLoadError(f"{model} in {str(dtype).removeprefix('torch.')} does not fit in the memory of "
-                             f"{device}; use a smaller model or free the GPU") from None
-    return llava.eval(), processor

@@ -32,7 +32,8 @@ class ParameterSpec:
 # Every parameter of the node, in one place. config/vlm.yaml lists the same names (a test checks).
 NODE_PARAMETERS = (
     ParameterSpec('model', 'llava-hf/llava-1.5-7b-hf',
-                  'LLaVA checkpoint (LlavaForConditionalGeneration): a local directory or a hub id'),
+                  'LLaVA-1.5 or LLaVA-NeXT checkpoint (LlavaForConditionalGeneration, '
+                  'LlavaNextForConditionalGeneration): a local directory or a hub id'),
     ParameterSpec('device', 'auto', 'auto (CUDA when available), cpu, cuda or cuda:N'),
     ParameterSpec('dtype', 'auto', 'auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32'),
     ParameterSpec('cameras', ['front'],
@@ -41,8 +42,9 @@ NODE_PARAMETERS = (
                   'image subscription QoS: sensor_data (best effort: reliable and best-effort '
                   'publishers both reach the node) or reliable (reliable publishers only)'),
     ParameterSpec('token_budget', 64,
-                  'visual tokens kept by VisionZip per image (1..the model\'s visual tokens, 576 for '
-                  'LLaVA-1.5); requests may override it', runtime=True),
+                  'visual tokens the LLM reads per image, kept by VisionZip (1..the model\'s largest '
+                  'full count: 576 for LLaVA-1.5, 2928 for LLaVA-NeXT-7B, whose crops share it evenly); '
+                  'requests may override it', runtime=True),
     ParameterSpec('dominant_ratio', 54 / 64,
                   'share of the budget given to dominant tokens (0 < r <= 1); the rest are '
                   'contextual tokens merged from the remainder'),
@@ -128,7 +130,8 @@ def parameter_problem(name: str, value: Any, *, visual_tokens_full: int | None =
                       max_new_tokens: int | None = None, question_max_chars: int | None = None) -> str | None:
     """Why `value` is not valid for parameter `name`, or None when it is.
 
-    visual_tokens_full: the loaded model's visual token count (bounds token_budget), None before load.
+    visual_tokens_full: the loaded model's largest visual token count per image (bounds token_budget),
+    None before load.
     max_new_tokens: the loaded model's limit (``max_new_tokens_limit``), None before load.
     question_max_chars: bounds describe_prompt.
     """

@@ -1,4 +1,4 @@
-"""Offline LLaVA checkpoints with random weights: ``vlm_tiny_model OUT_DIR --preset tiny|bench``.
+"""Offline LLaVA checkpoints with random weights: ``vlm_tiny_model OUT_DIR --preset PRESET``.
 
 No model weights can be downloaded where this package is tested, so the tests and benchmarks build
 their own LLaVA checkpoints: a ``LlavaConfig`` (CLIP vision tower + Llama language model) with
@@ -14,6 +14,11 @@ Presets:
          feature layer -2, "default" select strategy) with LLaVA-1.5-7B's cost proportions: a
          narrow vision tower that takes about 5 % of full-token time to first token and an
          8-layer, 2048-wide Llama whose 600-token prefill takes seconds on 2 CPU cores.
+  tiny-next   LLaVA-NeXT (AnyRes, ``LlavaNextForConditionalGeneration``) with the tiny preset's
+         sizes: 56 px crops (16 patches + CLS) and LLaVA-NeXT's grid pinpoints scaled by 1/6, so a
+         wide frame becomes a base image plus a 2x2 grid of crops.
+  bench-next  LLaVA-NeXT-7B's geometry (336 px crops, its ``image_grid_pinpoints``, a 1280x720 frame
+         = base + 2x2 grid = 1948 full visual tokens) with the bench preset's tower and Llama.
 
 The text they generate is meaningless; they exist to exercise and time the pipeline.
 """
@@ -27,7 +32,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
@@ -103,6 +108,17 @@ class Preset:
     # Larger than the usual 0.02 so that attention and MLP outputs are not swamped by the residual
     # stream: the random model's next token then depends on the image and the whole prompt.
     text_initializer_range: float
+    # AnyRes resolutions (height, width) of a LLaVA-NeXT checkpoint; None builds a LLaVA-1.5 one.
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+
+
+# LLaVA-NeXT's (llava-v1.6-*) image_grid_pinpoints, in 336 px crops.
+NEXT_GRID_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def _scaled_pinpoints(crop_size: int) -> tuple[tuple[int, int], ...]:
+    """NEXT_GRID_PINPOINTS for crops of `crop_size` px instead of 336 (same grid shapes)."""
+    return tuple((height * crop_size // 336, width * crop_size // 336) for height, width in NEXT_GRID_PINPOINTS)
 
 
 PRESETS: dict[str, Preset] = {
@@ -119,6 +135,8 @@ PRESETS: dict[str, Preset] = {
         max_position_embeddings=4096, tokenizer_vocab_size=1000, text_initializer_range=0.02,
     ),
 }
+PRESETS["tiny-next"] = replace(PRESETS["tiny"], grid_pinpoints=_scaled_pinpoints(56))
+PRESETS["bench-next"] = replace(PRESETS["bench"], grid_pinpoints=NEXT_GRID_PINPOINTS)
 
 
 def _train_tokenizer(vocab_size: int):
@@ -156,8 +174,8 @@ def _train_tokenizer(vocab_size: int):
 
 
 def _llava_config(preset: Preset, tokenizer):
-    """LlavaConfig for `preset` with token ids taken from `tokenizer`."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """LlavaConfig (or LlavaNextConfig with AnyRes pinpoints) for `preset`, token ids from `tokenizer`."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     vision_config = CLIPVisionConfig(
         hidden_size=preset.vision_hidden_size,
@@ -184,7 +202,7 @@ def _llava_config(preset: Preset, tokenizer):
         tie_word_embeddings=False,
     )
     num_patches = (preset.image_size // preset.patch_size) ** 2
-    return LlavaConfig(
+    common = dict(
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -193,28 +211,28 @@ def _llava_config(preset: Preset, tokenizer):
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
+    if preset.grid_pinpoints is None:
+        return LlavaConfig(**common)
+    return LlavaNextConfig(**common, image_grid_pinpoints=[list(pinpoint) for pinpoint in preset.grid_pinpoints])
 
 
 def _processor(preset: Preset, tokenizer):
-    """LlavaProcessor: CLIP preprocessing at the preset's resolution + tokenizer + chat template."""
-    from transformers import LlavaProcessor
+    """LlavaProcessor (LlavaNextProcessor for AnyRes): CLIP preprocessing at the preset's resolution,
+    tokenizer and chat template."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    # The PIL backend needs no torchvision; OpenAI CLIP's mean/std are its defaults.
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": preset.image_size},
-        crop_size={"height": preset.image_size, "width": preset.image_size},
-        do_center_crop=True,
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=preset.patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,
-    )
+    # The PIL backends need no torchvision; OpenAI CLIP's mean/std are their defaults.
+    sizes = dict(size={"shortest_edge": preset.image_size},
+                 crop_size={"height": preset.image_size, "width": preset.image_size}, do_center_crop=True)
+    common = dict(tokenizer=tokenizer, patch_size=preset.patch_size, vision_feature_select_strategy="default",
+                  chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+    if preset.grid_pinpoints is None:
+        return LlavaProcessor(image_processor=CLIPImageProcessorPil(**sizes), **common)
+    image_processor = LlavaNextImageProcessorPil(
+        **sizes, image_grid_pinpoints=[list(pinpoint) for pinpoint in preset.grid_pinpoints])
+    return LlavaNextProcessor(image_processor=image_processor, **common)
 
 
 def _read_marker(out_dir: pathlib.Path) -> dict | None:
@@ -250,7 +268,7 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0) -> pathlib.Pa
                          f"{preset!r} checkpoint with seed {seed}")
 
     import torch
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     spec = PRESETS[preset]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -261,7 +279,9 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0) -> pathlib.Pa
         # Weight init draws from torch's global generator: seed it, and leave it as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = LlavaForConditionalGeneration(config).eval()
+            model_class = LlavaForConditionalGeneration if spec.grid_pinpoints is None else \
+                LlavaNextForConditionalGeneration
+            model = model_class(config).eval()
         model.generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -294,7 +314,8 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (empty or new)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                         help="tiny: seconds to build and run; bench: LLaVA-1.5 token geometry and "
-                             "cost proportions (default: %(default)s)")
+                             "cost proportions; tiny-next, bench-next: the same as LLaVA-NeXT (AnyRes "
+                             "crops) checkpoints (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="weight init seed (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -304,8 +325,11 @@ def main(argv=None) -> int:
         return 2
     spec = PRESETS[args.preset]
     patches = (spec.image_size // spec.patch_size) ** 2
-    print(f"{path}: {args.preset} LLaVA checkpoint (seed {args.seed}), {spec.image_size} px images, "
-          f"{patches} visual tokens, {spec.vision_layers}-layer vision tower, "
+    family = "LLaVA" if spec.grid_pinpoints is None else "LLaVA-NeXT (AnyRes)"
+    images = f"{spec.image_size} px images" if spec.grid_pinpoints is None else \
+        f"{spec.image_size} px crops on grids {', '.join(f'{h}x{w}' for h, w in spec.grid_pinpoints)}"
+    print(f"{path}: {args.preset} {family} checkpoint with random weights (seed {args.seed}), {images}, "
+          f"{patches} visual tokens per crop, {spec.vision_layers}-layer vision tower, "
           f"{spec.text_layers}-layer {spec.text_hidden_size}-wide Llama")
     return 0
 

@@ -1,0 +1,178 @@
+"""What every model-family adapter shares: the visual-token record, the adapter interface, VisionZip on
+a batch of crops, and loading a checkpoint's weights and processor.
+
+An adapter turns images into a flat run of projected visual tokens plus their count per image; the
+engine places them at the prompt's image placeholders and never learns which family it runs.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from zip_vlm_ros.errors import ModelLoadError, first_line
+from zip_vlm_ros.visionzip import VisionZipFeatures, encode_for_visionzip, split_budget, visionzip_compress
+
+__all__ = ["FamilyAdapter", "VisualTokens", "check_clip_tower", "load_weights_and_processor"]
+
+ImageSize = tuple[int, int]  # (height, width) in pixels
+# encode_for_visionzip or encode_reference_style: (vision_tower, pixel_values, feature_layer) -> features
+Encoder = Callable[[torch.nn.Module, torch.Tensor, int], VisionZipFeatures]
+
+
+@dataclass
+class VisualTokens:
+    """Projected visual tokens for a list of images, in the order the prompt's placeholders take them."""
+
+    features: torch.Tensor              # [sum(counts), text_hidden]: image 0's tokens, then image 1's, ...
+    counts: list[int]                   # visual tokens of each image
+    reductions: list[str]               # per image: "visionzip" or "none"
+    vision_ms: float                    # preprocessing, vision encoder, projector, layout
+    reduction_ms: float                 # VisionZip selection + merge (0 when no image was reduced)
+
+
+@dataclass
+class CropTokens:
+    """``visionzip_compress`` output for a batch of crops, projected for the LLM."""
+
+    tokens: torch.Tensor                # [crops, dominant + contextual, text_hidden]
+    dominant_indices: torch.Tensor      # [crops, dominant] ascending positions in each crop's 1 + N tokens
+    contextual: int
+    reduction_ms: float
+
+
+class FamilyAdapter:
+    """One model family (LLaVA-1.5, LLaVA-NeXT, ...): config checks, preprocessing, the full-token and
+    VisionZip paths, and how an image's visual tokens are laid out in the prompt.
+
+    Subclasses set ``model_type`` (the checkpoint config's), ``label`` (for messages) and implement the
+    methods that raise NotImplementedError. ``image_size`` arguments are ``(height, width)`` pixels.
+    """
+
+    model_type = ""
+    label = ""
+
+    def __init__(self, name: str, hf_config, model, processor, contextual_ratio: float,
+                 clock: Callable[[], float]):
+        self.name = name
+        self.hf_config = hf_config
+        self.model = model
+        self.processor = processor
+        self.image_processor = processor.image_processor
+        self.contextual_ratio = contextual_ratio
+        self.clock = clock  # perf_counter after the device's queued work (the engine's)
+        self.feature_layer = hf_config.vision_feature_layer
+        self.select_strategy = hf_config.vision_feature_select_strategy
+        vision_config = hf_config.vision_config
+        self.patches_per_side = vision_config.image_size // vision_config.patch_size
+        self.tokens_per_crop = 1 + self.patches_per_side ** 2  # what the tower emits per crop, CLS first
+
+    @staticmethod
+    def model_class():
+        """The transformers class that loads this family's checkpoints."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, name: str, hf_config) -> None:
+        """ModelLoadError if this family's code cannot serve the checkpoint `hf_config` describes."""
+        check_clip_tower(name, hf_config)
+
+    @property
+    def visual_tokens_full(self) -> int:
+        """The most visual tokens the stock model feeds for one image (the upper end of token budgets)."""
+        raise NotImplementedError
+
+    def full_token_count(self, image_size: ImageSize) -> int:
+        """Visual tokens the stock model feeds for an image of this size."""
+        raise NotImplementedError
+
+    def visual_token_count(self, image_size: ImageSize, budget: int) -> int:
+        """Visual tokens the LLM reads for an image of this size at `budget` (>= 1)."""
+        raise NotImplementedError
+
+    def num_crops(self, image_size: ImageSize) -> int:
+        """Square crops the vision tower encodes for an image of this size (1: the image itself)."""
+        return 1
+
+    def reduction_settings(self, image_size: ImageSize, budget: int) -> tuple:
+        """Everything besides the pixels that decides an image's visual tokens (a prefix-cache key part)."""
+        raise NotImplementedError
+
+    def preprocess(self, images: list[np.ndarray]) -> dict:
+        """The image processor's tensors for ``HxWx3 uint8`` `images`, on the model's device and dtype."""
+        raise NotImplementedError
+
+    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, *,
+                      encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
+        """``(features [sum(counts), text_hidden], counts, reductions, reduction ms)`` from ``preprocess``
+        output. `encoder` feeds VisionZip (``encode_reference_style`` for side-by-side benchmarks)."""
+        raise NotImplementedError
+
+    def encode(self, images: list[np.ndarray], budget: int) -> VisualTokens:
+        """Visual tokens for ``HxWx3 uint8`` `images` at `budget`, as ``visual_token_count`` says."""
+        start = self.clock()
+        features, counts, reductions, reduction_ms = self.encode_pixels(
+            self.preprocess(images), [image.shape[:2] for image in images], budget)
+        vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
+        return VisualTokens(features, counts, reductions, vision_ms, reduction_ms)
+
+    # ------------------------------------------------------------------ shared by the families
+
+    def reduced(self, image_size: ImageSize, budget: int) -> bool:
+        return budget < self.full_token_count(image_size)
+
+    def compress_crops(self, pixel_values: torch.Tensor, per_crop: int,
+                       encoder: Encoder = encode_for_visionzip) -> CropTokens:
+        """VisionZip on every crop: ``pixel_values [crops, 3, H, W]`` -> `per_crop` projected tokens each.
+
+        Every crop gets the same ``split_budget(per_crop)`` dominant/contextual split; CLS is kept among
+        the dominant tokens and projected like a patch, as in the VisionZip reference.
+        """
+        llava = self.model.model
+        encoded = encoder(llava.vision_tower, pixel_values, self.feature_layer)
+        reduction_start = self.clock()
+        dominant, contextual = split_budget(per_crop, self.contextual_ratio)
+        tokens, dominant_indices = visionzip_compress(*encoded, dominant, contextual)  # [crops, per_crop, hidden]
+        reduction_ms = (self.clock() - reduction_start) * 1000.0
+        return CropTokens(llava.multi_modal_projector(tokens), dominant_indices, contextual, reduction_ms)
+
+
+def check_clip_tower(name: str, hf_config) -> None:
+    """VisionZip reads one CLIP layer's attention: a CLIP tower and a single integer feature layer."""
+    vision_type = hf_config.vision_config.model_type
+    if vision_type != "clip_vision_model" or not isinstance(hf_config.vision_feature_layer, int):
+        raise ModelLoadError(f"{name}: VisionZip needs a CLIP vision tower with one feature layer; this checkpoint "
+                             f"has {vision_type!r} with vision_feature_layer={hf_config.vision_feature_layer!r}")
+
+
+def load_weights_and_processor(name: str, model_class, dtype: torch.dtype, device: torch.device):
+    """``model_class.from_pretrained`` (eval, on `device`, SDPA as configured) and its processor."""
+    from transformers import AutoProcessor
+
+    # Any failure inside transformers' loaders is a problem with the checkpoint's files: report it in
+    # one line and keep the original exception chained for logs.
+    try:
+        processor = AutoProcessor.from_pretrained(name)
+    except Exception as error:
+        raise ModelLoadError(f"cannot load the processor of {name!r}: {first_line(error)}") from error
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise ModelLoadError(f"{name}: its processor ({type(processor).__name__}) has no image processor and "
+                             f"tokenizer; a LLaVA checkpoint needs both (processor_config.json, tokenizer files)")
+    try:
+        # Loaded on the CPU, then moved: placing weights directly on a device needs `accelerate`.
+        model = model_class.from_pretrained(name, dtype=dtype)
+    except Exception as error:
+        raise ModelLoadError(f"cannot load the weights of {name!r}: {first_line(error)}") from error
+    try:
+        model = model.to(device)
+    except torch.OutOfMemoryError:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        raise ModelLoadError(f"{name} in {str(dtype).removeprefix('torch.')} does not fit in the memory of "
+                             f"{device}; use a smaller model or free the GPU") from None
+    return model.eval(), processor

@@ -1,0 +1,65 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): one image resized to the tower's square input.
+
+Full path: the model's own ``get_image_features`` (``N`` patches, plus CLS under the "full" strategy).
+Reduced path: VisionZip on the one crop; the LLM reads its tokens as ``visionzip_compress`` orders them
+(CLS, dominant patches in sequence order, contextual tokens).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from zip_vlm_ros.models.base import Encoder, FamilyAdapter, ImageSize
+from zip_vlm_ros.visionzip import encode_for_visionzip
+
+__all__ = ["LlavaAdapter"]
+
+
+class LlavaAdapter(FamilyAdapter):
+    model_type = "llava"
+    label = "LLaVA-1.5"
+
+    @staticmethod
+    def model_class():
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    @property
+    def visual_tokens_full(self) -> int:
+        # "default" drops CLS from the stock features, "full" keeps it.
+        return self.patches_per_side ** 2 + (1 if self.select_strategy == "full" else 0)
+
+    def full_token_count(self, image_size: ImageSize) -> int:
+        return self.visual_tokens_full
+
+    def visual_token_count(self, image_size: ImageSize, budget: int) -> int:
+        return min(budget, self.visual_tokens_full)
+
+    def reduction_settings(self, image_size: ImageSize, budget: int) -> tuple:
+        if not self.reduced(image_size, budget):
+            return ("none", self.feature_layer, self.select_strategy)
+        return ("visionzip", self.feature_layer, budget, self.contextual_ratio)
+
+    def preprocess(self, images: list[np.ndarray]) -> dict:
+        pixel_values = self.image_processor(images=images, return_tensors="pt",
+                                            input_data_format="channels_last")["pixel_values"]
+        return {"pixel_values": pixel_values.to(self.model.device, self.model.dtype)}  # [batch, 3, height, width]
+
+    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, *,
+                      encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
+        """All images in one tower forward: ``[len(images) * count, text_hidden]`` features."""
+        count = self.visual_token_count(image_sizes[0], budget)
+        reduction = "visionzip" if self.reduced(image_sizes[0], budget) else "none"
+        if reduction == "none":
+            image_outputs = self.model.model.get_image_features(
+                pixel_values=pixels["pixel_values"], vision_feature_layer=self.feature_layer,
+                vision_feature_select_strategy=self.select_strategy)
+            features = torch.cat(list(image_outputs.pooler_output))  # [batch * visual_tokens_full, text_hidden]
+            reduction_ms = 0.0
+        else:
+            crops = self.compress_crops(pixels["pixel_values"], budget, encoder)
+            features = crops.tokens.flatten(0, 1)  # [batch * budget, text_hidden]
+            reduction_ms = crops.reduction_ms
+        return features, [count] * len(image_sizes), [reduction] * len(image_sizes), reduction_ms

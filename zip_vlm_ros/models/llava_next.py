@@ -1,0 +1,112 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): AnyRes, a base image plus a grid of crops.
+
+Full path: the model's own ``get_image_features`` (base patches, then the stitched grid unpadded with
+an ``image_newline`` token after each row), so the answer is stock ``generate``'s token for token.
+Reduced path: VisionZip on every crop (base and grid) with the same per-crop share of the budget
+(``split_budget_over_crops``), laid out as the VisionZip authors do (``anyres_visionzip_layout``).
+A frame's full count depends on its aspect ratio: 1948 tokens for 1280x720 on LLaVA-NeXT-7B.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from zip_vlm_ros.anyres import (anyres_full_token_count, anyres_grid_shape, anyres_visionzip_layout,
+                                split_budget_over_crops)
+from zip_vlm_ros.errors import ModelLoadError
+from zip_vlm_ros.models.base import Encoder, FamilyAdapter, ImageSize, check_clip_tower
+from zip_vlm_ros.visionzip import encode_for_visionzip
+
+__all__ = ["LlavaNextAdapter"]
+
+
+class LlavaNextAdapter(FamilyAdapter):
+    model_type = "llava_next"
+    label = "LLaVA-NeXT"
+
+    def __init__(self, name: str, hf_config, model, processor, contextual_ratio: float, clock):
+        super().__init__(name, hf_config, model, processor, contextual_ratio, clock)
+        self.grid_pinpoints = [list(pinpoint) for pinpoint in hf_config.image_grid_pinpoints]
+        self.crop_size = hf_config.vision_config.image_size
+        crop = getattr(self.image_processor, "crop_size", None) or {}
+        crop_height = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)
+        processor_pinpoints = [list(p) for p in getattr(self.image_processor, "image_grid_pinpoints", []) or []]
+        if crop_height != self.crop_size or processor_pinpoints != self.grid_pinpoints:
+            raise ModelLoadError(
+                f"{name}: the image processor cuts {crop_height} px crops on grids {processor_pinpoints}, but the "
+                f"model expects {self.crop_size} px crops on {self.grid_pinpoints}; the processor and model files "
+                f"come from different checkpoints")
+        self._visual_tokens_full = max(self.full_token_count(tuple(pinpoint)) for pinpoint in self.grid_pinpoints)
+
+    @staticmethod
+    def model_class():
+        from transformers import LlavaNextForConditionalGeneration
+
+        return LlavaNextForConditionalGeneration
+
+    @classmethod
+    def check_config(cls, name: str, hf_config) -> None:
+        check_clip_tower(name, hf_config)
+        # The stock AnyRes packing reshapes N patches per crop into a P x P grid: CLS must be dropped.
+        if hf_config.vision_feature_select_strategy != "default" or not hf_config.image_grid_pinpoints:
+            raise ModelLoadError(
+                f"{name}: LLaVA-NeXT support needs vision_feature_select_strategy 'default' and image_grid_pinpoints; "
+                f"this checkpoint has {hf_config.vision_feature_select_strategy!r} and "
+                f"{hf_config.image_grid_pinpoints!r}")
+
+    @property
+    def visual_tokens_full(self) -> int:
+        """The full count of an image whose aspect ratio fits its grid exactly (no unpadding), largest grid."""
+        return self._visual_tokens_full
+
+    def full_token_count(self, image_size: ImageSize) -> int:
+        return anyres_full_token_count(image_size, self.grid_pinpoints, self.crop_size, self.patches_per_side)
+
+    def grid_shape(self, image_size: ImageSize) -> tuple[int, int]:
+        return anyres_grid_shape(image_size, self.grid_pinpoints, self.crop_size)
+
+    def num_crops(self, image_size: ImageSize) -> int:
+        grid_height, grid_width = self.grid_shape(image_size)
+        return 1 + grid_height * grid_width
+
+    def tokens_per_crop_at(self, image_size: ImageSize, budget: int) -> int:
+        return split_budget_over_crops(budget, self.num_crops(image_size), self.tokens_per_crop)
+
+    def visual_token_count(self, image_size: ImageSize, budget: int) -> int:
+        if not self.reduced(image_size, budget):
+            return self.full_token_count(image_size)
+        return self.num_crops(image_size) * self.tokens_per_crop_at(image_size, budget)
+
+    def reduction_settings(self, image_size: ImageSize, budget: int) -> tuple:
+        if not self.reduced(image_size, budget):
+            return ("none", self.feature_layer, self.select_strategy)
+        return ("visionzip", self.feature_layer, self.tokens_per_crop_at(image_size, budget), self.contextual_ratio)
+
+    def preprocess(self, images: list[np.ndarray]) -> dict:
+        inputs = self.image_processor(images=images, return_tensors="pt", input_data_format="channels_last")
+        # pixel_values: [batch, max_crops, 3, H, W], padded after each image's real crops.
+        return {"pixel_values": inputs["pixel_values"].to(self.model.device, self.model.dtype),
+                "image_sizes": inputs["image_sizes"]}
+
+    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, *,
+                      encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
+        """One tower forward per image over its crops."""
+        features, reductions, reduction_ms = [], [], 0.0
+        for index, image_size in enumerate(image_sizes):
+            if self.reduced(image_size, budget):
+                grid_shape = self.grid_shape(image_size)
+                crops = pixels["pixel_values"][index, :self.num_crops(image_size)]  # [num_crops, 3, H, W]
+                compressed = self.compress_crops(crops, self.tokens_per_crop_at(image_size, budget), encoder)
+                features.append(anyres_visionzip_layout(compressed.tokens, compressed.dominant_indices,
+                                                        compressed.contextual, grid_shape, self.patches_per_side))
+                reduction_ms += compressed.reduction_ms
+                reductions.append("visionzip")
+            else:
+                image_outputs = self.model.model.get_image_features(
+                    pixel_values=pixels["pixel_values"][index:index + 1],
+                    image_sizes=pixels["image_sizes"][index:index + 1],
+                    vision_feature_layer=self.feature_layer, vision_feature_select_strategy=self.select_strategy)
+                features.append(image_outputs.pooler_output[0])  # [full count, text_hidden]
+                reductions.append("none")
+        return torch.cat(features), [len(image_features) for image_features in features], reductions, reduction_ms
