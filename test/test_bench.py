@@ -74,6 +74,32 @@ def test_frame_questions_with_and_without_reuse(quick_run):
         assert [row[f"q{i}_prefix_reused"] for i in range(1, 6)] == [False] + [reuse] * 4
 
 
+def test_floor_rows_compare_the_engine_with_bare_calls_over_the_same_tokens(quick_run):
+    rows = {(row["kind"], row["budget"]): row for row in quick_run["floors"]}
+    decodes = {row["budget"]: row["generated_tokens"] for row in quick_run["budgets"]}["8"] > 1
+    assert set(rows) == {("first", "8"), ("later", "full"), ("later", "8")} | ({("decode", "8")} if decodes else set())
+    # The first question's forward reads the stock prompt with 8 visual tokens instead of 16.
+    assert rows["first", "8"]["tokens"] == quick_run["stock_generate"]["prompt_tokens"] - 16 + 8
+    # A later question's forward reads its own tokens only, whatever the budget.
+    assert rows["later", "full"]["tokens"] == rows["later", "8"]["tokens"] < rows["first", "8"]["tokens"] - 8
+    for row in rows.values():
+        assert row["engine_ms"] > 0 and row["bare_ms"] > 0
+        assert row["engine_median_ms"] >= row["engine_ms"] and row["bare_median_ms"] >= row["bare_ms"]
+
+
+def test_runs_are_summarized_by_their_minimum_and_median():
+    runs = [{"ms": 3.0, "text": "a", "peak": None, "steps": 4},
+            {"ms": 1.0, "text": "a", "peak": 7, "steps": 4},
+            {"ms": 2.0, "text": "b", "peak": 5, "steps": 4}]
+    assert bench.fieldwise(runs, min) == {"ms": 1.0, "text": None, "peak": None, "steps": 4}
+    assert bench.fieldwise(runs[:2], max) == {"ms": 3.0, "text": "a", "peak": None, "steps": 4}
+    calls = iter(range(10))
+    measured = bench.measure_interleaved({"row": lambda: {"ms": [5.0, 9.0, 4.0, 6.0, 8.0][next(calls)]}},
+                                         repeats=4, track_memory=False)
+    # The first call is the warm-up; the four timed runs are 9, 4, 6, 8.
+    assert measured == {"row": {"ms": 4.0, "median": {"ms": 7.0}}}
+
+
 def test_targets_are_all_evaluated(quick_run, capsys):
     names = [target["name"] for target in quick_run["targets"]]
     assert names == [target.name for target in bench.TARGETS.values()]
@@ -83,7 +109,7 @@ def test_targets_are_all_evaluated(quick_run, capsys):
     # Only the memory ratio may be undefined (the tiny tower's stages can fit in already-mapped pages).
     assert all(t["ratio"] is not None for t in quick_run["targets"] if "memory" not in t["name"])
     report = bench.format_report(quick_run)
-    assert "ratios vs targets:" in report and "stock generate" in report
+    assert "ratios vs targets:" in report and "stock generate" in report and "floors:" in report
 
 
 def test_peak_memory_counts_memory_freed_and_allocated_again():

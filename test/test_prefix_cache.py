@@ -51,6 +51,78 @@ def test_reuse_is_token_for_token_from_scratch_and_does_not_mutate_the_shared_pr
     assert all(o.kv_cache_bytes == outputs[0].kv_cache_bytes > 0 for o in outputs)
 
 
+@pytest.mark.parametrize("sampling", [None, SamplingOptions(do_sample=True, temperature=0.9, top_k=50, seed=5)],
+                         ids=["greedy", "seeded-sampling"])
+@pytest.mark.parametrize("budget", [FULL, 8, 3])
+def test_exactness_contract_over_frames_budgets_and_question_orders(cached, uncached, budget, sampling):
+    """float32: every answer on a reused prefix (kept from another question's one-forward prompt) is the
+    from-scratch answer, token for token, whichever question came first."""
+    orders = [QUESTIONS, QUESTIONS[::-1], [QUESTIONS[1], QUESTIONS[2], QUESTIONS[0]]]
+    for index, (key, image) in enumerate(FRAMES.items()):
+        questions = orders[index % len(orders)]
+        reused = [cached.generate(image, q, token_budget=budget, frame_key=key, max_new_tokens=12,
+                                  sampling=sampling) for q in questions]
+        scratch = [uncached.generate(image, q, token_budget=budget, max_new_tokens=12, sampling=sampling)
+                   for q in questions]
+        assert [o.prefix_reused for o in reused] == [False, True, True]
+        assert [(o.text, o.generated_tokens) for o in reused] == [(o.text, o.generated_tokens) for o in scratch]
+        assert len({o.text for o in reused}) > 1  # the answers depend on the question
+
+
+def _language_model_calls(engine):
+    """A list that records the number of positions of every forward of the engine's language model."""
+    calls = []
+    hook = engine.model.model.language_model.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    return calls, hook
+
+
+def test_first_question_is_one_forward_and_later_ones_read_only_their_own_tokens(cached, uncached):
+    key, image = ("front", 0), FRAMES[("front", 0)]
+    calls, hook = _language_model_calls(cached)
+    try:
+        first = cached.generate(image, QUESTIONS[1], token_budget=8, frame_key=key, max_new_tokens=1)
+        first_calls = list(calls)
+        calls.clear()
+        later = cached.generate(image, QUESTIONS[2], token_budget=8, frame_key=key, max_new_tokens=1)
+    finally:
+        hook.remove()
+    prefix_ids, first_suffix = cached._tokenize_prompt(QUESTIONS[1], 8)
+    _, later_suffix = cached._tokenize_prompt(QUESTIONS[2], 8)
+    assert not first.prefix_reused and later.prefix_reused
+    assert first_calls == [len(prefix_ids) + len(first_suffix)]
+    assert calls == [len(later_suffix)]
+    # The prefix is held as views of the first prompt's cache: its positions plus the question's stay alive.
+    per_position = first.kv_cache_bytes / len(prefix_ids)
+    assert cached.prefix_cache_bytes == per_position * (len(prefix_ids) + len(first_suffix))
+
+
+def test_a_prefix_view_shares_memory_and_survives_both_continuations(uncached):
+    """The first question decodes on its prompt cache while the frame keeps a view of its prefix: neither
+    continuation writes into the shared tensors."""
+    import torch
+
+    from zip_vlm_ros.engine import _fork_cache
+
+    language_model = uncached.model
+    prompt = language_model(input_ids=torch.tensor([[1, 5, 9, 14, 3, 11, 12]]), use_cache=True).past_key_values
+    snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in prompt.layers]
+    prefix = _fork_cache(prompt, 5)
+    assert prefix.get_seq_length() == 5
+    for view, layer in zip(prefix.layers, prompt.layers):
+        assert view.keys.data_ptr() == layer.keys.data_ptr() and view.values.data_ptr() == layer.values.data_ptr()
+
+    language_model(input_ids=torch.tensor([[2]]), past_key_values=prompt, use_cache=True)    # first question
+    later = _fork_cache(prefix)
+    language_model(input_ids=torch.tensor([[7, 8]]), past_key_values=later, use_cache=True)  # a later one
+    assert prompt.get_seq_length() == 8 and later.get_seq_length() == 7 and prefix.get_seq_length() == 5
+    for view, (keys, values) in zip(prefix.layers, snapshot):
+        assert torch.equal(view.keys, keys[..., :5, :]) and torch.equal(view.values, values[..., :5, :])
+    # The later question's prefix positions are the kept ones, not recomputed.
+    for layer, (keys, _) in zip(later.layers, snapshot):
+        assert torch.equal(layer.keys[..., :5, :], keys[..., :5, :])
+
+
 def test_a_forked_cache_grows_without_touching_the_shared_tensors(uncached):
     """The invariant the prefix cache rests on, checked on the tensors themselves."""
     import torch
@@ -133,8 +205,12 @@ def test_lru_eviction_by_entries(tiny_model_dir):
         engine.close()
 
 
-def test_lru_eviction_by_bytes_and_oversized_entries(tiny_model_dir, uncached):
-    entry_bytes = uncached.generate(FRAMES[A], QUESTIONS[0], max_new_tokens=1).kv_cache_bytes
+def test_lru_eviction_by_bytes_and_oversized_entries(tiny_model_dir, cached):
+    # An entry holds its first prompt's whole cache: the prefix's positions and the question's.
+    assert _reuse_pattern(cached, [A]) == [False]
+    entry_bytes = cached.prefix_cache_bytes
+    prefix_bytes = cached.generate(FRAMES[A], QUESTIONS[0], frame_key=A, max_new_tokens=1).kv_cache_bytes
+    assert entry_bytes > prefix_bytes > 0
     engine = _engine(tiny_model_dir, prefix_cache_entries=100, prefix_cache_bytes=2 * entry_bytes + entry_bytes // 2)
     try:
         assert _reuse_pattern(engine, LRU_KEYS) == LRU_REUSED
@@ -151,3 +227,26 @@ def test_lru_eviction_by_bytes_and_oversized_entries(tiny_model_dir, uncached):
 
 def test_zero_entries_disables_the_cache(uncached):
     assert _reuse_pattern(uncached, [A, A]) == [False, False]
+
+
+@pytest.mark.parametrize("sampling", [None, SamplingOptions(do_sample=True, temperature=0.9, top_k=50, seed=7)],
+                         ids=["greedy", "seeded-sampling"])
+def test_llava_next_reuse_is_the_from_scratch_answer(tiny_next_model_dir, sampling):
+    """The one-forward first question and the kept prefix views hold for AnyRes frames too: frames of two
+    aspect ratios (different crop grids and unpadding), at full tokens and under VisionZip."""
+    cached, uncached = _engine(tiny_next_model_dir), _engine(tiny_next_model_dir, prefix_cache_entries=0)
+    try:
+        coffee = FRAMES[("front", 1)]  # 400x600
+        frames = {("wide", 0): coffee, ("tall", 1): coffee[:, 150:350].copy()}
+        for budget in (10_000, 20):
+            for key, image in frames.items():
+                reused = [cached.generate(image, q, token_budget=budget, frame_key=(key, budget), max_new_tokens=10,
+                                          sampling=sampling) for q in QUESTIONS]
+                scratch = [uncached.generate(image, q, token_budget=budget, max_new_tokens=10, sampling=sampling)
+                           for q in QUESTIONS]
+                assert [o.prefix_reused for o in reused] == [False, True, True]
+                assert [(o.text, o.generated_tokens) for o in reused] == [(o.text, o.generated_tokens)
+                                                                          for o in scratch]
+    finally:
+        cached.close()
+        uncached.close()

@@ -9,15 +9,23 @@ One request runs in four stages, each timed:
 2. reduction  VisionZip (``zip_vlm_ros.visionzip``) keeps ``token_budget`` of the visual tokens when the
               budget is below the image's full count (576 for LLaVA-1.5; for LLaVA-NeXT it depends on
               the aspect ratio, 1948 for 1280x720); otherwise the stock features are used unchanged;
-3. prefill    the language model reads the prompt: first the *prefix* (the prompt up to and including
-              the visual tokens), then the question's own tokens (the *suffix*);
+3. prefill    the language model reads the prompt: the *prefix* (the prompt up to and including the
+              visual tokens) and the question's own tokens (the *suffix*);
 4. decode     greedy or sampled tokens until EOS or ``max_new_tokens``.
 
 VisionZip's selection does not depend on the question, so the prefix - vision, reduction, projection
-and its LLM key/value cache - is the same for every question about one frame. It is computed once per
-frame (``frame_key``) and kept in a small LRU cache; each question prefills only its suffix on a copy of
-the cached keys/values. Every path prefills prefix and suffix separately, so an answer computed with a
-reused prefix is token-for-token the answer computed from scratch.
+and its LLM key/value cache - is the same for every question about one frame. A frame's first question
+runs prefix and suffix in ONE forward, the least work any prompt can cost; the first ``len(prefix)``
+positions of that forward's key/value cache are kept for the frame (``frame_key``) in a small LRU cache
+as views, not copies. Later questions on the frame run one forward over their own tokens on a fork of
+those views. No tensor of a cached prefix is ever written: transformers' ``DynamicLayer`` grows a cache
+by concatenating into new tensors.
+
+Exactness: in float32 an answer computed on a reused prefix equals the from-scratch answer token for
+token (the tests check frames, budgets, questions, greedy and seeded sampling). The two computations
+differ only in how the prompt is split into forwards, so their logits differ by float rounding (a few
+1e-6 in float32); in float16/bfloat16 that rounding is larger and an answer may differ, as it may with
+any change of batch shape.
 
 Stages 1-2 and the layout of the visual tokens in the prompt belong to the checkpoint's model family
 (``zip_vlm_ros.models``: LLaVA-1.5, LLaVA-NeXT); the engine only places an adapter's flat run of visual
@@ -131,29 +139,30 @@ class VlmOutput:
     generated_tokens: int               # new tokens, counting the EOS token when generation stopped on it
     vision_ms: float                    # image preprocessing, vision encoder and projector
     reduction_ms: float                 # VisionZip selection + merge (0 for "none")
-    prefill_ms: float                   # LLM forward over the prompt (prefix + question)
+    prefill_ms: float                   # LLM forward over the prompt (prefix + question; question only if reused)
     ttft_ms: float                      # request start to the first generated token
     decode_ms: float                    # the remaining tokens
     total_ms: float
     prefix_reused: bool                 # the frame's prefix (vision + its KV cache) came from the cache
-    kv_cache_bytes: int                 # KV cache bytes held for the prompt prefix incl. visual tokens
+    kv_cache_bytes: int                 # KV cache bytes of the prompt prefix incl. visual tokens
 
 
 @dataclass
 class _Prefix:
     """A frame's prompt prefix after prefill: the LLM key/value cache up to the last visual token.
 
-    ``kv_cache`` is shared by every question on the frame and is never mutated: each question
-    continues from a fork of it (``_fork_cache``).
+    ``kv_cache`` holds views of the first question's prompt cache (``_fork_cache(cache, length)``). It
+    is shared by every question on the frame and never written: each question continues from a fork.
     """
 
     kv_cache: object                    # transformers Cache, [1, kv_heads, length, head_dim] per layer
     length: int
-    nbytes: int
+    nbytes: int                         # bytes of the prefix positions' keys and values
+    held_bytes: int                     # bytes the views keep alive: the first question's whole prompt cache
 
 
 class _PrefixCache:
-    """LRU map of prefix key -> _Prefix, bounded by entry count and total bytes.
+    """LRU map of prefix key -> _Prefix, bounded by entry count and total bytes (``held_bytes``).
 
     An entry larger than the byte bound is not stored (it would evict everything for nothing).
     """
@@ -174,16 +183,16 @@ class _PrefixCache:
         return prefix
 
     def put(self, key: Hashable, prefix: _Prefix) -> None:
-        if self.max_entries < 1 or prefix.nbytes > self.max_bytes:
+        if self.max_entries < 1 or prefix.held_bytes > self.max_bytes:
             return
         if key in self._entries:
-            self.nbytes -= self._entries.pop(key).nbytes
+            self.nbytes -= self._entries.pop(key).held_bytes
         while self._entries and (len(self._entries) >= self.max_entries
-                                 or self.nbytes + prefix.nbytes > self.max_bytes):
+                                 or self.nbytes + prefix.held_bytes > self.max_bytes):
             _, evicted = self._entries.popitem(last=False)
-            self.nbytes -= evicted.nbytes
+            self.nbytes -= evicted.held_bytes
         self._entries[key] = prefix
-        self.nbytes += prefix.nbytes
+        self.nbytes += prefix.held_bytes
 
     def clear(self) -> None:
         self._entries.clear()
@@ -296,8 +305,9 @@ class VlmEngine:
                       should_stop: ShouldStop | None = None, on_token: OnToken | None = None) -> list[VlmOutput]:
         """Answer several prompts about one image, in order, computing the image prefix once.
 
-        The first prompt pays for vision, reduction and the prefix prefill (unless `frame_key` finds
-        them cached); the others report ``prefix_reused=True`` and only their own work in the timings.
+        The first prompt pays for vision, reduction and one forward over the prefix and its own tokens
+        (unless `frame_key` finds the prefix cached); the others run one forward over their own tokens,
+        report ``prefix_reused=True`` and only their own work in the timings.
         With a seed, each prompt samples from a generator seeded afresh, as separate calls would.
         `should_stop` and `on_token` as in ``generate``; GenerationStopped.completed holds the prompts
         answered before; StreamedText.prompt_index says which prompt a step belongs to.
@@ -331,26 +341,25 @@ class VlmEngine:
             if prefix is None and cache_key is not None:
                 prefix = self._prefix_cache.get(cache_key)
             reused = prefix is not None
-            vision_ms = reduction_ms = prefix_prefill_ms = 0.0
+            vision_ms = reduction_ms = 0.0
             if prefix is None:
                 if visual is None:
                     visual = self.family.encode([image], budget)
                     vision_ms, reduction_ms = visual.vision_ms, visual.reduction_ms
                 check_stop()
                 prefill_start = self._clock()
-                prefix = self._prefill_prefix(prefix_ids, visual.features)
-                prefix_prefill_ms = self._ms_since(prefill_start)
+                logits, kv_cache = self._prefill_prompt(prefix_ids + suffix_ids, visual.features)
+                prefill_ms = self._ms_since(prefill_start)
+                prefix = _Prefix(_fork_cache(kv_cache, len(prefix_ids)), len(prefix_ids),
+                                 _cache_nbytes(kv_cache, positions=len(prefix_ids)), _cache_nbytes(kv_cache))
                 prefixes_this_call[prefix_ids] = prefix
                 if cache_key is not None:
                     self._prefix_cache.put(cache_key, prefix)
-
-            check_stop()
-            suffix_start = self._clock()
-            kv_cache = _fork_cache(prefix.kv_cache)
-            suffix = torch.tensor([suffix_ids], dtype=torch.long, device=self.device)
-            logits = self.model(input_ids=suffix, past_key_values=kv_cache, use_cache=True,
-                                logits_to_keep=1).logits[:, -1].float()
-            prefill_ms = prefix_prefill_ms + self._ms_since(suffix_start)
+            else:
+                check_stop()
+                prefill_start = self._clock()
+                logits, kv_cache = self._prefill_suffix(suffix_ids, prefix)
+                prefill_ms = self._ms_since(prefill_start)
             stream = self._text_stream(on_token, prompt_index, start)
             tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling, check_stop,
                                                               on_step=stream)
@@ -367,7 +376,8 @@ class VlmEngine:
                        should_stop: ShouldStop | None = None) -> list[VlmOutput]:
         """Answer ``prompts[i]`` about ``images[i]`` for several cameras in one batched forward.
 
-        Prompts are left-padded with an attention mask; each row stops at its own EOS. Vision,
+        As a frame's first question in ``generate_many``, each row's prefix and question are read in
+        that one forward. Prompts are left-padded with an attention mask; each row stops at its own EOS. Vision,
         reduction, prefill and decode times are the batch's (the same in every output); token counts
         are per row and ``kv_cache_bytes`` is the row's share of the batch's prompt cache. The
         prefix cache is not used. `should_stop` as in ``generate``.
@@ -419,6 +429,14 @@ class VlmEngine:
                          kv_cache_bytes=kv_bytes_per_row)
             for prompt, row_tokens, image, count in zip(prompts, tokens, images, counts)
         ]
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Memory the cached frame prefixes hold now (what ``EngineConfig.prefix_cache_bytes`` bounds).
+
+        A prefix is a view of its frame's first prompt cache, so this counts that whole prompt.
+        """
+        return self._prefix_cache.nbytes
 
     def clear_prefix_cache(self) -> None:
         """Drop every cached frame prefix (and the device memory it holds)."""
@@ -483,13 +501,26 @@ class VlmEngine:
 
     # ------------------------------------------------------------------ language model
 
-    def _prefill_prefix(self, prefix_ids: tuple[int, ...], features: torch.Tensor) -> _Prefix:
-        """Run the LLM over the prefix (ids through the last visual token) of one image."""
-        input_ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.device)
+    def _prefill_prompt(self, prompt_ids: tuple[int, ...], features: torch.Tensor):
+        """One LLM forward over a whole prompt about one image: the frame's first question.
+
+        prompt_ids: the prompt with the image's visual tokens; features ``[visual_tokens, text_hidden]``.
+        Returns ``(last-position logits [1, vocab] float32, the prompt's key/value cache)``.
+        """
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         inputs_embeds = self._embed_with_image(input_ids, features)
-        # The base language model: the prefix needs keys/values only, no logits.
-        output = self.model.model.language_model(inputs_embeds=inputs_embeds, use_cache=True)
-        return _Prefix(output.past_key_values, len(prefix_ids), _cache_nbytes(output.past_key_values))
+        output = self.model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
+        return output.logits[:, -1].float(), output.past_key_values
+
+    def _prefill_suffix(self, suffix_ids: tuple[int, ...], prefix: _Prefix):
+        """One LLM forward over a later question's own tokens on a fork of the frame's cached prefix.
+
+        Returns ``(last-position logits [1, vocab] float32, the question's key/value cache)``.
+        """
+        kv_cache = _fork_cache(prefix.kv_cache)
+        suffix = torch.tensor([suffix_ids], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=suffix, past_key_values=kv_cache, use_cache=True, logits_to_keep=1).logits
+        return logits[:, -1].float(), kv_cache
 
     def _decode(self, logits: torch.Tensor, kv_cache, max_new_tokens: int, sampling: SamplingOptions,
                 check_stop: Callable[..., None],
@@ -657,30 +688,41 @@ def _token_chooser(sampling: SamplingOptions, device: torch.device):
     return choose
 
 
-def _fork_cache(kv_cache):
-    """A cache that continues from `kv_cache` and leaves its key/value tensors untouched.
+def _fork_cache(kv_cache, length: int | None = None):
+    """A cache that continues from the first `length` positions of `kv_cache` (all when None) and
+    leaves its key/value tensors untouched.
 
     ``DynamicLayer.update`` grows a layer with ``torch.cat`` into new tensors, so copying the cache and
-    its layer objects, not their tensors, is enough: a question does not pay for copying the frame's
-    prefix (72 MiB for a full-token LLaVA-1.5 prefix on the bench preset). Any other cache or layer
-    kind might write in place, so it is deep-copied.
+    its layer objects, not their tensors, is enough: the fork's keys and values are views
+    (``[batch, kv_heads, :length, head_dim]`` slices) of the original's. A question does not pay for
+    copying the frame's prefix (72 MiB for a full-token LLaVA-1.5 prefix on the bench preset). Any
+    other cache or layer kind might write in place, so it is deep-copied (and cropped).
     """
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     if type(kv_cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in kv_cache.layers):
-        return copy.deepcopy(kv_cache)
+        fork = copy.deepcopy(kv_cache)
+        if length is not None:
+            fork.crop(length)
+        return fork
     fork = copy.copy(kv_cache)
     fork.layers = [copy.copy(layer) for layer in kv_cache.layers]
+    if length is not None:
+        for layer in fork.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
     return fork
 
 
-def _cache_nbytes(kv_cache) -> int:
-    """Bytes held by the key/value tensors of a transformers Cache."""
+def _cache_nbytes(kv_cache, positions: int | None = None) -> int:
+    """Bytes of the key/value tensors of a transformers Cache, or of their first `positions` positions."""
     total = 0
     for layer in kv_cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
+                kept = tensor[..., :positions, :] if positions is not None and tensor.ndim >= 2 else tensor
+                total += kept.numel() * kept.element_size()
     return total
 
 
