@@ -75,7 +75,10 @@ def test_a_caller_that_leaves_frees_the_worker(node):
 import skimage.data
 from zip_vlm_ros.client import VlmClient
 from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.srv import AskMany
 with VlmClient(client_name='leaver') as leaver:
+    # discovery first: under load it can take longer than the call's own 3 s
+    assert leaver.wait_for_service(AskMany, '~/ask_many', 60), 'no ~/ask_many'
     try:
         leaver.ask_many({LONG_QUESTIONS!r}, image=rgb_to_image(skimage.data.coffee()),
                         max_new_tokens={LONGEST_ANSWER}, timeout_s=3)

@@ -9,7 +9,7 @@ import sys
 
 from conftest import REPO_ROOT
 
-PACKAGE_FILES = ['CMakeLists.txt', 'package.xml', 'resource', 'msg', 'srv', 'bin', 'zip_vlm_ros',
+PACKAGE_FILES = ['CMakeLists.txt', 'package.xml', 'resource', 'msg', 'srv', 'action', 'bin', 'zip_vlm_ros',
                  'launch', 'config']
 EXECUTABLES = ['vlm_node', 'vlm_bench', 'vlm_replay', 'vlm_tiny_model', 'vlm_make_sample_bag', 'vlm_demo']
 

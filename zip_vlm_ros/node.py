@@ -380,8 +380,11 @@ class VlmNode(LifecycleNode):
         self._feeds, self._last_described = {}, {}
 
     def destroy_node(self) -> None:
-        if self._ask_action is not None:  # Node.destroy_node leaves waitables such as action servers
-            self._ask_action.destroy()
+        # Node.destroy_node leaves waitables such as action servers. getattr: rclpy's context cleanup
+        # also destroys a node whose __init__ failed (a bad parameter) before the attribute existed.
+        ask_action = getattr(self, '_ask_action', None)
+        if ask_action is not None:
+            ask_action.destroy()
             self._ask_action = None
         super().destroy_node()
 
