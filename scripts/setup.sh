@@ -35,9 +35,9 @@ fi
 # 2. our .msg/.srv, generated with the wheels' rosidl into the venv
 site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 iface_stamp=$venv/.zip_vlm_ros.interfaces
-iface_digest=$(digest CMakeLists.txt package.xml msg/*.msg srv/*.srv requirements.txt)
+iface_digest=$(digest CMakeLists.txt package.xml msg/*.msg srv/*.srv action/*.action requirements.txt)
 if [ "$(cat "$iface_stamp" 2>/dev/null)" != "$iface_digest" ] || [ ! -d "$site/zip_vlm_ros/msg" ]; then
-  say "building interfaces (msg/, srv/) into $venv"
+  say "building interfaces (msg/, srv/, action/) into $venv"
   # The wheels' CMake exports name the include dirs of the machine they were built on; point them at
   # this interpreter's Python headers and numpy.
   py_include=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
@@ -79,5 +79,6 @@ fi
 import zip_vlm_ros
 from zip_vlm_ros.msg import VlmResult
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
+from zip_vlm_ros.action import Ask as AskAction
 print('[setup] ok: zip_vlm_ros from', ', '.join(zip_vlm_ros.__path__))
 PY

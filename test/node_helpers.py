@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -12,6 +14,8 @@ import skimage.data
 from zip_vlm_ros.client import NodeProcess, VlmClient, use_large_frames_profile, wait_until
 from zip_vlm_ros.conversions import rgb_to_image
 from zip_vlm_ros.node_bench import LONG_QUESTIONS  # noqa: F401  (the tests import it from here)
+from diagnostic_msgs.msg import DiagnosticArray
+
 from zip_vlm_ros.srv import DescribeScene
 
 # Raw frames over 512 KB need it (config/fastdds_large_frames.xml); set before any client exists.
@@ -112,3 +116,18 @@ class LoadedNode:
         for thread in self._threads:
             thread.join(timeout_s)
         return self.outcomes
+
+
+def assert_a_leaving_client_frees_the_worker(client: VlmClient, script: str, within_s: float) -> None:
+    """Run `script`, a client process that leaves while its long request runs, and check that the node
+    cancels the job (no client of it left), frees the worker within `within_s` and serves again."""
+    diagnostics = client.collect(DiagnosticArray, '/diagnostics')
+    assert wait_until(lambda: status_values(diagnostics), 10)
+    cancelled_before = int(status_values(diagnostics)['requests_cancelled'])
+    started = time.monotonic()
+    subprocess.run([sys.executable, '-c', script], check=True, timeout=120)
+    assert wait_until(lambda: int(status_values(diagnostics)['requests_cancelled']) > cancelled_before
+                      and status_values(diagnostics)['running'] == 'false', 30), status_values(diagnostics)
+    assert time.monotonic() - started < within_s
+    assert client.ask('Still there?', image=rgb_to_image(skimage.data.coffee()), max_new_tokens=2,
+                      timeout_s=30).success

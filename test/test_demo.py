@@ -13,11 +13,12 @@ def test_demo_runs_every_call_and_exits_0(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
-    assert '[demo] ok: 7 results, vlm_node exit status 0' in completed.stdout
+    assert '[demo] ok: 8 results, vlm_node exit status 0' in completed.stdout
     rows = [line.split() for line in completed.stdout.splitlines()
-            if line.split()[:1] in (['describe'], ['ask'], ['ask_many'])]
+            if line.split()[:1] in (['describe'], ['ask'], ['ask_many'], ['ask_action'])]
     assert [row[0] for row in rows] == ['describe', 'ask', 'ask', 'ask_many', 'ask_many', 'ask_many',
-                                        'describe']
+                                        'ask_action', 'describe']
+    assert '[demo] ~/ask_action, streamed: ' in completed.stdout
     # reduced to 8 of the tiny model's 16 visual tokens, except the last call (full budget)
     assert [row for row in rows if '8/16' in row] and any('16/16' in row for row in rows[-1:])
     assert (tmp_path / 'tiny' / 'config.json').is_file() and (tmp_path / 'vlm_node.log').is_file()
@@ -31,11 +32,11 @@ def test_demo_runs_the_llava_next_preset(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
-    assert '[demo] ok: 7 results, vlm_node exit status 0' in completed.stdout
+    assert '[demo] ok: 8 results, vlm_node exit status 0' in completed.stdout
     visual = [re.search(r' (\d+/\d+) ', line).group(1) for line in completed.stdout.splitlines()
-              if line.split()[:1] in (['describe'], ['ask'], ['ask_many'])]
+              if line.split()[:1] in (['describe'], ['ask'], ['ask_many'], ['ask_action'])]
     # The skimage photos all become a base + 2x2 grid: 40 tokens = 8 per crop; the last call reads all.
-    assert len(visual) == 7 and all(cell.startswith('40/') for cell in visual[:-1])
+    assert len(visual) == 8 and all(cell.startswith('40/') for cell in visual[:-1])
     used, full = visual[-1].split('/')
     assert used == full and int(full) in (70, 88)
     assert (tmp_path / 'tiny-next' / 'config.json').is_file()

@@ -21,6 +21,17 @@ VLM_RESULT_FIELDS = {
 }
 
 
+def test_the_ask_action_has_the_ask_request_as_goal():
+    from zip_vlm_ros.action import Ask as AskAction
+    from zip_vlm_ros.srv import Ask
+
+    assert AskAction.Goal.get_fields_and_field_types() == Ask.Request.get_fields_and_field_types()
+    assert AskAction.Result.get_fields_and_field_types() == {
+        'success': 'boolean', 'message': 'string', 'partial_text': 'string', 'result': 'zip_vlm_ros/VlmResult'}
+    assert AskAction.Feedback.get_fields_and_field_types() == {
+        'text': 'string', 'delta': 'string', 'generated_tokens': 'int32', 'elapsed_ms': 'float'}
+
+
 def test_generated_interfaces_have_the_public_fields():
     from zip_vlm_ros.msg import VlmResult
     from zip_vlm_ros.srv import Ask, AskMany, DescribeScene

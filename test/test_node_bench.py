@@ -6,6 +6,7 @@ from zip_vlm_ros.node_bench import format_report, run_node_bench
 
 def test_node_bench_quick_run(tiny_model_dir, tmp_path):
     results = run_node_bench(tiny_model_dir, requests=5, callback_frames=10, stream_s=1.5, bursts=1, cancels=2,
+                             streamed_goals=3,
                              log_path=tmp_path / 'node.log')
     for key in ('round_trip_ms_p50', 'engine_ms_p50', 'callback_us_p50', 'deserialize_ms_p50',
                 'dds_callback_us_p50'):
@@ -17,8 +18,14 @@ def test_node_bench_quick_run(tiny_model_dir, tmp_path):
     assert results['refusals'] >= 1 and results['burst_lost'] == 0
     assert 0 < results['refusal_ms_p50'] <= results['refusal_ms_p95']
     assert 0 <= results['cancel_ms_p50'] <= results['cancel_ms_p95'] and results['decode_step_ms'] > 0
+    # streaming: the first feedback comes after the engine's first token, a cancel is answered
+    assert results['first_feedback_ms_p50'] > results['first_feedback_overhead_ms_p50']
+    assert results['stream_ttft_ms_p50'] > 0 and results['stream_decode_step_ms'] > 0
+    assert 0 < results['goal_cancel_ms_p50'] <= results['goal_cancel_ms_p95']
     assert set(results['passed']) == set(results['targets']) == {
-        'overhead_ms_p50', 'callback_us_p50', 'refusal_ms_p95', 'cancel_ms_p95'}
+        'overhead_ms_p50', 'callback_us_p50', 'refusal_ms_p95', 'cancel_ms_p95',
+        'first_feedback_overhead_ms_p50', 'goal_cancel_ms_p95'}
     report = format_report(results)
     assert 'node overhead = round trip - engine' in report and 'cancel latency' in report
-    assert report.count('PASS') + report.count('MISS') == 4
+    assert 'first feedback - engine TTFT' in report and 'cancel sent to result received' in report
+    assert report.count('PASS') + report.count('MISS') == 6

@@ -9,7 +9,7 @@ import sys
 
 from conftest import REPO_ROOT
 
-PACKAGE_FILES = ['CMakeLists.txt', 'package.xml', 'resource', 'msg', 'srv', 'bin', 'zip_vlm_ros',
+PACKAGE_FILES = ['CMakeLists.txt', 'package.xml', 'resource', 'msg', 'srv', 'action', 'bin', 'zip_vlm_ros',
                  'launch', 'config']
 EXECUTABLES = ['vlm_node', 'vlm_bench', 'vlm_replay', 'vlm_tiny_model', 'vlm_make_sample_bag', 'vlm_demo']
 
@@ -50,7 +50,8 @@ def test_cmake_install_layout_matches_a_colcon_install(tmp_path):
         [sys.executable, '-c',
          'import zip_vlm_ros, zip_vlm_ros.msg, zip_vlm_ros.srv, zip_vlm_ros.visionzip as v;'
          'print(zip_vlm_ros.__path__[0]); print(zip_vlm_ros.msg.__file__); print(v.__file__);'
-         'from zip_vlm_ros.srv import Ask; print(Ask.Request().question == "")'],
+         'from zip_vlm_ros.srv import Ask; from zip_vlm_ros.action import Ask as AskAction;'
+         'print(Ask.Request().question == "" and AskAction.Feedback().delta == "")'],
         env=dict(os.environ, PYTHONPATH=str(site)), cwd=tmp_path, capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr[-3000:]
     package_dir, msg_init, visionzip_file, ok = probe.stdout.split()

@@ -18,12 +18,15 @@ from typing import Any
 import rclpy
 from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.srv import GetParameters, SetParameters
+from action_msgs.msg import GoalStatus
+from rclpy.action import ActionClient
 from rclpy.context import Context
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from zip_vlm_ros.action import Ask as AskAction
 from zip_vlm_ros.spinning import BackgroundSpinner
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
@@ -154,9 +157,12 @@ class VlmClient:
         self._clients: dict[str, Any] = {}
         self._ready: set = set()  # clients whose server was seen once (see wait_for_service)
         self._publishers: dict[tuple, Any] = {}
+        self._action_clients: dict[str, ActionClient] = {}
 
     def close(self) -> None:
         self._spinner.stop()
+        for action_client in self._action_clients.values():
+            action_client.destroy()  # Node.destroy_node leaves action clients, and their DDS endpoints
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
         self.context.destroy()
@@ -224,6 +230,51 @@ class VlmClient:
             request.image = image
         return self.call(AskMany, '~/ask_many', request, timeout_s)
 
+    # ------------------------------------------------------------------ the ask action
+    def action_client(self, name: str = '~/ask_action') -> ActionClient:
+        """A (cached) client of the node's Ask action (`name` relative to the vlm node)."""
+        full = name.replace('~', self.target, 1) if name.startswith('~') else name
+        if full not in self._action_clients:
+            self._action_clients[full] = ActionClient(
+                self.node, AskAction, full, goal_service_qos_profile=self._service_qos,
+                result_service_qos_profile=self._service_qos, cancel_service_qos_profile=self._service_qos,
+                feedback_sub_qos_profile=QoSProfile(depth=RESPONSE_HISTORY_DEPTH,
+                                                    reliability=ReliabilityPolicy.RELIABLE))
+        return self._action_clients[full]
+
+    def wait_for_action(self, timeout_s: float, name: str = '~/ask_action') -> bool:
+        """Wait until the action server is seen (plus a moment for it to see this client; see
+        wait_for_service); False after timeout_s."""
+        if not self.action_client(name).wait_for_server(timeout_sec=timeout_s):
+            return False
+        if name not in self._ready:
+            time.sleep(0.5)
+            self._ready.add(name)
+        return True
+
+    def send_ask_goal(self, question: str, camera: str = '', *, image: Any = None, token_budget: int = 0,
+                      max_new_tokens: int = 0, on_feedback: Any = None, timeout_s: float = 60.0) -> AskGoal:
+        """Send an Ask goal and return at once; the AskGoal collects feedback, cancels, waits for the result.
+
+        on_feedback(feedback), if given, runs in this client's executor thread for every feedback.
+        """
+        if not self.wait_for_action(timeout_s):
+            raise TimeoutError(f'action ~/ask_action of {self.target} is not available after {timeout_s} s')
+        goal = AskAction.Goal(question=question, camera=camera, token_budget=token_budget,
+                              max_new_tokens=max_new_tokens)
+        if image is not None:
+            goal.image = image
+        return AskGoal(self.action_client(), goal, on_feedback)
+
+    def ask_streamed(self, question: str, camera: str = '', *, image: Any = None, token_budget: int = 0,
+                     max_new_tokens: int = 0, on_feedback: Any = None,
+                     timeout_s: float = 60.0) -> tuple[int, AskAction.Result, AskGoal]:
+        """Ask through the action and wait for the answer: (GoalStatus status, result, the goal)."""
+        goal = self.send_ask_goal(question, camera, image=image, token_budget=token_budget,
+                                  max_new_tokens=max_new_tokens, on_feedback=on_feedback, timeout_s=timeout_s)
+        status, result = goal.result(timeout_s)
+        return status, result, goal
+
     def set_parameter(self, name: str, value: Any, timeout_s: float = 10.0) -> tuple[bool, str]:
         """Set one parameter of the vlm node; returns (successful, reason)."""
         message: ParameterMsg = Parameter(name, value=value).to_parameter_msg()
@@ -254,6 +305,71 @@ class VlmClient:
 
     def now(self) -> Any:
         return self.node.get_clock().now()
+
+
+class AskGoal:
+    """One goal sent to the node's ~/ask_action: its feedback as it arrives, cancel, result.
+
+    Attributes: sent_s and result_s (time.monotonic() when sent and when the result arrived),
+    feedback (list of (arrival monotonic s, AskAction.Feedback)).
+    """
+
+    def __init__(self, action_client: ActionClient, goal: AskAction.Goal, on_feedback: Any = None):
+        self.feedback: list[tuple[float, Any]] = []
+        self._on_feedback = on_feedback
+        self._accepted = threading.Event()
+        self._done = threading.Event()
+        self._goal_handle = None
+        self._result = None
+        self.result_s: float | None = None
+        self.sent_s = time.monotonic()
+        future = action_client.send_goal_async(goal, feedback_callback=self._feedback)
+        future.add_done_callback(self._goal_answered)
+
+    def _feedback(self, message: Any) -> None:
+        self.feedback.append((time.monotonic(), message.feedback))
+        if self._on_feedback is not None:
+            self._on_feedback(message.feedback)
+
+    def _goal_answered(self, future: Any) -> None:
+        self._goal_handle = future.result()
+        self._accepted.set()
+        if self._goal_handle.accepted:
+            self._goal_handle.get_result_async().add_done_callback(self._result_arrived)
+        else:
+            self._done.set()
+
+    def _result_arrived(self, future: Any) -> None:
+        self.result_s = time.monotonic()
+        self._result = future.result()
+        self._done.set()
+
+    @property
+    def text(self) -> str:
+        """The concatenated feedback deltas: the answer as streamed so far."""
+        return ''.join(feedback.delta for _, feedback in list(self.feedback))
+
+    def wait_accepted(self, timeout_s: float) -> bool:
+        return self._accepted.wait(timeout_s) and self._goal_handle.accepted
+
+    def cancel(self, timeout_s: float = 10.0) -> Any:
+        """Request the cancel and wait for the server's CancelGoal response."""
+        if not self.wait_accepted(timeout_s):
+            raise TimeoutError(f'the goal was not accepted within {timeout_s} s')
+        done = threading.Event()
+        future = self._goal_handle.cancel_goal_async()
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(timeout_s):
+            raise TimeoutError(f'no cancel response within {timeout_s} s')
+        return future.result()
+
+    def result(self, timeout_s: float = 60.0) -> tuple[int, Any]:
+        """(GoalStatus status, AskAction.Result); TimeoutError when none comes within timeout_s."""
+        if not self._done.wait(timeout_s):
+            raise TimeoutError(f'no result from ~/ask_action within {timeout_s} s')
+        if self._result is None:  # the server rejected the goal (this node never does)
+            return GoalStatus.STATUS_UNKNOWN, AskAction.Result(message='the goal was rejected')
+        return self._result.status, self._result.result
 
 
 def wait_until_answered(client: VlmClient, srv_type: Any, name: str, request: Any, timeout_s: float) -> bool:

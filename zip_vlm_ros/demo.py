@@ -6,8 +6,9 @@
 
 Builds (or reuses) a tiny LLaVA checkpoint, starts vlm_node as a separate process, streams real
 photos (skimage.data) on a camera topic at 10 Hz from this process, calls ~/describe_scene,
-~/ask (on the camera and with an inline image) and ~/ask_many, prints every result with its token
-counts and timings, stops the node with SIGINT and checks that it exits cleanly.
+~/ask (on the camera and with an inline image), ~/ask_many and the ~/ask_action action (its answer
+printed piece by piece as the feedback arrives), prints every result with its token counts and
+timings, stops the node with SIGINT and checks that it exits cleanly.
 
 DDS stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) in a random domain unless
 --domain-id is given, so the demo never talks to a robot on the same network.
@@ -136,6 +137,12 @@ def run_demo(args: argparse.Namespace) -> int:
                                         image=rgb_to_image(skimage.data.coffee())))
         record('ask_many', client.ask_many(
             ['Is it day or night?', 'What colour dominates?', 'Is anyone there?'], timeout_s=timeout_s))
+        print('[demo] ~/ask_action, streamed: ', end='', flush=True)
+        status, streamed, goal = client.ask_streamed(
+            'What do you see?', timeout_s=timeout_s,
+            on_feedback=lambda feedback: print(printable(feedback.delta, 80), end='', flush=True))
+        print(f'  ({len(goal.feedback)} feedback messages)', flush=True)
+        record('ask_action', streamed)
         if first.success:  # the same photo stream with every visual token: no reduction
             full_budget = first.result.visual_tokens_full if args.model else largest_full
             record('describe full', client.describe(token_budget=full_budget, timeout_s=timeout_s))

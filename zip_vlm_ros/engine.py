@@ -50,6 +50,7 @@ import torch
 
 from zip_vlm_ros.errors import EngineError, ModelLoadError, RequestError
 from zip_vlm_ros.models import VisualTokens, load_family
+from zip_vlm_ros.streaming import IncrementalDetokenizer, StreamedText
 
 __all__ = [
     "DEFAULT_DESCRIBE_PROMPT",
@@ -75,6 +76,8 @@ DEFAULT_DESCRIBE_PROMPT = "Describe the scene in one sentence."
 # Asked between stages and before every decode step; a non-empty string stops the generation and
 # becomes GenerationStopped.reason (e.g. "timed out", "the node is shutting down").
 ShouldStop = Callable[[], "str | None"]
+# Called after every generated token with that step's text (see zip_vlm_ros.streaming).
+OnToken = Callable[[StreamedText], None]
 
 
 class GenerationStopped(EngineError):
@@ -281,29 +284,33 @@ class VlmEngine:
 
     def generate(self, image: np.ndarray, prompt: str, *, token_budget: int | None = None,
                  max_new_tokens: int | None = None, frame_key: Hashable | None = None,
-                 sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None) -> VlmOutput:
+                 sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None,
+                 on_token: OnToken | None = None) -> VlmOutput:
         """Answer `prompt` about `image` (``HxWx3 uint8 RGB``).
 
         `frame_key` names the image's pixels (same key => same pixels) so that later prompts on the
         frame reuse its prefix; None disables reuse. `should_stop` is asked between stages and before
-        each decode step; a reason it returns raises GenerationStopped. Raises RequestError for bad
-        arguments.
+        each decode step; a reason it returns raises GenerationStopped. `on_token(StreamedText)` is
+        called after every generated token, in this thread, with the text that token completes (the
+        deltas concatenate to the output's text). Raises RequestError for bad arguments.
         """
         return self.generate_many(image, [prompt], token_budget=token_budget, max_new_tokens=max_new_tokens,
-                                  frame_key=frame_key, sampling=sampling, should_stop=should_stop)[0]
+                                  frame_key=frame_key, sampling=sampling, should_stop=should_stop,
+                                  on_token=on_token)[0]
 
     @torch.inference_mode()
     def generate_many(self, image: np.ndarray, prompts: Sequence[str], *, token_budget: int | None = None,
                       max_new_tokens: int | None = None, frame_key: Hashable | None = None,
                       sampling: SamplingOptions | None = None,
-                      should_stop: ShouldStop | None = None) -> list[VlmOutput]:
+                      should_stop: ShouldStop | None = None, on_token: OnToken | None = None) -> list[VlmOutput]:
         """Answer several prompts about one image, in order, computing the image prefix once.
 
         The first prompt pays for vision, reduction and one forward over the prefix and its own tokens
         (unless `frame_key` finds the prefix cached); the others run one forward over their own tokens,
         report ``prefix_reused=True`` and only their own work in the timings.
         With a seed, each prompt samples from a generator seeded afresh, as separate calls would.
-        `should_stop` as in ``generate``; GenerationStopped.completed holds the prompts answered before.
+        `should_stop` and `on_token` as in ``generate``; GenerationStopped.completed holds the prompts
+        answered before; StreamedText.prompt_index says which prompt a step belongs to.
         """
         self._check_open()
         _check_image(image)
@@ -325,7 +332,7 @@ class VlmEngine:
         prefixes_this_call: dict[tuple[int, ...], _Prefix] = {}
         outputs = []
         check_stop = self._stop_checker(should_stop, completed=outputs)
-        for prompt in prompts:
+        for prompt_index, prompt in enumerate(prompts):
             check_stop()
             start = self._clock()
             prefix_ids, suffix_ids = self._tokenize_prompt(prompt, visual_tokens)
@@ -353,7 +360,9 @@ class VlmEngine:
                 prefill_start = self._clock()
                 logits, kv_cache = self._prefill_suffix(suffix_ids, prefix)
                 prefill_ms = self._ms_since(prefill_start)
-            tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling, check_stop)
+            stream = self._text_stream(on_token, prompt_index, start)
+            tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling, check_stop,
+                                                              on_step=stream)
             outputs.append(self._output(
                 prompt, tokens[0], budget, image.shape[:2], visual_tokens, vision_ms=vision_ms,
                 reduction_ms=reduction_ms, prefill_ms=prefill_ms, start=start, first_token_time=first_token_time,
@@ -515,13 +524,15 @@ class VlmEngine:
 
     def _decode(self, logits: torch.Tensor, kv_cache, max_new_tokens: int, sampling: SamplingOptions,
                 check_stop: Callable[..., None],
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                on_step: Callable[[int, bool], None] | None = None):
         """Generate from the prefill's last-position `logits` ``[batch, vocab]`` (float32).
 
         Each row stops at its first EOS (later steps of a finished row are padding, as in stock
         generate). With `attention_mask` ``[batch, length]`` and `position_ids` (left padding) both
         grow by one per step. `check_stop(rows)` runs before each step, so a stop request waits for
-        at most one step. Returns ``(tokens per row incl. EOS, first token time, end time)``.
+        at most one step. `on_step(row 0's token id, last)` runs after each step (single-row streaming).
+        Returns ``(tokens per row incl. EOS, first token time, end time)``.
         """
         batch_size = logits.shape[0]
         choose = _token_chooser(sampling, self.device)
@@ -537,7 +548,10 @@ class VlmEngine:
             if first_token_time is None:
                 first_token_time = self._clock()
             finished |= torch.isin(next_tokens, eos)
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            last = step == max_new_tokens - 1 or bool(finished.all())
+            if on_step is not None:
+                on_step(int(next_tokens[0]), last)
+            if last:
                 break
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch_size, 1))], dim=1)
@@ -563,6 +577,22 @@ class VlmEngine:
                 rows = self._rows_to_eos(generated) if generated is not None else []
                 raise GenerationStopped(str(reason), rows, completed, decode=self._decode_text)
         return check_stop
+
+    def _text_stream(self, on_token: OnToken | None, prompt_index: int,
+                     start: float) -> Callable[[int, bool], None] | None:
+        """``on_step(token_id, last)`` for `_decode` that reports each step's text to `on_token`."""
+        if on_token is None:
+            return None
+        detokenizer = IncrementalDetokenizer(self._decode_text)
+
+        def on_step(token_id: int, last: bool) -> None:
+            delta = detokenizer.push(token_id)
+            if last:  # the final text: whatever was held back (trailing spaces are stripped by then)
+                delta += detokenizer.finish()
+            on_token(StreamedText(prompt_index=prompt_index, delta=delta, text=detokenizer.text,
+                                  generated_tokens=detokenizer.generated_tokens,
+                                  elapsed_ms=self._ms_since(start)))
+        return on_step
 
     def _decode_text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()

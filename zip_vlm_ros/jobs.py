@@ -1,6 +1,6 @@
 """The node's bookkeeping, without rclpy: each camera's latest frame, jobs with deadlines and a stop
-signal for the engine, the FIFO queue the worker reads, throttled warnings and the counters behind
-/diagnostics."""
+signal for the engine, the checks of a request's prompt and frame age, the FIFO queue the worker
+reads, throttled warnings and the counters behind /diagnostics."""
 from __future__ import annotations
 
 import collections
@@ -113,6 +113,9 @@ class Job:
         self.results: list[VlmResult] = []
         self.error: str | None = None
         self.stop_requested_s: float | None = None  # when the deadline passed or the cancel came
+        # Called by the engine after every generated token (StreamedText) while the job runs: the
+        # action server's feedback; None for services.
+        self.on_token: Callable[[Any], None] | None = None
         self._lock = threading.Lock()
         self._settled = threading.Event()
         self._callbacks: list[Callable[[Job], None]] = []
@@ -201,6 +204,38 @@ class Job:
                     f'the node is busy; retry later, or raise request_timeout_s')
         return (f'timed out after {self.timeout_s:g} s (request_timeout_s) during inference: lower '
                 f'max_new_tokens or token_budget, or raise request_timeout_s')
+
+
+def check_prompt(text: str, what: str, limit: int) -> str:
+    """`text` stripped; RequestRejected when it is empty or longer than `limit` (question_max_chars)."""
+    text = text.strip()
+    if not text:
+        raise RequestRejected(f'empty_{what}', f'{what} is empty: send the {what} text')
+    if len(text) > limit:
+        raise RequestRejected(f'long_{what}', (
+            f'{what} is {len(text)} characters, more than question_max_chars = {limit}: '
+            f'shorten it, or raise question_max_chars'))
+    return text
+
+
+def check_frame_age(camera: str, *, stamped: bool, age_s: float, settings: Any) -> None:
+    """RequestRejected for a camera frame without a stamp, stamped in the future beyond
+    max_clock_skew_s, or older than max_image_age_s (`age_s`: node clock minus the stamp)."""
+    if settings.max_image_age_s > 0 and not stamped:
+        raise RequestRejected(('unstamped', camera), (
+            f'latest frame of camera {camera!r} has no timestamp (header.stamp is 0): stamp images '
+            f'with the capture time, or set max_image_age_s 0 to accept any age'))
+    if -age_s > settings.max_clock_skew_s:
+        raise RequestRejected(('future', camera), (
+            f'latest frame of camera {camera!r} is stamped {-age_s:.2f} s in the future, more than '
+            f'max_clock_skew_s = {settings.max_clock_skew_s:g}: synchronize the camera\'s clock with '
+            f'this node\'s (chrony/PTP; use_sim_time for bag replay), or raise max_clock_skew_s'))
+    limit_s = settings.max_image_age_s
+    if limit_s > 0 and age_s > limit_s:
+        raise RequestRejected(('stale', camera), (
+            f'latest frame of camera {camera!r} is {age_s:.2f} s old, more than '
+            f'max_image_age_s = {limit_s:g}: the camera stopped publishing or its stamps/clock '
+            f'are off (use_sim_time for bag replay), or raise max_image_age_s'))
 
 
 class RequestQueue:

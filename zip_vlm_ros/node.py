@@ -12,7 +12,8 @@ What it does, and what it never does:
   outcome without holding an executor thread, so refusals are answered at once at any load. A job
   is answered the moment its deadline passes or the node deactivates, and the engine, which asks
   the job's `should_stop` between stages and decode steps, frees the worker within one step.
-- Services `~/describe_scene`, `~/ask`, `~/ask_many` appear on the first activation and stay
+- Services `~/describe_scene`, `~/ask`, `~/ask_many` and the action `~/ask_action` (the answer
+  streamed as feedback, cancellable; see ask_action.py) appear on the first activation and stay
   (inactive: an immediate refusal); they answer with success/message; every result also goes to `~/results`
   (VlmResult, header = the source image's header) and its text to `~/description` or `~/answer`.
 - `/diagnostics` at 1 Hz: model, device, latency, queue depth, per-camera frame counters, last error.
@@ -46,12 +47,13 @@ from rclpy.task import Future
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
+from zip_vlm_ros.ask_action import CLIENT_PROBE_SERVICE, AskActionServer
 from zip_vlm_ros.conversions import (
     ImageConversionError, image_has_pixels, image_to_rgb, output_to_result, stamp_to_seconds)
 from zip_vlm_ros.engine import EngineConfig, EngineError, GenerationStopped, VlmEngine
 from zip_vlm_ros.jobs import (
     INACTIVE_MESSAGE, CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, RequestStats,
-    ThrottledWarnings, percentile)
+    ThrottledWarnings, check_frame_age, check_prompt, percentile)
 from zip_vlm_ros.msg import VlmResult
 from zip_vlm_ros.node_parameters import (
     ENGINE_PARAMETERS, IMAGE_TYPES, NODE_PARAMETERS, RUNTIME_PARAMETERS, ParameterError,
@@ -69,7 +71,8 @@ RECENT_PROBLEM_S = 30.0
 # How often waiting and running jobs are checked against their deadlines (also bounds how late a
 # caller can hear its answer if the executor missed a wake-up).
 DEADLINE_CHECK_S = 0.1
-SERVICE_OF_KIND = {'describe': '~/describe_scene', 'ask': '~/ask', 'ask_many': '~/ask_many'}
+SERVICE_OF_KIND = {'describe': '~/describe_scene', 'ask': '~/ask', 'ask_many': '~/ask_many',
+                   'ask_action': CLIENT_PROBE_SERVICE}
 # At exit, how long callers still being answered may take before the node goes.
 ANSWER_GRACE_S = 5.0
 
@@ -125,6 +128,7 @@ class VlmNode(LifecycleNode):
         self._deadline_timer = self.create_timer(
             DEADLINE_CHECK_S, self._expire_overdue, callback_group=self._timers_group, clock=self._steady_clock)
         self._services_made = False
+        self._ask_action: AskActionServer | None = None
         self.add_on_set_parameters_callback(self._validate_parameter_change)
         self.add_post_set_parameters_callback(self._apply_parameter_change)
 
@@ -315,6 +319,9 @@ class VlmNode(LifecycleNode):
         for srv_type, name, callback in ((DescribeScene, '~/describe_scene', self._on_describe_scene),
                                          (Ask, '~/ask', self._on_ask), (AskMany, '~/ask_many', self._on_ask_many)):
             self.create_service(srv_type, name, callback, qos_profile=qos, callback_group=self._requests_group)
+        self._ask_action = AskActionServer(
+            self, make_job=functools.partial(self._ask_job, 'ask_action'), serve=self._serve, service_qos=qos,
+            callback_group=self._requests_group)
         self._services_made = True
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -372,6 +379,15 @@ class VlmNode(LifecycleNode):
             self.get_logger().info('model released')
         self._feeds, self._last_described = {}, {}
 
+    def destroy_node(self) -> None:
+        # Node.destroy_node leaves waitables such as action servers. getattr: rclpy's context cleanup
+        # also destroys a node whose __init__ failed (a bad parameter) before the attribute existed.
+        ask_action = getattr(self, '_ask_action', None)
+        if ask_action is not None:
+            ask_action.destroy()
+            self._ask_action = None
+        super().destroy_node()
+
     def start(self) -> bool:
         """Autostart: configure and activate; False (reason logged) when either fails."""
         if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
@@ -404,37 +420,11 @@ class VlmNode(LifecycleNode):
         return self.get_clock().now().nanoseconds * 1e-9 - stamp_to_seconds(stamp)
 
     def _check_frame_age(self, camera: str, stamp: Any) -> None:
-        """RequestRejected for a camera frame without a stamp, stamped in the future beyond
-        max_clock_skew_s, or older than max_image_age_s."""
-        settings = self._settings
-        if settings.max_image_age_s > 0 and not _stamped(stamp):
-            raise RequestRejected(('unstamped', camera), (
-                f'latest frame of camera {camera!r} has no timestamp (header.stamp is 0): stamp images '
-                f'with the capture time, or set max_image_age_s 0 to accept any age'))
-        age_s = self._age_s(stamp)
-        if -age_s > settings.max_clock_skew_s:
-            raise RequestRejected(('future', camera), (
-                f'latest frame of camera {camera!r} is stamped {-age_s:.2f} s in the future, more than '
-                f'max_clock_skew_s = {settings.max_clock_skew_s:g}: synchronize the camera\'s clock with '
-                f'this node\'s (chrony/PTP; use_sim_time for bag replay), or raise max_clock_skew_s'))
-        limit_s = settings.max_image_age_s
-        if limit_s > 0 and age_s > limit_s:
-            raise RequestRejected(('stale', camera), (
-                f'latest frame of camera {camera!r} is {age_s:.2f} s old, more than '
-                f'max_image_age_s = {limit_s:g}: the camera stopped publishing or its stamps/clock '
-                f'are off (use_sim_time for bag replay), or raise max_image_age_s'))
+        check_frame_age(camera, stamped=_stamped(stamp), age_s=self._age_s(stamp), settings=self._settings)
 
     # ---------------------------------------------------------------- requests
     def _check_prompt(self, text: str, what: str) -> str:
-        text = text.strip()
-        if not text:
-            raise RequestRejected(f'empty_{what}', f'{what} is empty: send the {what} text')
-        limit = self._settings.question_max_chars
-        if len(text) > limit:
-            raise RequestRejected(f'long_{what}', (
-                f'{what} is {len(text)} characters, more than question_max_chars = {limit}: '
-                f'shorten it, or raise question_max_chars'))
-        return text
+        return check_prompt(text, what, self._settings.question_max_chars)
 
     def _resolve_limits(self, token_budget: int, max_new_tokens: int) -> tuple[int, int]:
         """Request overrides (0 = node default) checked against the model; returns the values to use."""
@@ -493,11 +483,13 @@ class VlmNode(LifecycleNode):
             return self._make_job('describe', [self._check_prompt(prompt, 'prompt')], request, inline=None)
         return await self._serve(make_job, response)
 
+    def _ask_job(self, kind: str, request: Any) -> Job:
+        """The job of an Ask service request or action goal (the same fields)."""
+        question = self._check_prompt(request.question, 'question')
+        return self._make_job(kind, [question], request, inline=self._inline_image(request.image))
+
     async def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
-        def make_job() -> Job:
-            question = self._check_prompt(request.question, 'question')
-            return self._make_job('ask', [question], request, inline=self._inline_image(request.image))
-        return await self._serve(make_job, response)
+        return await self._serve(functools.partial(self._ask_job, 'ask', request), response)
 
     async def _on_ask_many(self, request: AskMany.Request, response: AskMany.Response) -> AskMany.Response:
         def make_job() -> Job:
@@ -652,7 +644,7 @@ class VlmNode(LifecycleNode):
         # generate is generate_many with one prompt: one call serves every kind of job.
         outputs = self._engine.generate_many(
             rgb, job.prompts, token_budget=job.token_budget, max_new_tokens=job.max_new_tokens,
-            frame_key=frame_key, should_stop=job.should_stop)
+            frame_key=frame_key, should_stop=job.should_stop, on_token=job.on_token)
         # An inline image without a stamp has no age; report 0 rather than the time since 1970.
         # A stamp slightly ahead of the node's clock (within max_clock_skew_s) reports 0, never < 0.
         image_age_ms = max(0.0, self._age_s(header.stamp) * 1e3) if _stamped(header.stamp) else 0.0
