@@ -133,6 +133,17 @@ class NodeProcess:
         return self.process.returncode
 
 
+class _LockedActionClient(ActionClient):
+    """rclpy 9's ActionClient registers itself with its node (and so with an executor spinning in
+    another thread) before it creates its lock: the executor can then call `get_num_entities` on a
+    half-built client, which raises AttributeError and kills the spin thread. Creating the lock first
+    closes that window; the constructor's own lock then replaces it before any goal exists."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+
 class VlmClient:
     """A ROS node of its own (own context and executor thread) that talks to vlm_node.
 
@@ -235,7 +246,7 @@ class VlmClient:
         """A (cached) client of the node's Ask action (`name` relative to the vlm node)."""
         full = name.replace('~', self.target, 1) if name.startswith('~') else name
         if full not in self._action_clients:
-            self._action_clients[full] = ActionClient(
+            self._action_clients[full] = _LockedActionClient(
                 self.node, AskAction, full, goal_service_qos_profile=self._service_qos,
                 result_service_qos_profile=self._service_qos, cancel_service_qos_profile=self._service_qos,
                 feedback_sub_qos_profile=QoSProfile(depth=RESPONSE_HISTORY_DEPTH,
