@@ -11,7 +11,6 @@ def reference_layout(crop_tokens, dominant_indices, contextual, grid_shape, patc
     side = patches_per_side
     grid = crop_tokens[1:]
     num_grid, kept, hidden = grid.shape
-    dominant = kept - contextual
     canvas = torch.zeros(num_grid, side * side, hidden, dtype=grid.dtype)
     mask = torch.zeros(num_grid, side * side, dtype=torch.bool)
     for crop in range(num_grid):

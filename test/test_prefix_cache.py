@@ -102,18 +102,18 @@ def test_a_prefix_view_shares_memory_and_survives_both_continuations(uncached):
     continuation writes into the shared tensors."""
     import torch
 
-    from zip_vlm_ros.engine import _fork_cache
+    from zip_vlm_ros.prefix_cache import fork_cache
 
     language_model = uncached.model
     prompt = language_model(input_ids=torch.tensor([[1, 5, 9, 14, 3, 11, 12]]), use_cache=True).past_key_values
     snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in prompt.layers]
-    prefix = _fork_cache(prompt, 5)
+    prefix = fork_cache(prompt, 5)
     assert prefix.get_seq_length() == 5
     for view, layer in zip(prefix.layers, prompt.layers):
         assert view.keys.data_ptr() == layer.keys.data_ptr() and view.values.data_ptr() == layer.values.data_ptr()
 
     language_model(input_ids=torch.tensor([[2]]), past_key_values=prompt, use_cache=True)    # first question
-    later = _fork_cache(prefix)
+    later = fork_cache(prefix)
     language_model(input_ids=torch.tensor([[7, 8]]), past_key_values=later, use_cache=True)  # a later one
     assert prompt.get_seq_length() == 8 and later.get_seq_length() == 7 and prefix.get_seq_length() == 5
     for view, (keys, values) in zip(prefix.layers, snapshot):
@@ -127,14 +127,14 @@ def test_a_forked_cache_grows_without_touching_the_shared_tensors(uncached):
     """The invariant the prefix cache rests on, checked on the tensors themselves."""
     import torch
 
-    from zip_vlm_ros.engine import _fork_cache
+    from zip_vlm_ros.prefix_cache import fork_cache
 
     language_model = uncached.model
     prefix_ids = torch.tensor([[1, 5, 9, 14, 3]])
     shared = language_model(input_ids=prefix_ids, use_cache=True).past_key_values
     snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in shared.layers]
 
-    fork = _fork_cache(shared)
+    fork = fork_cache(shared)
     language_model(input_ids=torch.tensor([[7, 8]]), past_key_values=fork, use_cache=True)
 
     assert fork.get_seq_length() == 7 and shared.get_seq_length() == 5

@@ -60,7 +60,8 @@ import skimage.data
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine, _cache_nbytes, _fork_cache
+from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
+from zip_vlm_ros.prefix_cache import cache_nbytes, fork_cache
 from zip_vlm_ros.tiny_model import build_checkpoint
 from zip_vlm_ros.visionzip import encode_for_visionzip, encode_reference_style
 
@@ -283,7 +284,7 @@ def measure_stock_generate(engine, image, prompt: str, max_new_tokens: int, *,
 
     def keep_prompt_kv(module, args, output):
         if not prompt_kv_bytes:
-            prompt_kv_bytes.append(_cache_nbytes(output.past_key_values))
+            prompt_kv_bytes.append(cache_nbytes(output.past_key_values))
 
     class FirstTokenClock(BaseStreamer):
         """generate() puts the prompt ids first, then each new token: the second put is the first token."""
@@ -450,7 +451,7 @@ def measure_bare_suffix(engine, inputs: FloorInputs) -> dict:
     """One bare ``model(input_ids=question, past_key_values=prefix)`` forward on a fork of the same
     cached prefix and the argmax of its last position, in ms."""
     start = _clock(engine.device)
-    logits = engine.model(input_ids=inputs.suffix_ids, past_key_values=_fork_cache(inputs.prefix_cache),
+    logits = engine.model(input_ids=inputs.suffix_ids, past_key_values=fork_cache(inputs.prefix_cache),
                           use_cache=True, logits_to_keep=1).logits
     logits[:, -1].argmax(dim=-1)
     return {"ms": (_clock(engine.device) - start) * 1000.0}

@@ -37,10 +37,7 @@ The engine is thread-compatible, not thread-safe: call it from one thread (the n
 
 from __future__ import annotations
 
-import collections
-import copy
 import gc
-import math
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -48,8 +45,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from zip_vlm_ros.devices import resolve_device, resolve_dtype
 from zip_vlm_ros.errors import EngineError, ModelLoadError, RequestError
 from zip_vlm_ros.models import VisualTokens, load_family
+from zip_vlm_ros.prefix_cache import Prefix, PrefixCache, cache_nbytes, fork_cache
+from zip_vlm_ros.sampling import SamplingOptions, check_sampling, token_chooser
 from zip_vlm_ros.streaming import IncrementalDetokenizer, StreamedText
 
 __all__ = [
@@ -64,8 +64,6 @@ __all__ = [
     "VlmOutput",
 ]
 
-DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Used when a checkpoint's processor has no chat template.
 LLAVA_1_5_PROMPT = "USER: {image}\n{prompt} ASSISTANT:"
 # The scene-description prompt: the node's `describe_prompt` default and vlm_replay's, so that offline
@@ -115,17 +113,6 @@ class EngineConfig:
 
 
 @dataclass
-class SamplingOptions:
-    """Decoding options; the default is greedy. ``seed`` makes sampling reproducible."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0                      # 0: no top-k filtering
-    seed: int | None = None
-
-
-@dataclass
 class VlmOutput:
     """One answer with its token counts and timing breakdown (mirrors msg/VlmResult)."""
 
@@ -147,58 +134,6 @@ class VlmOutput:
     kv_cache_bytes: int                 # KV cache bytes of the prompt prefix incl. visual tokens
 
 
-@dataclass
-class _Prefix:
-    """A frame's prompt prefix after prefill: the LLM key/value cache up to the last visual token.
-
-    ``kv_cache`` holds views of the first question's prompt cache (``_fork_cache(cache, length)``). It
-    is shared by every question on the frame and never written: each question continues from a fork.
-    """
-
-    kv_cache: object                    # transformers Cache, [1, kv_heads, length, head_dim] per layer
-    length: int
-    nbytes: int                         # bytes of the prefix positions' keys and values
-    held_bytes: int                     # bytes the views keep alive: the first question's whole prompt cache
-
-
-class _PrefixCache:
-    """LRU map of prefix key -> _Prefix, bounded by entry count and total bytes (``held_bytes``).
-
-    An entry larger than the byte bound is not stored (it would evict everything for nothing).
-    """
-
-    def __init__(self, max_entries: int, max_bytes: int):
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self._entries: collections.OrderedDict[Hashable, _Prefix] = collections.OrderedDict()
-        self.nbytes = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: Hashable) -> _Prefix | None:
-        prefix = self._entries.get(key)
-        if prefix is not None:
-            self._entries.move_to_end(key)
-        return prefix
-
-    def put(self, key: Hashable, prefix: _Prefix) -> None:
-        if self.max_entries < 1 or prefix.held_bytes > self.max_bytes:
-            return
-        if key in self._entries:
-            self.nbytes -= self._entries.pop(key).held_bytes
-        while self._entries and (len(self._entries) >= self.max_entries
-                                 or self.nbytes + prefix.held_bytes > self.max_bytes):
-            _, evicted = self._entries.popitem(last=False)
-            self.nbytes -= evicted.held_bytes
-        self._entries[key] = prefix
-        self.nbytes += prefix.held_bytes
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
-
-
 class VlmEngine:
     """LLaVA + VisionZip inference. See the module docstring for the stages and the prefix cache.
 
@@ -214,8 +149,8 @@ class VlmEngine:
         _check_engine_config(config)
         self.config = config
         self.model_name = config.model.rstrip("/") or config.model
-        self.device = _resolve_device(config.device)
-        self.dtype = _resolve_dtype(config.dtype, self.device)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         self.family = load_family(config.model, self.dtype, self.device, config.contextual_ratio, self._clock)
         self.model, self.processor = self.family.model, self.family.processor
         self.tokenizer = self.processor.tokenizer
@@ -232,7 +167,7 @@ class VlmEngine:
         self.pad_token_id = _first_not_none(self.tokenizer.pad_token_id, self.model.generation_config.pad_token_id,
                                             min(self.eos_token_ids))
         self._check_prompt_template()
-        self._prefix_cache = _PrefixCache(config.prefix_cache_entries, config.prefix_cache_bytes)
+        self._prefix_cache = PrefixCache(config.prefix_cache_entries, config.prefix_cache_bytes)
         self._closed = False
 
     # ------------------------------------------------------------------ validation
@@ -317,7 +252,7 @@ class VlmEngine:
         prompts = self._check_prompts(prompts)
         budget = self.check_budget(token_budget)
         max_new = self._check_max_new_tokens(max_new_tokens)
-        sampling = _check_sampling(sampling)
+        sampling = check_sampling(sampling)
         cache_key_base = None
         if frame_key is not None:
             try:
@@ -329,7 +264,7 @@ class VlmEngine:
 
         visual_tokens = self.family.visual_token_count(image.shape[:2], budget)
         visual: VisualTokens | None = None
-        prefixes_this_call: dict[tuple[int, ...], _Prefix] = {}
+        prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
         outputs = []
         check_stop = self._stop_checker(should_stop, completed=outputs)
         for prompt_index, prompt in enumerate(prompts):
@@ -350,8 +285,8 @@ class VlmEngine:
                 prefill_start = self._clock()
                 logits, kv_cache = self._prefill_prompt(prefix_ids + suffix_ids, visual.features)
                 prefill_ms = self._ms_since(prefill_start)
-                prefix = _Prefix(_fork_cache(kv_cache, len(prefix_ids)), len(prefix_ids),
-                                 _cache_nbytes(kv_cache, positions=len(prefix_ids)), _cache_nbytes(kv_cache))
+                prefix = Prefix(fork_cache(kv_cache, len(prefix_ids)), len(prefix_ids),
+                                 cache_nbytes(kv_cache, positions=len(prefix_ids)), cache_nbytes(kv_cache))
                 prefixes_this_call[prefix_ids] = prefix
                 if cache_key is not None:
                     self._prefix_cache.put(cache_key, prefix)
@@ -393,7 +328,7 @@ class VlmEngine:
             _check_image(image, f"images[{index}]")
         budget = self.check_budget(token_budget)
         max_new = self._check_max_new_tokens(max_new_tokens)
-        sampling = _check_sampling(sampling)
+        sampling = check_sampling(sampling)
 
         check_stop = self._stop_checker(should_stop)
         check_stop()
@@ -417,7 +352,7 @@ class VlmEngine:
         output = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=True, logits_to_keep=1)
         kv_cache = output.past_key_values
-        kv_bytes_per_row = _cache_nbytes(kv_cache) // len(rows)
+        kv_bytes_per_row = cache_nbytes(kv_cache) // len(rows)
         logits = output.logits[:, -1].float()
         prefill_ms = self._ms_since(prefill_start)
         tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling, check_stop,
@@ -512,12 +447,12 @@ class VlmEngine:
         output = self.model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
         return output.logits[:, -1].float(), output.past_key_values
 
-    def _prefill_suffix(self, suffix_ids: tuple[int, ...], prefix: _Prefix):
+    def _prefill_suffix(self, suffix_ids: tuple[int, ...], prefix: Prefix):
         """One LLM forward over a later question's own tokens on a fork of the frame's cached prefix.
 
         Returns ``(last-position logits [1, vocab] float32, the question's key/value cache)``.
         """
-        kv_cache = _fork_cache(prefix.kv_cache)
+        kv_cache = fork_cache(prefix.kv_cache)
         suffix = torch.tensor([suffix_ids], dtype=torch.long, device=self.device)
         logits = self.model(input_ids=suffix, past_key_values=kv_cache, use_cache=True, logits_to_keep=1).logits
         return logits[:, -1].float(), kv_cache
@@ -535,7 +470,7 @@ class VlmEngine:
         Returns ``(tokens per row incl. EOS, first token time, end time)``.
         """
         batch_size = logits.shape[0]
-        choose = _token_chooser(sampling, self.device)
+        choose = token_chooser(sampling, self.device)
         eos = torch.tensor(sorted(self.eos_token_ids), device=self.device)
         finished = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
         generated = torch.empty((batch_size, 0), dtype=torch.long, device=self.device)
@@ -639,93 +574,6 @@ def _check_image(image, name: str = "image") -> None:
                            f"dtype {image.dtype}")
 
 
-def _check_sampling(sampling: SamplingOptions | None) -> SamplingOptions:
-    """The request's options (greedy when None), RequestError naming any out-of-range value."""
-    if sampling is None:
-        return SamplingOptions()
-    if not isinstance(sampling, SamplingOptions):
-        raise RequestError(f"sampling must be a SamplingOptions; got {type(sampling).__name__}")
-    if sampling.do_sample:
-        if not (isinstance(sampling.temperature, (int, float)) and math.isfinite(sampling.temperature)
-                and sampling.temperature > 0):
-            raise RequestError(f"temperature must be > 0 when sampling (1.0 = unchanged); got {sampling.temperature!r}")
-        if not (isinstance(sampling.top_p, (int, float)) and 0 < sampling.top_p <= 1):
-            raise RequestError(f"top_p must be in (0, 1] (1.0 = no nucleus filtering); got {sampling.top_p!r}")
-        if isinstance(sampling.top_k, bool) or not isinstance(sampling.top_k, int) or sampling.top_k < 0:
-            raise RequestError(f"top_k must be a whole number >= 0 (0 = no top-k filtering); got {sampling.top_k!r}")
-    if sampling.seed is not None and (isinstance(sampling.seed, bool) or not isinstance(sampling.seed, int)
-                                      or sampling.seed < 0):
-        raise RequestError(f"seed must be a whole number >= 0 or None; got {sampling.seed!r}")
-    return sampling
-
-
-def _token_chooser(sampling: SamplingOptions, device: torch.device):
-    """``choose(generated [batch, steps], logits [batch, vocab]) -> next tokens [batch]``.
-
-    Greedy is argmax. Sampling applies transformers' temperature, top-k and top-p warpers (in the
-    order stock generate does) and draws from a generator seeded with ``sampling.seed``.
-    """
-    if not sampling.do_sample:
-        return lambda generated, logits: logits.argmax(dim=-1)
-    from transformers.generation.logits_process import (
-        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-
-    warpers = LogitsProcessorList()
-    if sampling.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(float(sampling.temperature)))
-    if sampling.top_k > 0:
-        warpers.append(TopKLogitsWarper(sampling.top_k))
-    if sampling.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(float(sampling.top_p)))
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
-
-    def choose(generated: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        probs = warpers(generated, logits).softmax(dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-
-    return choose
-
-
-def _fork_cache(kv_cache, length: int | None = None):
-    """A cache that continues from the first `length` positions of `kv_cache` (all when None) and
-    leaves its key/value tensors untouched.
-
-    ``DynamicLayer.update`` grows a layer with ``torch.cat`` into new tensors, so copying the cache and
-    its layer objects, not their tensors, is enough: the fork's keys and values are views
-    (``[batch, kv_heads, :length, head_dim]`` slices) of the original's. A question does not pay for
-    copying the frame's prefix (72 MiB for a full-token LLaVA-1.5 prefix on the bench preset). Any
-    other cache or layer kind might write in place, so it is deep-copied (and cropped).
-    """
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    if type(kv_cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in kv_cache.layers):
-        fork = copy.deepcopy(kv_cache)
-        if length is not None:
-            fork.crop(length)
-        return fork
-    fork = copy.copy(kv_cache)
-    fork.layers = [copy.copy(layer) for layer in kv_cache.layers]
-    if length is not None:
-        for layer in fork.layers:
-            if layer.is_initialized:
-                layer.keys = layer.keys[..., :length, :]
-                layer.values = layer.values[..., :length, :]
-    return fork
-
-
-def _cache_nbytes(kv_cache, positions: int | None = None) -> int:
-    """Bytes of the key/value tensors of a transformers Cache, or of their first `positions` positions."""
-    total = 0
-    for layer in kv_cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                kept = tensor[..., :positions, :] if positions is not None and tensor.ndim >= 2 else tensor
-                total += kept.numel() * kept.element_size()
-    return total
-
-
 def _eos_token_ids(model, tokenizer) -> set[int]:
     eos = model.generation_config.eos_token_id
     if eos is None:
@@ -754,41 +602,3 @@ def _check_engine_config(config: EngineConfig) -> None:
     ratio = config.contextual_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ModelLoadError(f"contextual_ratio must be in [0, 1) (VisionZip uses 10/64); got {ratio!r}")
-
-
-def _resolve_device(spec: str) -> torch.device:
-    """auto|cpu|cuda|cuda:N -> torch.device, ModelLoadError if unknown or CUDA is missing."""
-    if not isinstance(spec, str):
-        raise ModelLoadError(f"device must be one of {DEVICE_CHOICES}; got {spec!r}")
-    spec = spec.strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        index_text = spec.partition(":")[2]
-        if spec.startswith("cuda:") and not index_text.isdigit():
-            raise ModelLoadError(f"device {spec!r} is not valid; use one of {DEVICE_CHOICES} (N a GPU index)")
-        if not torch.cuda.is_available():
-            raise ModelLoadError(f"device {spec!r} was requested but CUDA is not available (torch "
-                                 f"{torch.__version__}); use device 'cpu' or 'auto'")
-        index = int(index_text) if index_text else torch.cuda.current_device()
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise ModelLoadError(f"device {spec!r} does not exist: {count} CUDA device(s) visible "
-                                 f"(cuda:0..cuda:{count - 1})")
-        return torch.device("cuda", index)
-    raise ModelLoadError(f"device {spec!r} is not supported; use one of {DEVICE_CHOICES}")
-
-
-def _resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """auto|float16|bfloat16|float32 -> torch.dtype (auto: float16 on CUDA, float32 on CPU)."""
-    if not isinstance(spec, str) or spec.strip().lower() not in ("auto", *DTYPES):
-        raise ModelLoadError(f"dtype {spec!r} is not supported; use auto, float16, bfloat16 or float32")
-    spec = spec.strip().lower()
-    if spec == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if spec == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ModelLoadError(f"dtype 'bfloat16' is not supported by {torch.cuda.get_device_name(device)}; "
-                             f"use float16 or auto")
-    return DTYPES[spec]

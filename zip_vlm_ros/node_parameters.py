@@ -13,7 +13,8 @@ from typing import Any
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
-from zip_vlm_ros.engine import DEFAULT_DESCRIBE_PROMPT, DEVICE_CHOICES, DTYPES
+from zip_vlm_ros.devices import DEVICE_CHOICES, DTYPES
+from zip_vlm_ros.engine import DEFAULT_DESCRIBE_PROMPT
 
 IMAGE_TYPES = {'sensor_msgs/Image': Image, 'sensor_msgs/CompressedImage': CompressedImage}
 IMAGE_QOS_CHOICES = ('sensor_data', 'reliable')
