@@ -163,6 +163,22 @@ def test_half_precision_runs_on_the_cpu(tiny_mini_model_dir, dtype):
         engine.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cuda_engine_generates_reuses_and_batches(tiny_mini_model_dir, dtype):
+    engine = VlmEngine(EngineConfig(model=str(tiny_mini_model_dir), device="cuda", dtype=dtype, max_new_tokens=4))
+    try:
+        modules = (engine.model, engine.family.vision_tower, engine.family.compressor, engine.family.prefusion)
+        assert {p.device.type for module in modules for p in module.parameters()} == {"cuda"}
+        first = engine.generate(IMAGES["astronaut"], QUESTIONS[0], frame_key="gpu")
+        again = engine.generate(IMAGES["astronaut"], QUESTIONS[1], frame_key="gpu")
+        assert first.generated_tokens >= 1 and again.prefix_reused and again.generated_tokens >= 1
+        batch = engine.generate_batch([IMAGES["coffee"], IMAGES["rocket"]], QUESTIONS[:2])
+        assert all(o.generated_tokens >= 1 and o.visual_tokens == 1 for o in batch)
+    finally:
+        engine.close()
+
+
 def _without_tower(source, target):
     """A copy of checkpoint `source` whose safetensors lack the CLIP tower, and a CLIP directory with it."""
     from safetensors.torch import save_file
