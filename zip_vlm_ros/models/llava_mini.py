@@ -18,7 +18,8 @@ tokens and results report ``reduction: llava-mini`` with the C^2 tokens the LLM 
 Prompt: the checkpoint tokenizer's chat template (Llama-3.1's for the released model) with
 LLaVA-Mini's system prompt and the user turn ``<image>\\n{question}``, as the reference's
 ``llava_llama_3_1`` conversation, and with the assistant header after it (the reference's training
-format; its inference scripts leave the header for the model to write). ``<image>`` is added to the
+format; its inference scripts leave the header for the model to write), and with one BOS (the
+reference's ``tokenizer_image_token`` yields two, which its training code removes). ``<image>`` is added to the
 tokenizer as a special token that is never embedded: like the reference's ``IMAGE_TOKEN_INDEX`` it only
 marks where the image goes. Stop tokens: the checkpoint's EOS plus ``<|eot_id|>``, ``<|eom_id|>`` and
 ``<|end_of_text|>`` (128009, 128008, 128001 in Llama-3).
