@@ -4,6 +4,7 @@
 ``vlm_bench --model DIR_OF_LLAVA_NEXT``: defaults to budgets full,640,320,160 at target 160 on a
 1280x720 frame (``coffee-720p``), with LLaVA-NeXT's targets.
 ``vlm_bench --node [...]``: the node's own overhead instead (``zip_vlm_ros.node_bench``).
+``vlm_bench --mini [...]``: LLaVA-Mini against LLaVA-1.5 at 576 and 64 tokens (``zip_vlm_ros.bench_mini``).
 
 Every measurement is taken ``--repeats`` times after one warm-up run, on one real photo from
 ``skimage.data``; the tables show the minimum of the runs (and the median where marked) and the ratios
@@ -260,7 +261,7 @@ def prepare_floor_inputs(engine, image, question: str, budget: int) -> FloorInpu
     prefix_ids, suffix_ids = engine._tokenize_prompt(question, visual_tokens)
     features = engine.family.encode([image], budget).features
     input_ids = torch.tensor([prefix_ids + suffix_ids], dtype=torch.long, device=engine.device)
-    prompt_embeds = engine._embed_with_image(input_ids, features)
+    prompt_embeds = engine.family.embed_with_image(input_ids, features)
     prefix_cache = engine.model(inputs_embeds=prompt_embeds[:, :len(prefix_ids)], use_cache=True,
                                 logits_to_keep=1).past_key_values
     return FloorInputs(budget, prompt_embeds, prefix_cache,
@@ -627,6 +628,10 @@ def main(argv=None) -> int:
 
         argv.remove("--node")
         return node_bench.main(argv)
+    if "--mini" in argv:  # LLaVA-Mini against LLaVA-1.5: two engines side by side (zip_vlm_ros.bench_mini)
+        from zip_vlm_ros import bench_mini
+        argv.remove("--mini")
+        return bench_mini.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
