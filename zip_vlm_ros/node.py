@@ -174,7 +174,6 @@ class VlmNode(LifecycleNode):
         problem = type_problem(name, value, self._defaults[name])
         if problem:
             return problem
-        engine = self._engine
         question_max_chars = self._param('question_max_chars')
         return parameter_problem(
             name, value, visual_tokens_full=self._token_budget_limit(),
