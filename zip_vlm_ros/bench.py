@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import os
 import pathlib
 import sys
@@ -51,7 +50,8 @@ import skimage.data
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from zip_vlm_ros.bench_harness import PeakMemory, Target, device_clock, measure_interleaved, memory_method
+from zip_vlm_ros.bench_harness import (PeakMemory, Target, device_clock, measure_interleaved, memory_method,
+                                      print_and_save)
 from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
 from zip_vlm_ros.prefix_cache import cache_nbytes, fork_cache
 from zip_vlm_ros.tiny_model import build_checkpoint
@@ -637,7 +637,8 @@ def main(argv=None) -> int:
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     args.floor_repeats = args.floor_repeats if args.floor_repeats is not None else (1 if args.quick else 10)
     args.max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (4 if args.quick else 16)
-    if min(args.repeats, args.floor_repeats, args.max_new_tokens) < 1 or (args.target_budget is not None and args.target_budget < 1):
+    counts = [args.repeats, args.floor_repeats, args.max_new_tokens]
+    if min(counts) < 1 or (args.target_budget is not None and args.target_budget < 1):
         parser.error("--repeats, --floor-repeats, --max-new-tokens and --target-budget must be >= 1")
 
     try:
@@ -645,11 +646,7 @@ def main(argv=None) -> int:
     except EngineError as error:
         print(f"vlm_bench: {error}", file=sys.stderr)
         return 2
-    print(format_report(results))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nresults written to {args.json}")
+    print_and_save(format_report(results), results, args.json)
     return 0
 
 

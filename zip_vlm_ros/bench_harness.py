@@ -13,7 +13,9 @@ warm-up and the timed runs: the page faults that trimming causes would otherwise
 from __future__ import annotations
 
 import ctypes
+import json
 import math
+import pathlib
 import re
 import statistics
 import time
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PeakMemory", "Target", "device_clock", "fieldwise", "measure_interleaved", "memory_method"]
+__all__ = ["PeakMemory", "Target", "device_clock", "fieldwise", "measure_interleaved", "memory_method",
+           "print_and_save"]
 
 
 @dataclass(frozen=True)
@@ -160,3 +163,12 @@ def measure_interleaved(measures: dict, repeats: int, track_memory: bool = True)
     return {name: {**fieldwise(runs, min), "median": fieldwise(runs, statistics.median),
                    **({"peak_extra_bytes": peaks[name]} if track_memory else {})}
             for name, runs in records.items()}
+
+
+def print_and_save(report: str, results: dict, json_path: pathlib.Path | None) -> None:
+    """Print a benchmark's report and, with `json_path`, keep its results there as JSON."""
+    print(report)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nresults written to {json_path}")

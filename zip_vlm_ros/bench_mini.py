@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import pathlib
 import sys
@@ -35,7 +34,8 @@ import time
 
 import torch
 
-from zip_vlm_ros.bench import FRAME_QUESTIONS, Target, bench_image, default_model_dir, measure_interleaved
+from zip_vlm_ros.bench import FRAME_QUESTIONS, bench_image, default_model_dir
+from zip_vlm_ros.bench_harness import Target, measure_interleaved, print_and_save
 from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
 from zip_vlm_ros.tiny_model import build_checkpoint
 
@@ -207,11 +207,7 @@ def main(argv=None) -> int:
     except EngineError as error:
         print(f"vlm_bench --mini: {error}", file=sys.stderr)
         return 2
-    print(format_mini_report(results))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nresults written to {args.json}")
+    print_and_save(format_mini_report(results), results, args.json)
     return 0
 
 

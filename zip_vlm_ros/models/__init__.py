@@ -11,7 +11,6 @@ the config, and loads weights and processor. A new family is a new module plus a
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from zip_vlm_ros.errors import ModelLoadError
-from zip_vlm_ros.models.base import FamilyAdapter, PromptEmbeddings, VisualTokens
+from zip_vlm_ros.models.base import FamilyAdapter, PromptEmbeddings, VisualTokens, read_config_json
 from zip_vlm_ros.models.llava import LlavaAdapter
 from zip_vlm_ros.models.llava_mini import LlavaMiniAdapter
 from zip_vlm_ros.models.llava_next import LlavaNextAdapter
@@ -60,10 +59,7 @@ def _read_config(model: str):
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model path {model!r} is not a transformers checkpoint (no config.json); give a "
                                  f"LLaVA checkpoint directory")
-        try:
-            raw = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(f"{model}/config.json cannot be read ({error}); re-download the checkpoint") from None
+        raw = read_config_json(path, model)
         _check_model_type(model, raw.get("model_type"), raw.get("architectures"))
         return raw["model_type"], FAMILIES[raw["model_type"]].read_config(model)
     config = FamilyAdapter.read_config(model)

@@ -10,6 +10,8 @@ family it runs.
 from __future__ import annotations
 
 import gc
+import json
+import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +22,7 @@ from zip_vlm_ros.errors import ModelLoadError, first_line
 from zip_vlm_ros.visionzip import VisionZipFeatures, encode_for_visionzip, split_budget, visionzip_compress
 
 __all__ = ["FamilyAdapter", "PromptEmbeddings", "VisualTokens", "check_clip_tower", "load_weights_and_processor",
-           "move_to_device"]
+           "move_to_device", "read_config_json"]
 
 ImageSize = tuple[int, int]  # (height, width) in pixels
 # encode_for_visionzip or encode_reference_style: (vision_tower, pixel_values, feature_layer) -> features
@@ -261,3 +263,11 @@ def move_to_device(module: torch.nn.Module, name: str, dtype: torch.dtype, devic
         torch.cuda.empty_cache()
         raise ModelLoadError(f"{name} in {str(dtype).removeprefix('torch.')} does not fit in the memory of "
                              f"{device}; use a smaller model or free the GPU") from None
+
+
+def read_config_json(path: pathlib.Path, name: str) -> dict:
+    """A checkpoint directory's config.json as a dict; ModelLoadError in one line if it cannot be read."""
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{name}/config.json cannot be read ({error}); re-download the checkpoint") from None

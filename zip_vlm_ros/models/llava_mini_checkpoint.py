@@ -21,13 +21,13 @@ weights come from the checkpoint when it holds them, else from that directory.
 from __future__ import annotations
 
 import contextlib
-import json
 import pathlib
 from dataclasses import dataclass
 
 import torch
 
 from zip_vlm_ros.errors import ModelLoadError, first_line
+from zip_vlm_ros.models.base import read_config_json
 
 __all__ = ["LlavaMiniConfig", "LlavaMiniParts", "load_llava_mini", "published_tower_state", "read_llava_mini_config"]
 
@@ -69,10 +69,7 @@ def read_llava_mini_config(name: str) -> LlavaMiniConfig:
     if not path.is_dir():
         raise ModelLoadError(f"{name}: LLaVA-Mini checkpoints load from a local directory; download one first "
                              f"(e.g. huggingface-cli download ICTNLP/llava-mini-llama-3.1-8b --local-dir DIR)")
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"{name}/config.json cannot be read ({error}); re-download the checkpoint") from None
+    raw = read_config_json(path, name)
     expected = {"mm_projector_type": "mlp2x_gelu", "mm_vision_select_feature": "patch",
                 "resolution_ratio": 1, "mm_use_im_start_end": False}
     defaults = {"resolution_ratio": 1, "mm_use_im_start_end": False, "mm_vision_select_feature": "patch"}
