@@ -120,6 +120,18 @@ class FamilyAdapter:
         vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
         return VisualTokens(features, counts, reductions, vision_ms, reduction_ms)
 
+    @property
+    def base_tokens_full(self) -> int:
+        """Visual tokens of one image at the tower's square input, without AnyRes crops: an image's full
+        count in a multi-image request (576 for LLaVA-1.5 and LLaVA-NeXT-7B)."""
+        return self.patches_per_side ** 2 + (1 if self.select_strategy == "full" else 0)
+
+    def encode_base(self, image: np.ndarray, budget: int) -> VisualTokens:
+        """One image of a multi-image request: ``min(budget, base_tokens_full)`` visual tokens of the whole
+        image at the tower's input size. Single-crop families read every image that way (``encode``);
+        AnyRes families override it to skip their grid crops."""
+        return self.encode([image], budget)
+
     # ------------------------------------------------------------------ shared by the families
 
     def reduced(self, image_size: ImageSize, budget: int) -> bool:
