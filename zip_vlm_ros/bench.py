@@ -4,6 +4,7 @@
 ``vlm_bench --model DIR_OF_LLAVA_NEXT``: defaults to budgets full,640,320,160 at target 160 on a
 1280x720 frame (``coffee-720p``), with LLaVA-NeXT's targets.
 ``vlm_bench --node [...]``: the node's own overhead instead (``zip_vlm_ros.node_bench``).
+``vlm_bench --multi-image [...]``: surround-view and history questions (``zip_vlm_ros.multi_image_bench``).
 
 Every measurement is taken ``--repeats`` times after one warm-up run, on one real photo from
 ``skimage.data``; the tables show the minimum of the runs (and the median where marked) and the ratios
@@ -771,6 +772,11 @@ def main(argv=None) -> int:
 
         argv.remove("--node")
         return node_bench.main(argv)
+    if "--multi-image" in argv:  # surround-view and history questions (zip_vlm_ros.multi_image_bench)
+        from zip_vlm_ros import multi_image_bench
+
+        argv.remove("--multi-image")
+        return multi_image_bench.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
