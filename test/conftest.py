@@ -31,3 +31,11 @@ def tiny_next_model_dir(tmp_path_factory) -> pathlib.Path:
     from zip_vlm_ros.tiny_model import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp('models') / 'tiny-next', preset='tiny-next')
+
+
+@pytest.fixture(scope='session')
+def tiny_mini_model_dir(tmp_path_factory) -> pathlib.Path:
+    """A random LLaVA-Mini checkpoint of the `tiny-mini` preset (published layout), built offline once per session."""
+    from zip_vlm_ros.tiny_model import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp('models') / 'tiny-mini', preset='tiny-mini')

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from zip_vlm_ros import bench
+from zip_vlm_ros import bench, bench_harness
 
 BUDGETS = {"full": 16, "12": 12, "8": 8, "4": 4}  # tiny preset: 16 visual tokens
 
@@ -26,7 +26,7 @@ def quick_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_every_budget_row_has_expected_tokens_and_positive_times(quick_run):
-    assert quick_run["repeats"] == 1 and quick_run["max_new_tokens"] == 4
+    assert quick_run["repeats"] == 1 and quick_run["floor_repeats"] == 1 and quick_run["max_new_tokens"] == 4
     assert [row["budget"] for row in quick_run["budgets"]] == list(BUDGETS)
     for row in quick_run["budgets"]:
         assert row["visual_tokens"] == BUDGETS[row["budget"]]
@@ -91,10 +91,10 @@ def test_runs_are_summarized_by_their_minimum_and_median():
     runs = [{"ms": 3.0, "text": "a", "peak": None, "steps": 4},
             {"ms": 1.0, "text": "a", "peak": 7, "steps": 4},
             {"ms": 2.0, "text": "b", "peak": 5, "steps": 4}]
-    assert bench.fieldwise(runs, min) == {"ms": 1.0, "text": None, "peak": None, "steps": 4}
-    assert bench.fieldwise(runs[:2], max) == {"ms": 3.0, "text": "a", "peak": None, "steps": 4}
+    assert bench_harness.fieldwise(runs, min) == {"ms": 1.0, "text": None, "peak": None, "steps": 4}
+    assert bench_harness.fieldwise(runs[:2], max) == {"ms": 3.0, "text": "a", "peak": None, "steps": 4}
     calls = iter(range(10))
-    measured = bench.measure_interleaved({"row": lambda: {"ms": [5.0, 9.0, 4.0, 6.0, 8.0][next(calls)]}},
+    measured = bench_harness.measure_interleaved({"row": lambda: {"ms": [5.0, 9.0, 4.0, 6.0, 8.0][next(calls)]}},
                                          repeats=4, track_memory=False)
     # The first call is the warm-up; the four timed runs are 9, 4, 6, 8.
     assert measured == {"row": {"ms": 4.0, "median": {"ms": 7.0}}}
@@ -114,7 +114,7 @@ def test_targets_are_all_evaluated(quick_run, capsys):
 
 def test_peak_memory_counts_memory_freed_and_allocated_again():
     for _ in range(3):  # the same 8 MiB block again and again must be counted every time
-        with bench.PeakMemory(torch.device("cpu")) as peak:
+        with bench_harness.PeakMemory(torch.device("cpu")) as peak:
             block = torch.ones(2 * 2**20)  # 8 MiB of float32
             del block
         assert peak.extra_bytes >= 7 * 2**20

@@ -42,10 +42,11 @@ class FedFeatures:
         self.rows: list[int] = []
         original = engine._prefill_prompt
 
-        def recording(prompt_ids, features):
-            self.rows.append(features.shape[0])
-            assert sum(token == engine.image_token_id for token in prompt_ids) == features.shape[0]
-            return original(prompt_ids, features)
+        def recording(prefix_ids, suffix_ids, visual):
+            rows = visual.features.shape[0]
+            self.rows.append(rows)
+            assert sum(token == engine.image_token_id for token in prefix_ids + suffix_ids) == rows == sum(visual.counts)
+            return original(prefix_ids, suffix_ids, visual)
         monkeypatch.setattr(engine, "_prefill_prompt", recording)
 
 
@@ -232,3 +233,13 @@ def test_llava_next_full_base_tokens_are_the_stock_base_features(next_engine):
     # (one crop alone here, all crops in one batch there: float rounding apart)
     torch.testing.assert_close(visual.features, stock[:FULL], rtol=1e-4, atol=1e-4)
     assert visual.counts == [FULL] and visual.reductions == ["none"]
+
+
+def test_llava_mini_refuses_several_images_and_stays_usable(tiny_mini_model_dir):
+    engine = VlmEngine(EngineConfig(model=str(tiny_mini_model_dir), device="cpu", max_new_tokens=2))
+    try:
+        with pytest.raises(RequestError, match="one image at a time"):
+            engine.generate_images(surround_inputs()[:2], [QUESTION])
+        assert engine.generate(FRAMES[0], QUESTION).generated_tokens >= 1
+    finally:
+        engine.close()

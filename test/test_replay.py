@@ -495,3 +495,20 @@ def test_offline_replay_of_a_llava_next_checkpoint(tmp_path, capsys, bags, quest
             assert row['reduction'] == 'none' and row['visual_tokens'] == row['visual_tokens_full'] > 40
         else:
             assert row['reduction'] == 'visionzip' and row['visual_tokens'] <= int(row['budget'])
+
+
+def test_offline_replay_of_a_llava_mini_checkpoint(tmp_path, capsys, bags, questions_file, tiny_mini_model_dir):
+    out = tmp_path / 'out'
+    status = run_replay(bags['mcap'].path, '--out', out, '--model', tiny_mini_model_dir, '--budgets', 'full,8',
+                        '--questions', questions_file, '--max-new-tokens', MAX_NEW_TOKENS, '--max-frames', 1,
+                        '--topics', RAW_TOPIC)
+    assert status == 0, capsys.readouterr().err
+    assert 'token budgets do not apply to LLaVA-Mini' in capsys.readouterr().err
+    rows = [row for row in read_jsonl(out / 'results.jsonl') if 'reduction' in row]
+    assert {row['budget'] for row in rows} == {'full', '8'}
+    assert {(row['reduction'], row['visual_tokens'], row['visual_tokens_full']) for row in rows} == {('llava-mini', 1, 1)}
+    # Every budget reads the same one token: the answers agree budget by budget.
+    by_prompt = {}
+    for row in rows:
+        by_prompt.setdefault((row['topic'], row['index'], row['prompt']), set()).add(row['text'])
+    assert len(by_prompt) == 3 and all(len(answers) == 1 for answers in by_prompt.values())

@@ -317,9 +317,12 @@ def test_interrupted_run_writes_a_report_marked_partial(tmp_path, tiny_model_dir
 
     bag = sample_bag.write_sample_bag(tmp_path / 'bag', storage='mcap', frames_per_topic=30)
     out = tmp_path / 'out'
+    # A shell without job control starts background jobs (`pytest ... &`) with SIGINT ignored, and Python
+    # keeps an inherited SIG_IGN instead of raising KeyboardInterrupt: give the child the default.
     process = subprocess.Popen([sys.executable, '-m', 'zip_vlm_ros.replay', str(bag.path), '--out', str(out),
                                 '--model', str(tiny_model_dir), '--budgets', 'full,8,4', '--max-new-tokens', '8'],
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     results = out / 'results.jsonl'
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (results.exists() and results.read_text(encoding='utf-8').strip()):

@@ -1,4 +1,5 @@
 """vlm_tiny_model: offline checkpoints that load and run like real LLaVA checkpoints."""
+import dataclasses
 import hashlib
 import json
 
@@ -125,3 +126,16 @@ def test_cli_builds_and_reports_errors(tmp_path, capsys):
     assert len(error.splitlines()) == 1
     with pytest.raises(SystemExit):
         main([str(tmp_path / "x"), "--preset", "huge"])
+
+
+def test_mini_presets_share_the_llava_geometry_and_build_deterministically(tmp_path, tiny_mini_model_dir, capsys):
+    for mini, base in (("tiny-mini", "tiny"), ("bench-mini", "bench")):
+        spec, base_spec = tiny_model.PRESETS[mini], tiny_model.PRESETS[base]
+        assert (spec.compressor_size, spec.prefusion_layers) == (1, 4)
+        assert dataclasses.replace(spec, compressor_size=None) == base_spec
+    assert main([str(tmp_path / "mini"), "--preset", "tiny-mini"]) == 0
+    assert "LLaVA-Mini (1 token(s) per image, 4 pre-fusion layers)" in capsys.readouterr().out
+    assert _sha256(tmp_path / "mini" / "model.safetensors") == _sha256(tiny_mini_model_dir / "model.safetensors")
+    other_seed = build_checkpoint(tmp_path / "mini-seed1", preset="tiny-mini", seed=1)
+    assert _sha256(other_seed / "model.safetensors") != _sha256(tiny_mini_model_dir / "model.safetensors")
+    assert json.loads((other_seed / MARKER_FILE).read_text())["preset"] == "tiny-mini"

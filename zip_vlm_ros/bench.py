@@ -5,6 +5,7 @@
 1280x720 frame (``coffee-720p``), with LLaVA-NeXT's targets.
 ``vlm_bench --node [...]``: the node's own overhead instead (``zip_vlm_ros.node_bench``).
 ``vlm_bench --multi-image [...]``: surround-view and history questions (``zip_vlm_ros.multi_image_bench``).
+``vlm_bench --mini [...]``: LLaVA-Mini against LLaVA-1.5 at 576 and 64 tokens (``zip_vlm_ros.bench_mini``).
 
 Every measurement is taken ``--repeats`` times after one warm-up run, on one real photo from
 ``skimage.data``; the tables show the minimum of the runs (and the median where marked) and the ratios
@@ -31,27 +32,17 @@ use the minimum, the run least disturbed by other processes. The sections are:
 Without ``--model`` the ``bench`` preset of ``vlm_tiny_model`` is built (once) under
 ``$XDG_CACHE_HOME/zip_vlm_ros/bench`` and used.
 
-Memory: on CUDA, the allocator peak (``torch.cuda.max_memory_allocated``) above what was allocated
-when the stage began. On the CPU, the kernel's peak resident set size (``VmHWM``, reset through
-``/proc/self/clear_refs`` when the stage begins) above the resident size at that moment; glibc's
-``malloc_trim`` first hands free heap pages back to the OS, so a stage cannot hide its peak in memory
-an earlier stage freed. CPU numbers count every page the stage touched, including the allocator's own
-overhead, and are approximate to a few MiB. Peaks come from one extra run of each row between the
-warm-up and the timed runs: the page faults that trimming causes would otherwise slow the timings.
+Memory: see ``zip_vlm_ros.bench_harness.PeakMemory``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import itertools
 import json
-import math
 import os
 import pathlib
-import re
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -61,6 +52,7 @@ import skimage.data
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from zip_vlm_ros.bench_harness import PeakMemory, Target, device_clock, measure_interleaved, memory_method
 from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
 from zip_vlm_ros.prefix_cache import cache_nbytes, fork_cache
 from zip_vlm_ros.tiny_model import build_checkpoint
@@ -103,146 +95,6 @@ def bench_image(name: str):
     return np.asarray(cropped.resize((1280, 720), Image.Resampling.BICUBIC))
 
 
-@dataclass(frozen=True)
-class Target:
-    """A ratio the project promises, e.g. TTFT at 64 tokens >= 3x faster than stock."""
-
-    name: str
-    minimum: float | None = None   # ratio must be >= minimum
-    maximum: float | None = None   # ratio must be <= maximum
-
-    def check(self, ratio: float | None) -> dict:
-        bound = f">= {self.minimum:g}x" if self.minimum is not None else f"<= {self.maximum:g}x"
-        if ratio is None or not math.isfinite(ratio):
-            verdict = "N/A"
-        elif self.minimum is not None:
-            verdict = "PASS" if ratio >= self.minimum else "MISS"
-        else:
-            verdict = "PASS" if ratio <= self.maximum else "MISS"
-        return {"name": self.name, "ratio": ratio, "target": bound, "result": verdict}
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-
-class PeakMemory:
-    """``with PeakMemory(device) as peak: ...`` then ``peak.extra_bytes``: the block's extra peak memory.
-
-    See the module docstring for what is measured on CUDA and on the CPU. ``extra_bytes`` stays None
-    when not `enabled` and where the CPU peak cannot be reset (no writable ``/proc/self/clear_refs``).
-    """
-
-    def __init__(self, device: torch.device, enabled: bool = True):
-        self.device = device
-        self.enabled = enabled
-        self.extra_bytes: int | None = None
-        self._baseline: int | None = None
-
-    def __enter__(self) -> PeakMemory:
-        if not self.enabled:
-            return self
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._baseline = torch.cuda.memory_allocated(self.device)
-        else:
-            if _GLIBC is not None:
-                _GLIBC.malloc_trim(0)  # free heap pages go back to the OS, so reusing them counts
-            if _reset_peak_rss():
-                self._baseline = _proc_status_bytes("VmRSS")
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._baseline is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _proc_status_bytes("VmHWM")
-        self.extra_bytes = max(0, peak - self._baseline)
-
-
-def memory_method(device: torch.device) -> str:
-    """One line saying how PeakMemory measures on `device` in this process."""
-    if device.type == "cuda":
-        return "CUDA allocator peak above allocation at stage start (torch.cuda.max_memory_allocated)"
-    if not _reset_peak_rss():
-        return "unavailable: /proc/self/clear_refs cannot reset the peak RSS on this system"
-    allocator = "glibc heap trimmed at stage start" if _GLIBC is not None else "heap not trimmed (not glibc)"
-    return f"peak RSS (VmHWM, reset per stage) above RSS at stage start, {allocator}; one extra run per row"
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # 5: reset the peak resident set size to the current one
-        return True
-    except OSError:
-        return False
-
-
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
-    return int(match.group(1)) * 1024
-
-
-def _glibc():
-    """The C library if it is glibc (has malloc_trim), else None."""
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
-
-
-_GLIBC = _glibc()
-
-
-def _clock(device: torch.device) -> float:
-    """perf_counter once the device's queued work is done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def fieldwise(records: list[dict], reduce) -> dict:
-    """``reduce`` (min, statistics.median) of every numeric field over several runs' records; a
-    non-numeric field keeps its value when all runs agree, and a field missing (None) in any run or
-    differing between runs is None."""
-    merged = {}
-    for key, first in records[0].items():
-        values = [record[key] for record in records]
-        if isinstance(first, bool) or not isinstance(first, (int, float)) or any(v is None for v in values):
-            merged[key] = first if all(v == first for v in values) else None
-        else:
-            merged[key] = reduce(values)
-    return merged
-
-
-def measure_interleaved(measures: dict, repeats: int, track_memory: bool = True) -> dict:
-    """Per name of ``{name: measure() -> record}``: the field-wise minimum of the records, taken side by
-    side, with the field-wise median under ``"median"``.
-
-    Each measure runs once as a warm-up and, with `track_memory`, once more as
-    ``measure(track_memory=True)`` for its ``peak_extra_bytes``; then `repeats` rounds call every
-    measure once in turn, so a change in machine load during the run hits all of them alike instead of
-    skewing one. Ratios are decided on the minimum: other processes on a shared machine only ever add
-    time, so the fastest run is the least disturbed one.
-    """
-    for measure in measures.values():
-        measure()
-    peaks = {name: measure(track_memory=True)["peak_extra_bytes"] for name, measure in measures.items()
-             if track_memory}
-    records = {name: [] for name in measures}
-    for _ in range(repeats):
-        for name, measure in measures.items():
-            records[name].append(measure())
-    return {name: {**fieldwise(runs, min), "median": fieldwise(runs, statistics.median),
-                   **({"peak_extra_bytes": peaks[name]} if track_memory else {})}
-            for name, runs in records.items()}
-
-
 # ---------------------------------------------------------------------------------------------- stages
 
 def measure_budget(engine, image, prompt: str, budget: int, max_new_tokens: int, *,
@@ -280,7 +132,7 @@ def measure_stock_generate(engine, image, prompt: str, max_new_tokens: int, *,
 
     def mark(name):
         def hook(*_):
-            marks.setdefault(name, _clock(device))
+            marks.setdefault(name, device_clock(device))
         return hook
 
     def keep_prompt_kv(module, args, output):
@@ -296,7 +148,7 @@ def measure_stock_generate(engine, image, prompt: str, max_new_tokens: int, *,
         def put(self, value):
             self.puts += 1
             if self.puts == 2:
-                marks["first_token"] = _clock(device)
+                marks["first_token"] = device_clock(device)
 
         def end(self):
             pass
@@ -310,14 +162,14 @@ def measure_stock_generate(engine, image, prompt: str, max_new_tokens: int, *,
     ]
     try:
         with PeakMemory(device, track_memory) as peak:
-            start = _clock(device)
+            start = device_clock(device)
             inputs = engine.processor(images=image, text=engine._render_prompt(prompt), return_tensors="pt")
-            preprocess_end = _clock(device)
+            preprocess_end = device_clock(device)
             inputs = inputs.to(device)
             inputs["pixel_values"] = inputs["pixel_values"].to(engine.dtype)
             sequences = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                               streamer=FirstTokenClock())
-            end = _clock(device)
+            end = device_clock(device)
     finally:
         for handle in handles:
             handle.remove()
@@ -352,13 +204,13 @@ def measure_vision_stage(engine, pixels: dict, image_size: tuple[int, int], vari
     """
     family = engine.family
     with PeakMemory(engine.device, track_memory) as peak:
-        start = _clock(engine.device)
+        start = device_clock(engine.device)
         if variant == "stock":
             features = family.encode_pixels(pixels, [image_size], family.full_token_count(image_size))[0]
         else:
             encoder = encode_for_visionzip if variant == "visionzip" else encode_reference_style
             features = family.encode_pixels(pixels, [image_size], token_budget, encoder=encoder)[0]
-        elapsed_ms = (_clock(engine.device) - start) * 1000.0
+        elapsed_ms = (device_clock(engine.device) - start) * 1000.0
         del features
     return {"ms": elapsed_ms, "peak_extra_bytes": peak.extra_bytes}
 
@@ -410,7 +262,7 @@ def prepare_floor_inputs(engine, image, question: str, budget: int) -> FloorInpu
     prefix_ids, suffix_ids = engine._tokenize_prompt(question, visual_tokens)
     features = engine.family.encode([image], budget).features
     input_ids = torch.tensor([prefix_ids + suffix_ids], dtype=torch.long, device=engine.device)
-    prompt_embeds = engine._embed_with_image(input_ids, features)
+    prompt_embeds = engine.family.embed_with_image(input_ids, features)
     prefix_cache = engine.model(inputs_embeds=prompt_embeds[:, :len(prefix_ids)], use_cache=True,
                                 logits_to_keep=1).past_key_values
     return FloorInputs(budget, prompt_embeds, prefix_cache,
@@ -441,21 +293,21 @@ def measure_engine_decode(engine, image, question: str, budget: int, max_new_tok
 @torch.inference_mode()
 def measure_bare_forward(engine, inputs: FloorInputs) -> dict:
     """One bare ``model(inputs_embeds=prompt)`` forward and the argmax of its last position, in ms."""
-    start = _clock(engine.device)
+    start = device_clock(engine.device)
     logits = engine.model(inputs_embeds=inputs.prompt_embeds, use_cache=True, logits_to_keep=1).logits
     logits[:, -1].argmax(dim=-1)
-    return {"ms": (_clock(engine.device) - start) * 1000.0}
+    return {"ms": (device_clock(engine.device) - start) * 1000.0}
 
 
 @torch.inference_mode()
 def measure_bare_suffix(engine, inputs: FloorInputs) -> dict:
     """One bare ``model(input_ids=question, past_key_values=prefix)`` forward on a fork of the same
     cached prefix and the argmax of its last position, in ms."""
-    start = _clock(engine.device)
+    start = device_clock(engine.device)
     logits = engine.model(input_ids=inputs.suffix_ids, past_key_values=fork_cache(inputs.prefix_cache),
                           use_cache=True, logits_to_keep=1).logits
     logits[:, -1].argmax(dim=-1)
-    return {"ms": (_clock(engine.device) - start) * 1000.0}
+    return {"ms": (device_clock(engine.device) - start) * 1000.0}
 
 
 @torch.inference_mode()
@@ -464,11 +316,11 @@ def measure_bare_decode(engine, inputs: FloorInputs, steps: int) -> dict:
     prefill of the prompt, from the same cache length as the engine's decode: ms per step."""
     output = engine.model(inputs_embeds=inputs.prompt_embeds, use_cache=True, logits_to_keep=1)
     cache, token = output.past_key_values, output.logits[:, -1].argmax(dim=-1)
-    start = _clock(engine.device)
+    start = device_clock(engine.device)
     for _ in range(steps):
         logits = engine.model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits
         token = logits[:, -1].argmax(dim=-1)
-    return {"ms": (_clock(engine.device) - start) * 1000.0 / steps, "steps": steps}
+    return {"ms": (device_clock(engine.device) - start) * 1000.0 / steps, "steps": steps}
 
 
 def measure_floors(engine, image, budgets: dict, target_budget: int, max_new_tokens: int, repeats: int) -> list[dict]:
@@ -633,7 +485,8 @@ def format_report(results: dict) -> str:
                      + "".join(f"{_fmt(row[f'q{i}_ttft_ms']):>8}" for i in range(1, results["questions"] + 1))
                      + f"{_fmt(row['ttft_sum_ms']):>10}{_fmt(row['median']['ttft_sum_ms']):>9}")
 
-    lines += ["", "floors: the engine against one bare model call doing the same work (ms):",
+    lines += ["", f"floors: the engine against one bare model call doing the same work (ms; minimum of "
+                  f"{results['floor_repeats']} interleaved runs):",
               f"  {'measure':<48}{'budget':>7}{'tokens':>7}{'engine':>9}{'bare':>9}{'ratio':>8}"
               f"{'engine med':>12}{'bare med':>10}"]
     for row in results["floors"]:
@@ -688,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=pathlib.Path, help="also write all results to this JSON file")
     parser.add_argument("--repeats", type=int, help="measured runs per row after one warm-up (default: 3, "
                                                     "--quick: 1)")
+    parser.add_argument("--floor-repeats", type=int,
+                        help="measured runs per floor row (default: 10, --quick: 1); single forwards on a noisy "
+                             "CPU need more runs than whole answers for their minimum to settle")
     parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per answer (default: 16, "
                                                            "--quick: 4)")
     parser.add_argument("--image", choices=IMAGES,
@@ -723,7 +579,8 @@ def run_benchmark(args) -> dict:
         results = {
             "model": args.model, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(), "image": args.image, "prompt": DEFAULT_PROMPT,
-            "repeats": args.repeats, "max_new_tokens": args.max_new_tokens, "visual_tokens_full": full,
+            "repeats": args.repeats, "floor_repeats": args.floor_repeats, "max_new_tokens": args.max_new_tokens,
+            "visual_tokens_full": full,
             "family": family.model_type, "family_label": family.label, "image_size": list(image_size),
             "crops": family.num_crops(image_size),
             "target_budget": args.target_budget, "questions": len(FRAME_QUESTIONS),
@@ -757,7 +614,7 @@ def run_benchmark(args) -> dict:
         results["frame_questions"] = [{"budget": name, "reuse": reuse, **measured[name, reuse]}
                                       for name, reuse in question_rows]
         results["floors"] = measure_floors(engine, image, {FULL: full, str(args.target_budget): vision_budget},
-                                           args.target_budget, args.max_new_tokens, args.repeats)
+                                           args.target_budget, args.max_new_tokens, args.floor_repeats)
         results["load_average_1min"] = {"start": load_at_start, "end": os.getloadavg()[0]}
         results["targets"] = evaluate_targets(results)
         return results
@@ -777,12 +634,17 @@ def main(argv=None) -> int:
 
         argv.remove("--multi-image")
         return multi_image_bench.main(argv)
+    if "--mini" in argv:  # LLaVA-Mini against LLaVA-1.5: two engines side by side (zip_vlm_ros.bench_mini)
+        from zip_vlm_ros import bench_mini
+        argv.remove("--mini")
+        return bench_mini.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    args.floor_repeats = args.floor_repeats if args.floor_repeats is not None else (1 if args.quick else 10)
     args.max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (4 if args.quick else 16)
-    if args.repeats < 1 or args.max_new_tokens < 1 or (args.target_budget is not None and args.target_budget < 1):
-        parser.error("--repeats, --max-new-tokens and --target-budget must be >= 1")
+    if min(args.repeats, args.floor_repeats, args.max_new_tokens) < 1 or (args.target_budget is not None and args.target_budget < 1):
+        parser.error("--repeats, --floor-repeats, --max-new-tokens and --target-budget must be >= 1")
 
     try:
         results = run_benchmark(args)

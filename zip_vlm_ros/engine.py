@@ -27,10 +27,15 @@ differ only in how the prompt is split into forwards, so their logits differ by 
 1e-6 in float32); in float16/bfloat16 that rounding is larger and an answer may differ, as it may with
 any change of batch shape.
 
-Stages 1-2 and the layout of the visual tokens in the prompt belong to the checkpoint's model family
-(``zip_vlm_ros.models``: LLaVA-1.5, LLaVA-NeXT); the engine only places an adapter's flat run of visual
-tokens at the image placeholders, so prefill, decode, sampling and the cache never learn the family.
-``token_budget`` means the same for every family: the visual tokens the LLM reads per image.
+Stages 1-2 and the LLM's input embeddings belong to the checkpoint's model family
+(``zip_vlm_ros.models``: LLaVA-1.5, LLaVA-NeXT, LLaVA-Mini): the adapter turns a tokenized prompt and the
+image's visual tokens into input embeddings (``embed_prompt``; ``embed_suffix`` for a later question on a
+cached prefix, from the state the adapter kept for that prefix), so prefill, decode, sampling and the
+cache never learn the family. For LLaVA-1.5 and LLaVA-NeXT that is the token embeddings with the visual
+tokens at the image placeholders; LLaVA-Mini first runs its pre-fusion layers over the prompt, and its
+prefix state is their key/value cache. ``token_budget`` means the same for every family that applies
+it: the visual tokens the LLM reads per image. LLaVA-Mini's count is fixed by training
+(``family.token_budget_applies`` is False): budgets are accepted and ignored.
 
 Several images, one question (surround cameras, a camera's recent frames): ``generate_images``, in
 ``zip_vlm_ros.multi_image``, splits the request's total budget evenly over labelled images, keeps each
@@ -108,7 +113,7 @@ class GenerationStopped(EngineError):
 
 @dataclass
 class EngineConfig:
-    model: str                          # local checkpoint dir or hub id (LLaVA-1.5 or LLaVA-NeXT)
+    model: str                          # local checkpoint dir or hub id (LLaVA-1.5, LLaVA-NeXT; LLaVA-Mini: dir)
     device: str = "auto"                # auto|cpu|cuda|cuda:N   (auto: CUDA when available)
     dtype: str = "auto"                 # auto|float16|bfloat16|float32 (auto: fp16 on CUDA, fp32 on CPU)
     token_budget: int = 64              # default budget; >= visual_tokens_full means no reduction
@@ -118,6 +123,7 @@ class EngineConfig:
     prefix_cache_bytes: int = 1 << 30
     visual_cache_entries: int = 64      # multi-image requests: per-image visual tokens kept (0 disables)
     visual_cache_bytes: int = 1 << 28
+    vision_tower: str = ""              # LLaVA-Mini: local CLIP dir when the checkpoint names a hub id
 
 
 @dataclass
@@ -127,7 +133,7 @@ class VlmOutput:
     prompt: str
     text: str
     model: str
-    reduction: str                      # "visionzip" or "none"
+    reduction: str                      # "visionzip", "none" or "llava-mini"
     token_budget: int                   # effective budget (visual_tokens_full when no reduction)
     visual_tokens: int                  # fed to the LLM (AnyRes: crops x the budget's share per crop)
     visual_tokens_full: int             # this image's count before reduction (576 for LLaVA-1.5)
@@ -160,13 +166,15 @@ class VlmEngine:
         self.model_name = config.model.rstrip("/") or config.model
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.family = load_family(config.model, self.dtype, self.device, config.contextual_ratio, self._clock)
+        self.family = load_family(config.model, self.dtype, self.device, config.contextual_ratio, self._clock,
+                                  config.vision_tower)
         self.model, self.processor = self.family.model, self.family.processor
         self.tokenizer = self.processor.tokenizer
         self.image_processor = self.processor.image_processor
         self.visual_tokens_full = self.family.visual_tokens_full
-        self.context_tokens = self.family.hf_config.text_config.max_position_embeddings
-        self.image_token_id = self.family.hf_config.image_token_id
+        self.token_budget_applies = self.family.token_budget_applies
+        self.context_tokens = self.family.context_tokens
+        self.image_token_id = self.family.image_token_id
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"
         if self.tokenizer.convert_tokens_to_ids(self.image_token) != self.image_token_id:
             raise ModelLoadError(
@@ -293,10 +301,11 @@ class VlmEngine:
                     vision_ms, reduction_ms = visual.vision_ms, visual.reduction_ms
                 check_stop()
                 prefill_start = self._clock()
-                logits, kv_cache = self._prefill_prompt(prefix_ids + suffix_ids, visual.features)
+                logits, kv_cache, embedded = self._prefill_prompt(prefix_ids, suffix_ids, visual)
                 prefill_ms = self._ms_since(prefill_start)
                 prefix = Prefix(fork_cache(kv_cache, len(prefix_ids)), len(prefix_ids),
-                                 cache_nbytes(kv_cache, positions=len(prefix_ids)), cache_nbytes(kv_cache))
+                                cache_nbytes(kv_cache, positions=len(prefix_ids)),
+                                cache_nbytes(kv_cache) + embedded.prefix_state_bytes, embedded.prefix_state)
                 prefixes_this_call[prefix_ids] = prefix
                 if cache_key is not None:
                     self._prefix_cache.put(cache_key, prefix)
@@ -373,7 +382,7 @@ class VlmEngine:
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         # As stock generate: positions count real tokens only, padding sits at position 0.
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        inputs_embeds = self._embed_with_image(input_ids, visual.features)
+        inputs_embeds = self.family.embed_batch(input_ids, attention_mask, visual)
         output = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=True, logits_to_keep=1)
         kv_cache = output.past_key_values
@@ -458,31 +467,18 @@ class VlmEngine:
         split = image_positions[-1] + 1
         return tuple(ids[:split]), tuple(ids[split:])
 
-    # ------------------------------------------------------------------ visual tokens in the prompt
-
-    def _embed_with_image(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the image placeholders replaced by `features`, as LlavaModel does.
-
-        input_ids ``[batch, length]`` holding each row's image's count of image tokens; features
-        ``[sum of counts, text_hidden]``, row 0's image first. Returns ``[batch, length, text_hidden]``.
-        """
-        inputs_embeds = self.model.get_input_embeddings()(input_ids)
-        image_mask = (input_ids == self.image_token_id).unsqueeze(-1)  # [batch, length, 1]
-        # masked_scatter fills the placeholders in row-major order: row 0's tokens, then row 1's.
-        return inputs_embeds.masked_scatter(image_mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
-
     # ------------------------------------------------------------------ language model
 
-    def _prefill_prompt(self, prompt_ids: tuple[int, ...], features: torch.Tensor):
+    def _prefill_prompt(self, prefix_ids: tuple[int, ...], suffix_ids: tuple[int, ...], visual: VisualTokens):
         """One LLM forward over a whole prompt about one image: the frame's first question.
 
-        prompt_ids: the prompt with the image's visual tokens; features ``[visual_tokens, text_hidden]``.
-        Returns ``(last-position logits [1, vocab] float32, the prompt's key/value cache)``.
+        prefix_ids + suffix_ids: the prompt with the image's visual tokens; `visual` from ``family.encode``.
+        Returns ``(last-position logits [1, vocab] float32, the prompt's key/value cache, the family's
+        PromptEmbeddings with its state for the prefix)``.
         """
-        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        inputs_embeds = self._embed_with_image(input_ids, features)
-        output = self.model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
-        return output.logits[:, -1].float(), output.past_key_values
+        embedded = self.family.embed_prompt(prefix_ids + suffix_ids, len(prefix_ids), visual)
+        output = self.model(inputs_embeds=embedded.inputs_embeds, use_cache=True, logits_to_keep=1)
+        return output.logits[:, -1].float(), output.past_key_values, embedded
 
     def _prefill_suffix(self, suffix_ids: tuple[int, ...], prefix: Prefix):
         """One LLM forward over a later question's own tokens on a fork of the frame's cached prefix.
@@ -490,8 +486,9 @@ class VlmEngine:
         Returns ``(last-position logits [1, vocab] float32, the question's key/value cache)``.
         """
         kv_cache = fork_cache(prefix.kv_cache)
-        suffix = torch.tensor([suffix_ids], dtype=torch.long, device=self.device)
-        logits = self.model(input_ids=suffix, past_key_values=kv_cache, use_cache=True, logits_to_keep=1).logits
+        inputs_embeds = self.family.embed_suffix(suffix_ids, prefix.family_state)
+        logits = self.model(inputs_embeds=inputs_embeds, past_key_values=kv_cache, use_cache=True,
+                            logits_to_keep=1).logits
         return logits[:, -1].float(), kv_cache
 
     def _decode(self, logits: torch.Tensor, kv_cache, max_new_tokens: int, sampling: SamplingOptions,
@@ -577,7 +574,7 @@ class VlmEngine:
         full = self.family.full_token_count(image_size)
         reduced = self.family.reduced(image_size, budget)
         return VlmOutput(
-            prompt=prompt, text=text, model=self.model_name, reduction="visionzip" if reduced else "none",
+            prompt=prompt, text=text, model=self.model_name, reduction=self.family.reduction_name(image_size, budget),
             token_budget=budget if reduced else full, visual_tokens=visual_tokens, visual_tokens_full=full,
             generated_tokens=len(tokens),
             vision_ms=vision_ms, reduction_ms=reduction_ms, prefill_ms=prefill_ms,

@@ -41,13 +41,18 @@ import numpy as np
 import torch
 
 from zip_vlm_ros.errors import RequestError
+from zip_vlm_ros.models.base import VisualTokens
 from zip_vlm_ros.prefix_cache import Prefix, PrefixCache, cache_nbytes, fork_cache
 from zip_vlm_ros.sampling import SamplingOptions, check_sampling
 
 if TYPE_CHECKING:
     from zip_vlm_ros.engine import OnToken, ShouldStop, VlmEngine, VlmOutput
 
-__all__ = ["ImageInput", "ImageTokens", "MultiImageAnswerer", "image_block", "split_total_budget"]
+__all__ = ["SINGLE_IMAGE_ONLY", "ImageInput", "ImageTokens", "MultiImageAnswerer", "image_block",
+           "split_total_budget"]
+
+# In the refusal of a family that answers about one image per prompt (LLaVA-Mini, for now).
+SINGLE_IMAGE_ONLY = "answer about one image at a time"
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,7 @@ class _Request:
 
 @dataclass
 class _EncodedImages:
-    features: torch.Tensor              # [sum of counts, text_hidden]: image 0's tokens first
+    visual: VisualTokens                # every image's tokens, image 0's first (what embed_prompt places)
     images: list[ImageTokens]
     vision_ms: float
     reduction_ms: float
@@ -186,6 +191,9 @@ class MultiImageAnswerer:
     def _request(self, images, prompts, token_budget, max_new_tokens, sampling) -> _Request:
         """Check a request and tokenize its prompts (RequestError on bad input or a context overflow)."""
         engine = self.engine
+        if not engine.family.several_images:
+            raise RequestError(f"{engine.family.label} checkpoints {SINGLE_IMAGE_ONLY} here: ask each camera or "
+                               f"frame separately")
         images = self.check_images(images)
         prompts = engine._check_prompts(prompts)
         total = self.check_total_budget(token_budget, len(images))
@@ -230,10 +238,11 @@ class MultiImageAnswerer:
                     vision_ms, reduction_ms = encoded.vision_ms, encoded.reduction_ms
                 check_stop()
                 prefill_start = engine._clock()
-                logits, kv_cache = engine._prefill_prompt(prefix_ids + suffix_ids, encoded.features)
+                logits, kv_cache, embedded = engine._prefill_prompt(prefix_ids, suffix_ids, encoded.visual)
                 prefill_ms = engine._ms_since(prefill_start)
                 prefix = Prefix(fork_cache(kv_cache, len(prefix_ids)), len(prefix_ids),
-                                cache_nbytes(kv_cache, positions=len(prefix_ids)), cache_nbytes(kv_cache))
+                                cache_nbytes(kv_cache, positions=len(prefix_ids)),
+                                cache_nbytes(kv_cache) + embedded.prefix_state_bytes, embedded.prefix_state)
                 prefixes_this_call[prefix_ids] = prefix
                 if cache_key is not None:
                     engine._prefix_cache.put(cache_key, prefix)
@@ -285,7 +294,9 @@ class MultiImageAnswerer:
             features.append(entry.features)
             described.append(ImageTokens(item.label, share, count, self.base_tokens_full, entry.reduction,
                                          cached=cached is not None))
-        return _EncodedImages(torch.cat(features), described, vision_ms, reduction_ms)
+        visual = VisualTokens(torch.cat(features), [image.visual_tokens for image in described],
+                              [image.reduction for image in described], vision_ms, reduction_ms)
+        return _EncodedImages(visual, described, vision_ms, reduction_ms)
 
     def _described(self, images: list[ImageInput], shares: list[int], counts: list[int]) -> list[ImageTokens]:
         """ImageTokens of images whose prefix came from the cache (nothing was encoded for them)."""

@@ -175,12 +175,17 @@ class VlmNode(LifecycleNode):
         problem = type_problem(name, value, self._defaults[name])
         if problem:
             return problem
-        engine = self._engine
         question_max_chars = self._param('question_max_chars')
         return parameter_problem(
-            name, value, visual_tokens_full=engine.visual_tokens_full if engine else None,
+            name, value, visual_tokens_full=self._token_budget_limit(),
             max_new_tokens=self._max_new_tokens_limit(),
             question_max_chars=question_max_chars if isinstance(question_max_chars, int) else None)
+
+    def _token_budget_limit(self) -> int | None:
+        """The largest token_budget the loaded model takes; None before load and for a model whose visual
+        token count is fixed by training (LLaVA-Mini accepts and ignores any budget >= 1)."""
+        engine = self._engine
+        return engine.visual_tokens_full if engine and engine.token_budget_applies else None
 
     def _max_new_tokens_limit(self) -> int | None:
         engine = self._engine
@@ -227,7 +232,8 @@ class VlmNode(LifecycleNode):
                 raise ParameterError(problem)
         cameras = tuple(self._param('cameras'))
         return Settings(
-            model=self._param('model'), device=self._param('device'), dtype=self._param('dtype'),
+            model=self._param('model'), vision_tower=self._param('vision_tower'), device=self._param('device'),
+            dtype=self._param('dtype'),
             cameras=cameras,
             camera_topics={camera: self._param(f'camera.{camera}.topic') for camera in cameras},
             camera_types={camera: self._param(f'camera.{camera}.type') for camera in cameras},
@@ -248,11 +254,12 @@ class VlmNode(LifecycleNode):
         try:
             settings = self._read_settings()
             engine = VlmEngine(EngineConfig(
-                model=settings.model, device=settings.device, dtype=settings.dtype,
+                model=settings.model, vision_tower=settings.vision_tower, device=settings.device,
+                dtype=settings.dtype,
                 token_budget=int(self._param('token_budget')),
                 contextual_ratio=1.0 - settings.dominant_ratio,
                 max_new_tokens=int(self._param('max_new_tokens'))))
-            limits = {'visual_tokens_full': engine.visual_tokens_full,
+            limits = {'visual_tokens_full': engine.visual_tokens_full if engine.token_budget_applies else None,
                       'max_new_tokens': max_new_tokens_limit(engine.context_tokens, engine.visual_tokens_full)}
             problem = (parameter_problem('token_budget', self._param('token_budget'), **limits)
                        or parameter_problem('max_new_tokens', self._param('max_new_tokens'), **limits))
@@ -433,13 +440,15 @@ class VlmNode(LifecycleNode):
 
     def _resolve_limits(self, token_budget: int, max_new_tokens: int) -> tuple[int, int]:
         """Request overrides (0 = node default) checked against the model; returns the values to use."""
-        full = self._engine.visual_tokens_full
+        full = self._token_budget_limit()
         if token_budget == 0:
             token_budget = int(self._param('token_budget'))
-        elif not 1 <= token_budget <= full:
+        elif token_budget < 1 or (full is not None and token_budget > full):
+            valid = (f'1..{full} (this model\'s visual tokens)' if full is not None else
+                     'a number >= 1 (this model\'s visual token count is fixed by training; the budget is ignored)')
             raise RequestRejected('token_budget', (
-                f'token_budget {token_budget} is out of range: use 1..{full} (this model\'s visual '
-                f'tokens), or 0 = node default ({self._param("token_budget")})'))
+                f'token_budget {token_budget} is out of range: use {valid}, or 0 = node default '
+                f'({self._param("token_budget")})'))
         limit = self._max_new_tokens_limit()
         if max_new_tokens == 0:
             max_new_tokens = int(self._param('max_new_tokens'))

@@ -10,7 +10,8 @@
    while 1080p frames stream to it over DDS, and rclpy's deserialization of such a frame (done by
    the executor before any callback, not by the node).
 3. Every caller answered: refusal latency, the round trip of the callers refused while 40 callers
-   (each its own ROS context) call ~/ask at once with max_pending_requests 4, target p95 <= 50 ms;
+   (each its own process, ``zip_vlm_ros.burst_callers``) call ~/ask at once with max_pending_requests 4,
+   target p95 <= 50 ms, next to the same bursts on a bare rclpy service that refuses at once;
    and cancel latency, from a request's deadline passing to the worker being free (the node's
    stop_latency diagnostics over requests that run past request_timeout_s), target p95 <= one decode
    step + 10 ms.
@@ -235,28 +236,22 @@ except (KeyboardInterrupt, ExternalShutdownException):
 """
 
 
-def _refusal_ms(outcomes: list) -> list[float]:
-    return [seconds * 1e3 for response, seconds in outcomes
-            if not isinstance(response, TimeoutError) and not response.success]
-
-
 def measure_reliability(model_dir: str, *, bursts: int, cancels: int, log_path: pathlib.Path,
                         timeout_s: float) -> dict[str, float]:
     """Refusal latency in 40-caller bursts (next to a bare service's) and cancel latency, one node."""
+    from zip_vlm_ros.burst_callers import BurstCallers
     from zip_vlm_ros.client import NodeProcess, VlmClient
 
     parameters = {'model': model_dir, 'token_budget': 8, 'max_new_tokens': 8, 'max_pending_requests': 4,
                   'request_timeout_s': CANCEL_DEADLINE_S}
     node = NodeProcess(parameters, log_path, remaps={'__ns': '/bench_burst'})
     bare = subprocess.Popen([sys.executable, '-c', BARE_SERVICE])
-    callers = [VlmClient('/bench_burst/zip_vlm', client_name=f'bench_caller_{index}', threads=2)
-               for index in range(BURST_CALLERS)]
     try:
-        results = _burst_refusals(callers, bursts, timeout_s, log_path)
-        results.update(_cancel_latency(callers[0], model_dir, cancels, timeout_s))
+        with BurstCallers('/bench_burst/zip_vlm', BURST_CALLERS, ['~/ask', BARE_ASK], timeout_s) as callers:
+            results = _burst_refusals(callers, bursts)
+        with VlmClient('/bench_burst/zip_vlm', client_name='bench_canceller', threads=2) as client:
+            results.update(_cancel_latency(client, model_dir, cancels, timeout_s))
     finally:
-        for caller in callers:
-            caller.close()
         bare.send_signal(signal.SIGINT)
         bare.wait(30)
         exit_code = node.stop()
@@ -265,29 +260,17 @@ def measure_reliability(model_dir: str, *, bursts: int, cancels: int, log_path: 
     return results
 
 
-def _burst_refusals(callers: list, bursts: int, timeout_s: float, log_path: pathlib.Path) -> dict[str, float]:
-    """All callers call ~/ask at once, then the bare service, `bursts` times; refused round trips."""
-    import skimage.data
+def _burst_refusals(callers: Any, bursts: int) -> dict[str, float]:
+    """All callers call ~/ask at once, then the bare service, `bursts` times; refused round trips.
 
-    from zip_vlm_ros.client import call_at_once, wait_until_answered
-    from zip_vlm_ros.conversions import rgb_to_image
-    from zip_vlm_ros.srv import Ask
-
-    for service in ('~/ask', BARE_ASK):
-        ready = call_at_once(callers, lambda client: wait_until_answered(
-            client, Ask, service, Ask.Request(question=''), timeout_s), timeout_s)
-        if not all(found is True for found, _ in ready):
-            raise RuntimeError(f'{service} did not answer within {timeout_s} s; node log: {log_path}')
-    question = Ask.Request(question='What is on the table?', image=rgb_to_image(skimage.data.coffee()))
-    # A caller still unanswered after this counts as lost (a slow answer on a loaded machine is not lost).
-    wait_s = 30.0
+    A caller unanswered after the callers' wait counts as lost (a slow answer on a loaded machine is not).
+    """
     refusal_ms, bare_ms, lost = [], [], 0
     for _ in range(bursts):
-        outcomes = call_at_once(callers, lambda client: client.call(Ask, '~/ask', question, wait_s), wait_s)
-        lost += sum(isinstance(response, TimeoutError) for response, _ in outcomes)
-        refusal_ms += _refusal_ms(outcomes)
-        bare_ms += _refusal_ms(call_at_once(callers, lambda client: client.call(Ask, BARE_ASK, question, wait_s),
-                                            wait_s))
+        outcomes = callers.burst('~/ask')
+        lost += sum(not outcome['answered'] for outcome in outcomes)
+        refusal_ms += [outcome['ms'] for outcome in outcomes if outcome['answered'] and not outcome['success']]
+        bare_ms += [outcome['ms'] for outcome in callers.burst(BARE_ASK) if outcome['answered']]
     nan = (float('nan'), float('nan'))
     refusal = _percentiles(refusal_ms) if refusal_ms else nan
     floor = _percentiles(bare_ms) if bare_ms else nan

@@ -34,7 +34,13 @@ class ParameterSpec:
 NODE_PARAMETERS = (
     ParameterSpec('model', 'llava-hf/llava-1.5-7b-hf',
                   'LLaVA-1.5 or LLaVA-NeXT checkpoint (LlavaForConditionalGeneration, '
-                  'LlavaNextForConditionalGeneration): a local directory or a hub id'),
+                  'LlavaNextForConditionalGeneration): a local directory or a hub id; LLaVA-Mini '
+                  '(model_type llava_mini_llama): a local directory'),
+    ParameterSpec('vision_tower', '',
+                  'LLaVA-Mini only: local CLIP directory (config.json, preprocessor_config.json, and '
+                  'weights unless the checkpoint holds the tower) for a checkpoint whose mm_vision_tower '
+                  'is a hub id; empty: mm_vision_tower as a local path or from the Hugging Face cache '
+                  '(never downloaded)'),
     ParameterSpec('device', 'auto', 'auto (CUDA when available), cpu, cuda or cuda:N'),
     ParameterSpec('dtype', 'auto', 'auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32'),
     ParameterSpec('cameras', ['front'],
@@ -45,7 +51,8 @@ NODE_PARAMETERS = (
     ParameterSpec('token_budget', 64,
                   'visual tokens the LLM reads per image, kept by VisionZip (1..the model\'s largest '
                   'full count: 576 for LLaVA-1.5, 2928 for LLaVA-NeXT-7B, whose crops share it evenly); '
-                  'requests may override it', runtime=True),
+                  'requests may override it. LLaVA-Mini: does not apply (any value >= 1 is accepted, '
+                  'its trained token count is used)', runtime=True),
     ParameterSpec('dominant_ratio', 54 / 64,
                   'share of the budget given to dominant tokens (0 < r <= 1); the rest are '
                   'contextual tokens merged from the remainder'),
@@ -79,7 +86,7 @@ NODE_PARAMETERS = (
 )
 RUNTIME_PARAMETERS = frozenset(spec.name for spec in NODE_PARAMETERS if spec.runtime)
 # Settable while the node is unconfigured, so a failed configure can be corrected without a restart.
-ENGINE_PARAMETERS = frozenset({'model', 'device', 'dtype'})
+ENGINE_PARAMETERS = frozenset({'model', 'vision_tower', 'device', 'dtype'})
 _TYPE_NAMES = {bool: 'true or false', int: 'a whole number', float: 'a number', str: 'a string',
                list: 'a list of strings'}
 _CAMERA_NAME = re.compile(r'^[A-Za-z][A-Za-z0-9_]*$')
@@ -138,7 +145,7 @@ def parameter_problem(name: str, value: Any, *, visual_tokens_full: int | None =
     """Why `value` is not valid for parameter `name`, or None when it is.
 
     visual_tokens_full: the loaded model's largest visual token count per image (bounds token_budget),
-    None before load.
+    None before load and for a model whose count is fixed by training (LLaVA-Mini: any budget >= 1).
     max_new_tokens: the loaded model's limit (``max_new_tokens_limit``), None before load.
     question_max_chars: bounds describe_prompt.
     """
@@ -209,6 +216,7 @@ class Settings:
     """Parameters fixed while the node is configured (read on configure)."""
 
     model: str
+    vision_tower: str
     device: str
     dtype: str
     cameras: tuple[str, ...]

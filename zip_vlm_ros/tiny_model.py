@@ -19,6 +19,9 @@ Presets:
          wide frame becomes a base image plus a 2x2 grid of crops.
   bench-next  LLaVA-NeXT-7B's geometry (336 px crops, its ``image_grid_pinpoints``, a 1280x720 frame
          = base + 2x2 grid = 1948 full visual tokens) with the bench preset's tower and Llama.
+  tiny-mini, bench-mini  LLaVA-Mini (one compressed token per image, 4 pre-fusion layers) with the tiny
+         and bench presets' tower and Llama, in the layout of the released LLaVA-Mini checkpoint
+         (``zip_vlm_ros.tiny_model_mini``), so they load through the code that loads the real one.
 
 The text they generate is meaningless; they exist to exercise and time the pipeline.
 """
@@ -110,6 +113,9 @@ class Preset:
     text_initializer_range: float
     # AnyRes resolutions (height, width) of a LLaVA-NeXT checkpoint; None builds a LLaVA-1.5 one.
     grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    # LLaVA-Mini: C (C x C compressed tokens per image) and its pre-fusion layers; None: not LLaVA-Mini.
+    compressor_size: int | None = None
+    prefusion_layers: int = 4
 
 
 # LLaVA-NeXT's (llava-v1.6-*) image_grid_pinpoints, in 336 px crops.
@@ -137,11 +143,17 @@ PRESETS: dict[str, Preset] = {
 }
 PRESETS["tiny-next"] = replace(PRESETS["tiny"], grid_pinpoints=_scaled_pinpoints(56))
 PRESETS["bench-next"] = replace(PRESETS["bench"], grid_pinpoints=NEXT_GRID_PINPOINTS)
+PRESETS["tiny-mini"] = replace(PRESETS["tiny"], compressor_size=1)
+PRESETS["bench-mini"] = replace(PRESETS["bench"], compressor_size=1)
 
 
-def _train_tokenizer(vocab_size: int):
-    """BPE (sentencepiece-style "▁" word marks, as Llama) trained on TOKENIZER_CORPUS, wrapped as a
-    transformers fast tokenizer.
+def _train_tokenizer(vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS, bos: str = "<s>",
+                     eos: str = "</s>", pad: str | None = "<pad>", corpus: str = TOKENIZER_CORPUS,
+                     prepend_scheme: str = "first"):
+    """BPE (sentencepiece-style "▁" word marks, as Llama) trained on `corpus`, wrapped as a transformers
+    fast tokenizer; `special_tokens` first (``<unk>`` among them), `bos` before every encoded text.
+    `prepend_scheme` "first" marks a text's first word as Llama-2 does; "never" does not (as Llama-3's
+    byte-level tokenizer, where text tokenized in pieces equals the text tokenized at once).
 
     The alphabet is the corpus's characters plus newline, so every token decodes to printable text
     (a random model emits arbitrary tokens, and ROS strings should not carry control bytes); other
@@ -152,23 +164,23 @@ def _train_tokenizer(vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme)
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=["\n"],
         show_progress=False,
     )
-    tokenizer.train_from_iterator(TOKENIZER_CORPUS.splitlines(), trainer=trainer)
-    bos_id = tokenizer.token_to_id("<s>")
-    # Llama-style: every encoded text starts with <s>.
+    tokenizer.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    bos_id = tokenizer.token_to_id(bos)
+    # Llama-style: every encoded text starts with the BOS token.
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", bos_token=bos, eos_token=eos, pad_token=pad,
         padding_side="left",
     )
 
@@ -267,28 +279,16 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0) -> pathlib.Pa
         raise ValueError(f"{out_dir} already holds {found}; give an empty or new directory for the "
                          f"{preset!r} checkpoint with seed {seed}")
 
-    import torch
-    from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-
     spec = PRESETS[preset]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        tokenizer = _train_tokenizer(spec.tokenizer_vocab_size)
-        config = _llava_config(spec, tokenizer)
-        # Weight init draws from torch's global generator: seed it, and leave it as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model_class = LlavaForConditionalGeneration if spec.grid_pinpoints is None else \
-                LlavaNextForConditionalGeneration
-            model = model_class(config).eval()
-        model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model.save_pretrained(staging)
-        _processor(spec, tokenizer).save_pretrained(staging)
+        if spec.compressor_size is None:
+            _write_llava_checkpoint(staging, spec, seed)
+        else:
+            from zip_vlm_ros.tiny_model_mini import write_mini_checkpoint
+
+            write_mini_checkpoint(staging, spec, seed)
         marker = {"format": MARKER_FORMAT, "preset": preset, "seed": seed, "preset_spec": asdict(spec)}
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         os.chmod(staging, 0o755)
@@ -304,6 +304,28 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0) -> pathlib.Pa
     return out_dir
 
 
+def _write_llava_checkpoint(out_dir: pathlib.Path, spec: Preset, seed: int) -> None:
+    """A LLaVA-1.5 (or LLaVA-NeXT) checkpoint of `spec` with its processor, written into `out_dir`."""
+    import torch
+    from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    tokenizer = _train_tokenizer(spec.tokenizer_vocab_size)
+    config = _llava_config(spec, tokenizer)
+    # Weight init draws from torch's global generator: seed it, and leave it as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model_class = LlavaForConditionalGeneration if spec.grid_pinpoints is None else \
+            LlavaNextForConditionalGeneration
+        model = model_class(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out_dir)
+    _processor(spec, tokenizer).save_pretrained(out_dir)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="vlm_tiny_model",
@@ -315,7 +337,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                         help="tiny: seconds to build and run; bench: LLaVA-1.5 token geometry and "
                              "cost proportions; tiny-next, bench-next: the same as LLaVA-NeXT (AnyRes "
-                             "crops) checkpoints (default: %(default)s)")
+                             "crops) checkpoints; tiny-mini, bench-mini: the same as LLaVA-Mini "
+                             "checkpoints (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="weight init seed (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -326,6 +349,8 @@ def main(argv=None) -> int:
     spec = PRESETS[args.preset]
     patches = (spec.image_size // spec.patch_size) ** 2
     family = "LLaVA" if spec.grid_pinpoints is None else "LLaVA-NeXT (AnyRes)"
+    if spec.compressor_size is not None:
+        family = f"LLaVA-Mini ({spec.compressor_size ** 2} token(s) per image, {spec.prefusion_layers} pre-fusion layers)"
     images = f"{spec.image_size} px images" if spec.grid_pinpoints is None else \
         f"{spec.image_size} px crops on grids {', '.join(f'{h}x{w}' for h, w in spec.grid_pinpoints)}"
     print(f"{path}: {args.preset} {family} checkpoint with random weights (seed {args.seed}), {images}, "

@@ -2,6 +2,8 @@
 
 ``zip_vlm_ros.models.llava``       LLaVA-1.5 (``LlavaForConditionalGeneration``): one 336 px image.
 ``zip_vlm_ros.models.llava_next``  LLaVA-NeXT (``LlavaNextForConditionalGeneration``): AnyRes crops.
+``zip_vlm_ros.models.llava_mini``  LLaVA-Mini (``llava_mini_llama`` checkpoints): one compressed token per
+                                   image after modality pre-fusion (``llava_mini_modules``).
 
 ``load_family`` reads a checkpoint's config, picks the adapter by its ``model_type``, lets it check
 the config, and loads weights and processor. A new family is a new module plus an entry in FAMILIES.
@@ -16,27 +18,30 @@ from collections.abc import Callable
 
 import torch
 
-from zip_vlm_ros.errors import ModelLoadError, first_line
-from zip_vlm_ros.models.base import FamilyAdapter, VisualTokens, load_weights_and_processor
+from zip_vlm_ros.errors import ModelLoadError
+from zip_vlm_ros.models.base import FamilyAdapter, PromptEmbeddings, VisualTokens
 from zip_vlm_ros.models.llava import LlavaAdapter
+from zip_vlm_ros.models.llava_mini import LlavaMiniAdapter
 from zip_vlm_ros.models.llava_next import LlavaNextAdapter
 
-__all__ = ["FAMILIES", "FamilyAdapter", "VisualTokens", "load_family"]
+__all__ = ["FAMILIES", "FamilyAdapter", "PromptEmbeddings", "VisualTokens", "load_family"]
 
-FAMILIES: dict[str, type[FamilyAdapter]] = {adapter.model_type: adapter for adapter in (LlavaAdapter, LlavaNextAdapter)}
+FAMILIES: dict[str, type[FamilyAdapter]] = {
+    adapter.model_type: adapter for adapter in (LlavaAdapter, LlavaNextAdapter, LlavaMiniAdapter)}
 
 
 def load_family(name: str, dtype: torch.dtype, device: torch.device, contextual_ratio: float,
-                clock: Callable[[], float]) -> FamilyAdapter:
+                clock: Callable[[], float], vision_tower: str = "") -> FamilyAdapter:
     """The adapter for checkpoint `name` (a directory or hub id) with its model and processor loaded.
 
-    Raises ModelLoadError (one line) for a missing path, an unsupported model type or broken files.
+    `vision_tower`: a local CLIP directory for LLaVA-Mini checkpoints that do not hold their tower
+    (ignored by the other families). Raises ModelLoadError (one line) for a missing path, an
+    unsupported model type or broken files.
     """
-    hf_config = _read_config(name)
-    adapter_class = FAMILIES[hf_config.model_type]
+    model_type, hf_config = _read_config(name)
+    adapter_class = FAMILIES[model_type]
     adapter_class.check_config(name, hf_config)
-    model, processor = load_weights_and_processor(name, adapter_class.model_class(), dtype, device)
-    return adapter_class(name, hf_config, model, processor, contextual_ratio, clock)
+    return adapter_class.load(name, hf_config, dtype, device, contextual_ratio, clock, vision_tower)
 
 
 def _looks_like_local_path(model: str) -> bool:
@@ -45,9 +50,8 @@ def _looks_like_local_path(model: str) -> bool:
 
 
 def _read_config(model: str):
-    """The checkpoint's config of a supported family, or a ModelLoadError saying what was found instead."""
-    from transformers import AutoConfig
-
+    """``(model_type, config)`` of a supported family's checkpoint, or a ModelLoadError saying what was
+    found instead. Each family reads its own config (LLaVA-Mini's model type is not transformers')."""
     path = pathlib.Path(model).expanduser()
     if path.exists() or _looks_like_local_path(model):
         if not path.exists():
@@ -61,18 +65,16 @@ def _read_config(model: str):
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"{model}/config.json cannot be read ({error}); re-download the checkpoint") from None
         _check_model_type(model, raw.get("model_type"), raw.get("architectures"))
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except Exception as error:
-        raise ModelLoadError(f"cannot load model {model!r}: {first_line(error)}") from error
+        return raw["model_type"], FAMILIES[raw["model_type"]].read_config(model)
+    config = FamilyAdapter.read_config(model)
     _check_model_type(model, config.model_type, getattr(config, "architectures", None))
-    return config
+    return config.model_type, config
 
 
 def _check_model_type(model: str, model_type, architectures) -> None:
     if model_type not in FAMILIES:
-        supported = ", ".join(f"{adapter.model_class().__name__} ({adapter.label})" for adapter in FAMILIES.values())
+        supported = ", ".join(f"{adapter.label} (model_type {adapter.model_type!r})" for adapter in FAMILIES.values())
         raise ModelLoadError(
             f"{model} is not a LLaVA checkpoint: its config has model_type {model_type!r} "
-            f"(architectures {architectures!r}); use one of {supported}, e.g. llava-hf/llava-1.5-7b-hf or "
-            f"llava-hf/llava-v1.6-vicuna-7b-hf")
+            f"(architectures {architectures!r}); use one of {supported}, e.g. llava-hf/llava-1.5-7b-hf, "
+            f"llava-hf/llava-v1.6-vicuna-7b-hf or a local copy of ICTNLP/llava-mini-llama-3.1-8b")

@@ -1,14 +1,16 @@
 """What every model-family adapter shares: the visual-token record, the adapter interface, VisionZip on
 a batch of crops, and loading a checkpoint's weights and processor.
 
-An adapter turns images into a flat run of projected visual tokens plus their count per image; the
-engine places them at the prompt's image placeholders and never learns which family it runs.
+An adapter turns images into a flat run of projected visual tokens plus their count per image, and a
+tokenized prompt plus those tokens into the LLM's input embeddings (``embed_prompt``; by default the
+token embeddings with the visual tokens at the image placeholders). The engine never learns which
+family it runs.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +19,8 @@ import torch
 from zip_vlm_ros.errors import ModelLoadError, first_line
 from zip_vlm_ros.visionzip import VisionZipFeatures, encode_for_visionzip, split_budget, visionzip_compress
 
-__all__ = ["FamilyAdapter", "VisualTokens", "check_clip_tower", "load_weights_and_processor"]
+__all__ = ["FamilyAdapter", "PromptEmbeddings", "VisualTokens", "check_clip_tower", "load_weights_and_processor",
+           "move_to_device"]
 
 ImageSize = tuple[int, int]  # (height, width) in pixels
 # encode_for_visionzip or encode_reference_style: (vision_tower, pixel_values, feature_layer) -> features
@@ -33,6 +36,20 @@ class VisualTokens:
     reductions: list[str]               # per image: "visionzip" or "none"
     vision_ms: float                    # preprocessing, vision encoder, projector, layout
     reduction_ms: float                 # VisionZip selection + merge (0 when no image was reduced)
+    # Per image, tokens the family's prompt embedding reads besides `features` (LLaVA-Mini: the
+    # [patches, text_hidden] projected patch features its pre-fusion layers see); None for the others.
+    patch_features: list[torch.Tensor] | None = None
+
+
+@dataclass
+class PromptEmbeddings:
+    """What the LLM reads for a prompt about one image, from ``FamilyAdapter.embed_prompt``."""
+
+    inputs_embeds: torch.Tensor         # [1, length, text_hidden]
+    # The family's own state for the prompt's first `prefix_length` tokens, from which
+    # ``embed_suffix`` continues (LLaVA-Mini: the pre-fusion key/value cache); None: nothing but the LLM's cache.
+    prefix_state: object = None
+    prefix_state_bytes: int = 0         # memory prefix_state keeps alive
 
 
 @dataclass
@@ -55,6 +72,12 @@ class FamilyAdapter:
 
     model_type = ""
     label = ""
+    # Answers one question over several images (``VlmEngine.generate_images``: each image's tokens from
+    # ``encode_base``, placed at the prompt's placeholders by ``embed_prompt``).
+    several_images = True
+    # False for a family whose visual token count is fixed by training (LLaVA-Mini): token_budget is
+    # then accepted and ignored, and results report the tokens the LLM really read.
+    token_budget_applies = True
 
     def __init__(self, name: str, hf_config, model, processor, contextual_ratio: float,
                  clock: Callable[[], float]):
@@ -77,9 +100,36 @@ class FamilyAdapter:
         raise NotImplementedError
 
     @classmethod
+    def read_config(cls, name: str):
+        """The checkpoint's config (``AutoConfig``); ModelLoadError in one line if it cannot be read."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(name)
+        except Exception as error:
+            raise ModelLoadError(f"cannot load model {name!r}: {first_line(error)}") from error
+
+    @classmethod
     def check_config(cls, name: str, hf_config) -> None:
         """ModelLoadError if this family's code cannot serve the checkpoint `hf_config` describes."""
         check_clip_tower(name, hf_config)
+
+    @classmethod
+    def load(cls, name: str, hf_config, dtype: torch.dtype, device: torch.device, contextual_ratio: float,
+             clock: Callable[[], float], vision_tower: str = "") -> "FamilyAdapter":
+        """The adapter with the checkpoint's weights and processor loaded (`vision_tower`: LLaVA-Mini only)."""
+        model, processor = load_weights_and_processor(name, cls.model_class(), dtype, device)
+        return cls(name, hf_config, model, processor, contextual_ratio, clock)
+
+    @property
+    def image_token_id(self) -> int:
+        """The prompt's image placeholder token (repeated once per visual token)."""
+        return self.hf_config.image_token_id
+
+    @property
+    def context_tokens(self) -> int:
+        """The language model's context length: prompt plus answer."""
+        return self.hf_config.text_config.max_position_embeddings
 
     @property
     def visual_tokens_full(self) -> int:
@@ -131,6 +181,39 @@ class FamilyAdapter:
         image at the tower's input size. Single-crop families read every image that way (``encode``);
         AnyRes families override it to skip their grid crops."""
         return self.encode([image], budget)
+    def reduction_name(self, image_size: ImageSize, budget: int) -> str:
+        """What results report as the reduction of an image of this size at `budget`."""
+        return "visionzip" if self.reduced(image_size, budget) else "none"
+
+    # ------------------------------------------------------------------ the LLM's input embeddings
+
+    def embed_prompt(self, prompt_ids: Sequence[int], prefix_length: int, visual: VisualTokens) -> PromptEmbeddings:
+        """The LLM's input embeddings for a whole prompt about one image: token embeddings with the
+        image placeholders replaced by ``visual.features``. The prefix needs no state of its own."""
+        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.model.device)
+        return PromptEmbeddings(self.embed_with_image(input_ids, visual.features))
+
+    def embed_suffix(self, suffix_ids: Sequence[int], prefix_state) -> torch.Tensor:
+        """``[1, len(suffix_ids), text_hidden]`` embeddings of a later question's own tokens, continuing a
+        prefix that ``embed_prompt`` returned `prefix_state` for (plain token embeddings here)."""
+        suffix = torch.tensor([list(suffix_ids)], dtype=torch.long, device=self.model.device)
+        return self.model.get_input_embeddings()(suffix)
+
+    def embed_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: VisualTokens) -> torch.Tensor:
+        """``[batch, length, text_hidden]`` embeddings of left-padded prompts (``attention_mask`` 1 on
+        real tokens), one image each, row 0's image first in `visual`."""
+        return self.embed_with_image(input_ids, visual.features)
+
+    def embed_with_image(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by `features`, as LlavaModel does.
+
+        input_ids ``[batch, length]`` holding each row's image's count of image tokens; features
+        ``[sum of counts, text_hidden]``, row 0's image first. Returns ``[batch, length, text_hidden]``.
+        """
+        inputs_embeds = self.model.get_input_embeddings()(input_ids)
+        image_mask = (input_ids == self.image_token_id).unsqueeze(-1)  # [batch, length, 1]
+        # masked_scatter fills the placeholders in row-major order: row 0's tokens, then row 1's.
+        return inputs_embeds.masked_scatter(image_mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
 
     # ------------------------------------------------------------------ shared by the families
 
@@ -179,12 +262,16 @@ def load_weights_and_processor(name: str, model_class, dtype: torch.dtype, devic
         model = model_class.from_pretrained(name, dtype=dtype)
     except Exception as error:
         raise ModelLoadError(f"cannot load the weights of {name!r}: {first_line(error)}") from error
+    return move_to_device(model, name, dtype, device).eval(), processor
+
+
+def move_to_device(module: torch.nn.Module, name: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """`module` on `device`; ModelLoadError (and the memory freed) when it does not fit there."""
     try:
-        model = model.to(device)
+        return module.to(device)
     except torch.OutOfMemoryError:
-        del model
+        del module
         gc.collect()
         torch.cuda.empty_cache()
         raise ModelLoadError(f"{name} in {str(dtype).removeprefix('torch.')} does not fit in the memory of "
                              f"{device}; use a smaller model or free the GPU") from None
-    return model.eval(), processor

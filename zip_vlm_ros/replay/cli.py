@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help='read model, device, dtype, dominant_ratio, max_new_tokens and describe_prompt from '
                              'the node\'s params file (e.g. config/vlm.yaml); the options below override it')
     engine.add_argument('--model', help='LLaVA checkpoint directory or hub id (required offline)')
+    engine.add_argument('--vision-tower', dest='vision_tower',
+                        help='LLaVA-Mini only: local CLIP directory when the checkpoint names its tower by hub id')
     engine.add_argument('--device', help='auto|cpu|cuda|cuda:N')
     engine.add_argument('--dtype', help='auto|float16|bfloat16|float32')
     engine.add_argument('--dominant-ratio', type=float, help='share of the budget given to dominant tokens')

@@ -49,7 +49,8 @@ def load_engine(settings: dict):
     from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
 
     ratio = settings['dominant_ratio']
-    values = {'model': str(settings['model']), 'device': settings['device'], 'dtype': settings['dtype'],
+    values = {'model': str(settings['model']), 'vision_tower': settings['vision_tower'] or None,
+              'device': settings['device'], 'dtype': settings['dtype'],
               'contextual_ratio': None if ratio is None else 1.0 - ratio, 'max_new_tokens': settings['max_new_tokens']}
     config = EngineConfig(**{key: value for key, value in values.items() if value is not None})
     note(f'loading {config.model} ...')
@@ -73,8 +74,11 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
         done_rows = prepare_out_dir(out_dir, resume=args.resume)
         engine = load_engine(settings)
         try:
+            if not engine.token_budget_applies:
+                note(f'note: token budgets do not apply to {engine.family.label}: every budget reads its '
+                     f'{engine.visual_tokens_full} trained visual token(s) per image')
             for budget in budgets:
-                if budget != FULL_BUDGET and int(budget) >= engine.visual_tokens_full:
+                if engine.token_budget_applies and budget != FULL_BUDGET and int(budget) >= engine.visual_tokens_full:
                     note(f'note: budget {budget} >= the {engine.visual_tokens_full} visual tokens of '
                          f'{engine.model_name}: no reduction, same as full')
             run = {

@@ -1,0 +1,282 @@
+"""LLaVA-Mini (ICTNLP, arXiv 2501.03895): one compressed visual token per image (C x C in general),
+with the image's content fused into the prompt's text tokens before the LLM reads them.
+
+Per image: CLIP patch features (``hidden_states[mm_vision_select_layer]``, CLS dropped) -> the
+compressor -> C^2 tokens; the projector maps both the patch features and the compressed tokens to the
+LLM's width. Per prompt: the pre-fusion layers run causally over ``[patch tokens, compressed tokens,
+the prompt's text tokens]`` (``llava_mini_modules.PreFusion``); the LLM reads the prompt's tokens as
+their fused states, the pre-fusion outputs at the compressed positions standing in for the image (its
+C^2 placeholders), and the prompt tokens pre-fusion does not read (token id 0, as the reference masks
+it) as plain embeddings. Generated tokens are plain embeddings, as in the reference.
+
+Caching: everything before the question - CLIP, the compressor, the pre-fusion key/values of the
+patches, compressed tokens and prompt prefix, and the LLM's key/values of the prefix - is the frame's
+prefix; a later question runs only its own tokens through pre-fusion and the LLM, on forks of both
+caches. ``token_budget`` does not apply: C^2 is fixed by training, so every budget gives the same
+tokens and results report ``reduction: llava-mini`` with the C^2 tokens the LLM read.
+
+Prompt: the checkpoint tokenizer's chat template (Llama-3.1's for the released model) with
+LLaVA-Mini's system prompt and the user turn ``<image>\\n{question}``, as the reference's
+``llava_llama_3_1`` conversation, and with the assistant header after it (the reference's training
+format; its inference scripts leave the header for the model to write), and with one BOS (the
+reference's ``tokenizer_image_token`` yields two, which its training code removes). ``<image>`` is added to the
+tokenizer as a special token that is never embedded: like the reference's ``IMAGE_TOKEN_INDEX`` it only
+marks where the image goes. Stop tokens: the checkpoint's EOS plus ``<|eot_id|>``, ``<|eom_id|>`` and
+``<|end_of_text|>`` (128009, 128008, 128001 in Llama-3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from zip_vlm_ros.errors import ModelLoadError
+from zip_vlm_ros.models.base import Encoder, FamilyAdapter, ImageSize, PromptEmbeddings, VisualTokens
+from zip_vlm_ros.models.llava_mini_checkpoint import (MODEL_TYPE, LlavaMiniConfig, LlavaMiniParts, load_llava_mini,
+                                                      read_llava_mini_config)
+from zip_vlm_ros.models.llava_mini_modules import COMPRESSOR_HEADS
+from zip_vlm_ros.prefix_cache import cache_nbytes, fork_cache
+from zip_vlm_ros.visionzip import encode_for_visionzip
+
+__all__ = ["IMAGE_PLACEHOLDER", "LlavaMiniAdapter", "LlavaMiniProcessor", "STOP_TOKENS", "SYSTEM_PROMPT",
+           "pad_to_square"]
+
+IMAGE_PLACEHOLDER = "<image>"
+# The system message of LLaVA-Mini's llava_llama_3_1 conversation.
+SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                 "that the user provides, and assist the user with a variety of tasks using natural language.")
+STOP_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+
+
+class LlavaMiniProcessor:
+    """What the engine uses of a transformers LLaVA processor (``tokenizer``, ``image_processor``,
+    ``image_token``, ``chat_template``, ``apply_chat_template``) for LLaVA-Mini's prompt format."""
+
+    image_token = IMAGE_PLACEHOLDER
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = tokenizer.chat_template
+
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = False):
+        """LLaVA-style `conversation` (content items ``{"type": "image"}`` / ``{"type": "text"}``) rendered
+        with the system prompt, each turn's images as ``<image>`` before a newline and its text."""
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+        for message in conversation:
+            content = message["content"]
+            if not isinstance(content, str):
+                images = sum(item["type"] == "image" for item in content)
+                text = " ".join(item["text"] for item in content if item["type"] == "text")
+                content = f"{IMAGE_PLACEHOLDER * images}\n{text}" if images else text
+            messages.append({"role": message["role"], "content": content})
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if tokenize else text
+
+
+def pad_to_square(image: np.ndarray, fill: Sequence[int]) -> np.ndarray:
+    """``HxWx3 uint8`` -> ``SxSx3`` with S = max(H, W): the image centred on `fill` (the reference's
+    ``expand2square`` for ``image_aspect_ratio: pad``)."""
+    height, width = image.shape[:2]
+    side = max(height, width)
+    square = np.empty((side, side, 3), dtype=np.uint8)
+    square[:] = np.asarray(fill, dtype=np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top:top + height, left:left + width] = image
+    return square
+
+
+class LlavaMiniAdapter(FamilyAdapter):
+    several_images = False  # its pre-fusion reads one image per prompt; the video mode is not served yet
+    model_type = MODEL_TYPE
+    label = "LLaVA-Mini"
+    token_budget_applies = False
+
+    def __init__(self, name: str, config: LlavaMiniConfig, parts: LlavaMiniParts, clock: Callable[[], float]):
+        # Not FamilyAdapter.__init__: LLaVA-Mini's config is a Llama config plus its own fields.
+        self.name, self.mini_config, self.hf_config, self.clock = name, config, config.llm, clock
+        self.model, self.vision_tower, self.projector = parts.llm, parts.vision_tower, parts.projector
+        self.compressor, self.prefusion = parts.compressor, parts.prefusion
+        self.contextual_ratio = 0.0  # no VisionZip
+        self.feature_layer = config.feature_layer
+        vision_config = self.vision_tower.config
+        self.patches_per_side = vision_config.image_size // vision_config.patch_size
+        self.tokens_per_crop = 1 + self.patches_per_side ** 2
+        self.tokens_per_image = config.tokens_per_image
+        self.vision_source = parts.vision_source
+        self.processor = LlavaMiniProcessor(_with_image_placeholder(name, parts.tokenizer), parts.image_processor)
+        self.image_processor = parts.image_processor
+        self._image_token_id = self.processor.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        self.model.generation_config.eos_token_id = sorted(_stop_token_ids(self.model, self.processor.tokenizer))
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def read_config(cls, name: str) -> LlavaMiniConfig:
+        return read_llava_mini_config(name)
+
+    @classmethod
+    def check_config(cls, name: str, hf_config: LlavaMiniConfig) -> None:
+        if hf_config.vision_hidden % (4 * COMPRESSOR_HEADS) or hf_config.compressor_size < 1:
+            raise ModelLoadError(f"{name}: the compressor needs mm_hidden_size divisible by {4 * COMPRESSOR_HEADS} "
+                                 f"and compressor_size >= 1; got {hf_config.vision_hidden}, "
+                                 f"{hf_config.compressor_size}")
+
+    @classmethod
+    def load(cls, name: str, hf_config: LlavaMiniConfig, dtype: torch.dtype, device: torch.device,
+             contextual_ratio: float, clock: Callable[[], float], vision_tower: str = "") -> "LlavaMiniAdapter":
+        return cls(name, hf_config, load_llava_mini(name, hf_config, dtype, device, vision_tower), clock)
+
+    # ------------------------------------------------------------------ token counts
+
+    @property
+    def image_token_id(self) -> int:
+        return self._image_token_id
+
+    @property
+    def context_tokens(self) -> int:
+        return self.hf_config.max_position_embeddings
+
+    @property
+    def visual_tokens_full(self) -> int:
+        return self.tokens_per_image
+
+    def full_token_count(self, image_size: ImageSize) -> int:
+        return self.tokens_per_image
+
+    def visual_token_count(self, image_size: ImageSize, budget: int) -> int:
+        return self.tokens_per_image
+
+    def reduction_settings(self, image_size: ImageSize, budget: int) -> tuple:
+        return ("llava-mini", self.mini_config.compressor_size)
+
+    def reduction_name(self, image_size: ImageSize, budget: int) -> str:
+        return "llava-mini"
+
+    # ------------------------------------------------------------------ images
+
+    def preprocess(self, images: list[np.ndarray]) -> dict:
+        if self.mini_config.pad_to_square:
+            fill = [int(mean * 255) for mean in self.image_processor.image_mean]
+            images = [pad_to_square(image, fill) for image in images]
+        pixel_values = self.image_processor(images=images, return_tensors="pt",
+                                            input_data_format="channels_last")["pixel_values"]
+        return {"pixel_values": pixel_values.to(self.model.device, self.model.dtype)}  # [images, 3, H, W]
+
+    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, *,
+                      encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
+        """The compressed tokens ``[images * C^2, text_hidden]`` (`budget` and `encoder` do not apply)."""
+        compressed, _, reduction_ms = self.encode_images(pixels["pixel_values"])
+        return compressed.flatten(0, 1), [self.tokens_per_image] * len(image_sizes), \
+            ["llava-mini"] * len(image_sizes), reduction_ms
+
+    def encode(self, images: list[np.ndarray], budget: int) -> VisualTokens:
+        """Compressed tokens as ``features`` and every image's projected patches as ``patch_features``."""
+        start = self.clock()
+        compressed, patches, reduction_ms = self.encode_images(self.preprocess(images)["pixel_values"])
+        vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
+        return VisualTokens(compressed.flatten(0, 1), [self.tokens_per_image] * len(images),
+                            ["llava-mini"] * len(images), vision_ms, reduction_ms, patch_features=list(patches))
+
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """pixel_values ``[images, 3, H, W]`` -> ``(projected compressed tokens [images, C^2, text_hidden],
+        projected patch features [images, patches, text_hidden], compressor ms)``."""
+        hidden_states = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        patches = hidden_states[self.feature_layer][:, 1:]  # [images, patches, vision_hidden]: CLS dropped
+        start = self.clock()
+        compressed = self.compressor(patches)  # [images, C^2, vision_hidden]
+        reduction_ms = (self.clock() - start) * 1000.0
+        return self.projector(compressed), self.projector(patches), reduction_ms
+
+    # ------------------------------------------------------------------ the LLM's input embeddings
+
+    def embed_prompt(self, prompt_ids: Sequence[int], prefix_length: int, visual: VisualTokens) -> PromptEmbeddings:
+        """Pre-fusion over the image and the whole prompt; the prefix state is the pre-fusion cache's
+        views up to the prompt's first `prefix_length` tokens."""
+        if visual.patch_features is None or len(visual.patch_features) != 1:
+            raise ValueError("LLaVA-Mini prompts take exactly one image's encode() output")
+        ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.model.device)
+        kv_cache = self.prefusion.new_cache()
+        inputs_embeds, visual_positions, read = self._fuse_prompt(ids, visual.patch_features[0], visual.features,
+                                                                  kv_cache)
+        prefix_positions = visual_positions + int(read[:prefix_length].sum())
+        return PromptEmbeddings(inputs_embeds[None], fork_cache(kv_cache, prefix_positions), cache_nbytes(kv_cache))
+
+    def embed_suffix(self, suffix_ids: Sequence[int], prefix_state) -> torch.Tensor:
+        """The question's tokens through pre-fusion on a fork of the frame's pre-fusion cache."""
+        ids = torch.tensor(list(suffix_ids), dtype=torch.long, device=self.model.device)
+        placeholders, read = self._token_roles(ids)
+        if placeholders.any():
+            raise ValueError("a suffix on a cached LLaVA-Mini prefix must not hold image placeholders")
+        embeddings = self.model.get_input_embeddings()(ids)  # [length, text_hidden]
+        if read.any():
+            embeddings[read] = self.prefusion(embeddings[read][None], fork_cache(prefix_state))[0]
+        return embeddings[None]
+
+    def embed_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: VisualTokens) -> torch.Tensor:
+        """Each row fused on its own (its real tokens only), then left-padded with plain embeddings."""
+        placeholders, _ = self._token_roles(input_ids)
+        inputs_embeds = self.model.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
+        compressed = visual.features.view(len(visual.patch_features), self.tokens_per_image, -1)
+        for row, patch_tokens in enumerate(visual.patch_features):
+            real = attention_mask[row].bool()
+            fused, _, _ = self._fuse_prompt(input_ids[row][real], patch_tokens, compressed[row],
+                                            self.prefusion.new_cache())
+            inputs_embeds[row, real] = fused
+        return inputs_embeds
+
+    def _token_roles(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image placeholders, tokens pre-fusion reads)`` boolean masks shaped like `ids`: the reference
+        masks the image and token id 0 out of pre-fusion."""
+        placeholders = ids == self.image_token_id
+        return placeholders, ~placeholders & (ids != 0)
+
+    def _fuse_prompt(self, ids: torch.Tensor, patch_tokens: torch.Tensor, compressed_tokens: torch.Tensor, kv_cache):
+        """One prompt's LLM inputs after pre-fusion.
+
+        ids ``[length]`` with C^2 image placeholders; patch_tokens ``[patches, text_hidden]`` and
+        compressed_tokens ``[C^2, text_hidden]`` projected; `kv_cache` (empty) receives the pre-fusion
+        keys/values. Returns ``(inputs_embeds [length, text_hidden], visual positions in the pre-fusion
+        sequence (patches + C^2), tokens pre-fusion read [length] bool)``.
+        """
+        placeholders, read = self._token_roles(ids)
+        if int(placeholders.sum()) != self.tokens_per_image:
+            raise ValueError(f"a LLaVA-Mini prompt needs {self.tokens_per_image} image placeholders; got "
+                             f"{int(placeholders.sum())}")
+        embeddings = self.model.get_input_embeddings()(ids.masked_fill(placeholders, 0))  # [length, text_hidden]
+        visual_inputs = torch.cat([patch_tokens, compressed_tokens]).to(embeddings.dtype)  # [patches + C^2, hidden]
+        fused = self.prefusion(torch.cat([visual_inputs, embeddings[read]])[None], kv_cache)[0]
+        visual_positions = visual_inputs.shape[0]
+        embeddings[read] = fused[visual_positions:]
+        embeddings[placeholders] = fused[visual_positions - self.tokens_per_image:visual_positions]
+        return embeddings, visual_positions, read
+
+
+def _with_image_placeholder(name: str, tokenizer):
+    """`tokenizer` with ``<image>`` as a special token (id = vocabulary size, never embedded), so the text on
+    either side is tokenized apart, as the reference's ``tokenizer_image_token`` does."""
+    from tokenizers import AddedToken
+
+    if IMAGE_PLACEHOLDER in tokenizer.get_vocab():
+        raise ModelLoadError(f"{name}: the tokenizer already has a {IMAGE_PLACEHOLDER!r} token; LLaVA-Mini's "
+                             f"Llama-3 tokenizer has none")
+    if not tokenizer.chat_template:
+        raise ModelLoadError(f"{name}: the tokenizer has no chat template; LLaVA-Mini prompts use the checkpoint's "
+                             f"Llama-3 template (tokenizer_config.json or chat_template.jinja)")
+    tokenizer.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)], special_tokens=True)
+    return tokenizer
+
+
+def _stop_token_ids(model, tokenizer) -> set[int]:
+    """The checkpoint's EOS ids plus the Llama-3 end-of-turn tokens the tokenizer has."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, (list, tuple)) else [] if configured is None else [configured])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in STOP_TOKENS if token in vocab)
+    if not ids:
+        raise ModelLoadError("the LLaVA-Mini checkpoint defines no EOS and its tokenizer has no <|eot_id|>")
+    return ids
