@@ -1,6 +1,7 @@
 """ROS image messages -> RGB arrays (rclpy and rosbags messages) and VlmOutput -> VlmResult."""
 import dataclasses
 import io
+import types
 
 import numpy as np
 import pytest
@@ -234,3 +235,21 @@ def test_output_to_result_copies_every_field():
             result.generated_tokens, result.prefix_reused) == (32, 32, 576, 3, True)
     assert (result.image_age_ms, result.vision_ms, result.reduction_ms, result.prefill_ms,
             result.decode_ms, result.total_ms) == (40.0, 1.5, 0.25, 2.0, 4.0, 8.0)
+    # One image: the image lists name it.
+    assert (list(result.image_cameras), list(result.image_labels), list(result.image_visual_tokens)) == (
+        ['front'], [''], [32])
+    assert [(stamp.sec, stamp.nanosec) for stamp in result.image_stamps] == [(12, 34)]
+
+
+def test_output_to_result_lists_several_images_in_prompt_order():
+    header = Header(stamp=Time(sec=20, nanosec=5), frame_id='rear_optical')
+    images = [types.SimpleNamespace(visual_tokens=11), types.SimpleNamespace(visual_tokens=10)]
+    output = dataclasses.replace(FakeOutput(), visual_tokens=21)
+    output.images = images
+    result = output_to_result(output, header=header, camera='front,rear', image_age_ms=5.0,
+                              images=[('front', Time(sec=19, nanosec=900), 'front'),
+                                      ('rear', Time(sec=20, nanosec=5), 'rear')])
+    assert result.camera == 'front,rear' and result.header.frame_id == 'rear_optical'
+    assert list(result.image_cameras) == ['front', 'rear'] and list(result.image_labels) == ['front', 'rear']
+    assert [(stamp.sec, stamp.nanosec) for stamp in result.image_stamps] == [(19, 900), (20, 5)]
+    assert list(result.image_visual_tokens) == [11, 10]

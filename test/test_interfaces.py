@@ -18,7 +18,11 @@ VLM_RESULT_FIELDS = {
     'visual_tokens_full': 'int32', 'generated_tokens': 'int32', 'prefix_reused': 'boolean',
     'image_age_ms': 'float', 'vision_ms': 'float', 'reduction_ms': 'float', 'prefill_ms': 'float',
     'decode_ms': 'float', 'total_ms': 'float',
+    'image_cameras': 'sequence<string>', 'image_stamps': 'sequence<builtin_interfaces/Time>',
+    'image_labels': 'sequence<string>', 'image_visual_tokens': 'sequence<int32>',
 }
+# Several images: surround cameras, or a history of one camera.
+IMAGE_SET_FIELDS = {'cameras': 'sequence<string>', 'history_frames': 'int32', 'history_s': 'float'}
 
 
 def test_the_ask_action_has_the_ask_request_as_goal():
@@ -38,12 +42,13 @@ def test_generated_interfaces_have_the_public_fields():
 
     assert VlmResult.get_fields_and_field_types() == VLM_RESULT_FIELDS
     assert DescribeScene.Request.get_fields_and_field_types() == {
-        'camera': 'string', 'token_budget': 'int32', 'max_new_tokens': 'int32', 'prompt': 'string'}
+        'camera': 'string', **IMAGE_SET_FIELDS, 'token_budget': 'int32', 'max_new_tokens': 'int32',
+        'prompt': 'string'}
     assert Ask.Request.get_fields_and_field_types() == {
-        'question': 'string', 'camera': 'string', 'image': 'sensor_msgs/Image',
+        'question': 'string', 'camera': 'string', 'image': 'sensor_msgs/Image', **IMAGE_SET_FIELDS,
         'token_budget': 'int32', 'max_new_tokens': 'int32'}
     assert AskMany.Request.get_fields_and_field_types() == {
-        'questions': 'sequence<string>', 'camera': 'string', 'image': 'sensor_msgs/Image',
+        'questions': 'sequence<string>', 'camera': 'string', 'image': 'sensor_msgs/Image', **IMAGE_SET_FIELDS,
         'token_budget': 'int32', 'max_new_tokens': 'int32'}
     for response in (Ask.Response, DescribeScene.Response):
         assert response.get_fields_and_field_types() == {

@@ -9,6 +9,7 @@ import rclpy
 import skimage.data
 import torch
 from rclpy.context import Context
+from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
 from zip_vlm_ros.jobs import CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, ThrottledWarnings
@@ -171,12 +172,13 @@ def test_expire_overdue_answers_waiting_jobs_while_the_worker_is_busy():
 def test_feed_counts_received_and_superseded_frames():
     feed = CameraFeed('front', 'image_raw', 'sensor_msgs/Image')
     assert feed.take() is None
-    for index in range(3):
-        feed.store(f'msg{index}')
+    messages = [Image(header=Header(frame_id=f'msg{index}')) for index in range(4)]
+    for msg in messages[:3]:
+        feed.store(msg)
     assert (feed.received, feed.superseded) == (3, 2)
     frame = feed.take()
-    assert (frame.msg, frame.seq, frame.used) == ('msg2', 3, True)
-    feed.store('msg3')             # replaces a frame a request used: not superseded
+    assert (frame.msg.header.frame_id, frame.seq, frame.used) == ('msg2', 3, True)
+    feed.store(messages[3])        # replaces a frame a request used: not superseded
     assert (feed.received, feed.superseded) == (4, 2)
 
 

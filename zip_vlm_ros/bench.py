@@ -4,6 +4,7 @@
 ``vlm_bench --model DIR_OF_LLAVA_NEXT``: defaults to budgets full,640,320,160 at target 160 on a
 1280x720 frame (``coffee-720p``), with LLaVA-NeXT's targets.
 ``vlm_bench --node [...]``: the node's own overhead instead (``zip_vlm_ros.node_bench``).
+``vlm_bench --multi-image [...]``: surround-view and history questions (``zip_vlm_ros.multi_image_bench``).
 ``vlm_bench --mini [...]``: LLaVA-Mini against LLaVA-1.5 at 576 and 64 tokens (``zip_vlm_ros.bench_mini``).
 
 Every measurement is taken ``--repeats`` times after one warm-up run, on one real photo from
@@ -628,6 +629,11 @@ def main(argv=None) -> int:
 
         argv.remove("--node")
         return node_bench.main(argv)
+    if "--multi-image" in argv:  # surround-view and history questions (zip_vlm_ros.multi_image_bench)
+        from zip_vlm_ros import multi_image_bench
+
+        argv.remove("--multi-image")
+        return multi_image_bench.main(argv)
     if "--mini" in argv:  # LLaVA-Mini against LLaVA-1.5: two engines side by side (zip_vlm_ros.bench_mini)
         from zip_vlm_ros import bench_mini
         argv.remove("--mini")

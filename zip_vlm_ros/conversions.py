@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 import numpy as np
+from builtin_interfaces.msg import Time
 from PIL import Image as PILImage
 from sensor_msgs.msg import CompressedImage, Image
 
@@ -271,14 +272,18 @@ def stamp_to_seconds(stamp: Any) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
 
 
-def output_to_result(output: Any, *, header: Any, camera: str, image_age_ms: float) -> VlmResult:
+def output_to_result(output: Any, *, header: Any, camera: str, image_age_ms: float,
+                     images: Any = None) -> VlmResult:
     """Fill a VlmResult from an engine ``VlmOutput`` and the source image's header.
 
     Args:
         output: engine.VlmOutput (read by field name; this module does not import the engine).
-        header: std_msgs/Header of the image the answer is about; copied into the result.
-        camera: camera name, or "inline" for an image sent with the request.
-        image_age_ms: node clock at the answer minus the image stamp.
+        header: std_msgs/Header of the image the answer is about (the newest of several); copied.
+        camera: camera name, or "inline" for an image sent with the request; several images: their
+            distinct cameras joined by ",".
+        image_age_ms: node clock at the answer minus the (newest) image stamp.
+        images: several images: ``(camera, stamp, label)`` per image in prompt order, matching
+            ``output.images``; None: the one image of `header` and `camera`.
     """
     result = VlmResult()
     result.header.stamp.sec = int(header.stamp.sec)
@@ -300,4 +305,12 @@ def output_to_result(output: Any, *, header: Any, camera: str, image_age_ms: flo
     result.prefill_ms = float(output.prefill_ms)
     result.decode_ms = float(output.decode_ms)
     result.total_ms = float(output.total_ms)
+    if images is None:
+        images, visual_tokens = [(camera, header.stamp, '')], [output.visual_tokens]
+    else:
+        visual_tokens = [image.visual_tokens for image in output.images]
+    result.image_cameras = [str(image_camera) for image_camera, _, _ in images]
+    result.image_stamps = [Time(sec=int(stamp.sec), nanosec=int(stamp.nanosec)) for _, stamp, _ in images]
+    result.image_labels = [str(label) for _, _, label in images]
+    result.image_visual_tokens = [int(count) for count in visual_tokens]
     return result

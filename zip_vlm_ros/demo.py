@@ -6,9 +6,10 @@
     vlm_demo --model /models/llava-1.5-7b-hf --token-budget 64
 
 Builds (or reuses) a tiny LLaVA checkpoint, starts vlm_node as a separate process, streams real
-photos (skimage.data) on a camera topic at 10 Hz from this process, calls ~/describe_scene,
+photos (skimage.data) on two camera topics at 10 Hz from this process, calls ~/describe_scene,
 ~/ask (on the camera and with an inline image), ~/ask_many and the ~/ask_action action (its answer
-printed piece by piece as the feedback arrives), prints every result with its token counts and
+printed piece by piece as the feedback arrives), then ~/ask over both cameras at once (surround view)
+and over the front camera's last second (history), prints every result with its token counts and
 timings, stops the node with SIGINT and checks that it exits cleanly.
 
 DDS stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) in a random domain unless
@@ -86,6 +87,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from zip_vlm_ros.client import ImageStreamer, NodeProcess, VlmClient, use_large_frames_profile
     from zip_vlm_ros.conversions import rgb_to_image
+    from zip_vlm_ros.multi_image import SINGLE_IMAGE_ONLY
     from zip_vlm_ros.srv import DescribeScene
 
     use_large_frames_profile()
@@ -103,7 +105,7 @@ def run_demo(args: argparse.Namespace) -> int:
     largest_full, preset_budget = PRESET_TOKENS[args.preset]
     token_budget = args.token_budget or (None if args.model else preset_budget)
 
-    parameters = {'model': model, 'cameras': ['front'], 'camera.front.topic': 'front/image_raw',
+    parameters = {'model': model, 'cameras': ['front', 'rear'], 'camera.front.topic': 'front/image_raw',
                   'max_new_tokens': args.max_new_tokens, 'max_image_age_s': 5.0,
                   'request_timeout_s': args.timeout}
     if token_budget is not None:
@@ -112,16 +114,18 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f'[demo] starting vlm_node (log: {log_path})', flush=True)
     node = NodeProcess(parameters, log_path, remaps={'__ns': '/demo'})
     client = VlmClient('/demo/zip_vlm', client_name='vlm_demo')
-    streamer = None
+    streamers = []
     rows, failures = [], []
     try:
         if not client.wait_for_service(DescribeScene, '~/describe_scene', args.timeout):
             print(f'[demo] vlm_node did not come up; its log:\n{node.log()}', file=sys.stderr)
             return 1
         photos = [rgb_to_image(getattr(skimage.data, name)()) for name in PHOTOS]
-        streamer = ImageStreamer(client, '/demo/front/image_raw', photos, rate_hz=10,
-                                 frame_id='front_camera')
-        print(f'[demo] streaming {", ".join(PHOTOS)} on /demo/front/image_raw at 10 Hz', flush=True)
+        for camera, camera_photos in (('front', photos), ('rear', photos[::-1])):
+            streamers.append(ImageStreamer(client, f'/demo/{camera}/image_raw', camera_photos, rate_hz=10,
+                                           frame_id=f'{camera}_camera'))
+        print(f'[demo] streaming {", ".join(PHOTOS)} on /demo/front/image_raw and /demo/rear/image_raw '
+              f'at 10 Hz', flush=True)
         time.sleep(1.5)  # a few frames in, so the first call has one
 
         def record(call: str, response):
@@ -148,8 +152,16 @@ def run_demo(args: argparse.Namespace) -> int:
         if first.success:  # the same photo stream with every visual token: no reduction
             full_budget = first.result.visual_tokens_full if args.model else largest_full
             record('describe full', client.describe(token_budget=full_budget, timeout_s=timeout_s))
+        # Several images: token_budget 0 gives each image the node's per-image budget.
+        for call, question, fields in (('surround', 'What do the cameras see?', {'cameras': ['front', 'rear']}),
+                                       ('history', 'What changed?', {'history_frames': 3, 'history_s': 1.0})):
+            response = client.ask(question, timeout_s=timeout_s, **fields)
+            if not response.success and SINGLE_IMAGE_ONLY in response.message:  # LLaVA-Mini, for now
+                print(f'[demo] {call} skipped: {response.message}', flush=True)
+                continue
+            record(call, response)
     finally:
-        if streamer is not None:
+        for streamer in streamers:
             streamer.stop()
         client.close()
         exit_code = node.stop()

@@ -37,6 +37,10 @@ prefix state is their key/value cache. ``token_budget`` means the same for every
 it: the visual tokens the LLM reads per image. LLaVA-Mini's count is fixed by training
 (``family.token_budget_applies`` is False): budgets are accepted and ignored.
 
+Several images, one question (surround cameras, a camera's recent frames): ``generate_images``, in
+``zip_vlm_ros.multi_image``, splits the request's total budget evenly over labelled images, keeps each
+image's visual tokens in a per-image cache and the prompt prefix in the same prefix cache.
+
 The engine is thread-compatible, not thread-safe: call it from one thread (the node's worker).
 """
 
@@ -45,7 +49,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -53,6 +57,7 @@ import torch
 from zip_vlm_ros.devices import resolve_device, resolve_dtype
 from zip_vlm_ros.errors import EngineError, ModelLoadError, RequestError
 from zip_vlm_ros.models import VisualTokens, load_family
+from zip_vlm_ros.multi_image import ImageInput, ImageTokens, MultiImageAnswerer
 from zip_vlm_ros.prefix_cache import Prefix, PrefixCache, cache_nbytes, fork_cache
 from zip_vlm_ros.sampling import SamplingOptions, check_sampling, token_chooser
 from zip_vlm_ros.streaming import IncrementalDetokenizer, StreamedText
@@ -62,6 +67,7 @@ __all__ = [
     "EngineConfig",
     "EngineError",
     "GenerationStopped",
+    "ImageInput",
     "ModelLoadError",
     "RequestError",
     "SamplingOptions",
@@ -115,6 +121,8 @@ class EngineConfig:
     max_new_tokens: int = 64
     prefix_cache_entries: int = 8       # 0 disables the per-frame prefix cache
     prefix_cache_bytes: int = 1 << 30
+    visual_cache_entries: int = 64      # multi-image requests: per-image visual tokens kept (0 disables)
+    visual_cache_bytes: int = 1 << 28
     vision_tower: str = ""              # LLaVA-Mini: local CLIP dir when the checkpoint names a hub id
 
 
@@ -138,6 +146,7 @@ class VlmOutput:
     total_ms: float
     prefix_reused: bool                 # the frame's prefix (vision + its KV cache) came from the cache
     kv_cache_bytes: int                 # KV cache bytes of the prompt prefix incl. visual tokens
+    images: list[ImageTokens] = field(default_factory=list)  # multi-image requests: each image, prompt order
 
 
 class VlmEngine:
@@ -176,6 +185,7 @@ class VlmEngine:
                                             min(self.eos_token_ids))
         self._check_prompt_template()
         self._prefix_cache = PrefixCache(config.prefix_cache_entries, config.prefix_cache_bytes)
+        self._multi_image = MultiImageAnswerer(self, config.visual_cache_entries, config.visual_cache_bytes)
         self._closed = False
 
     # ------------------------------------------------------------------ validation
@@ -313,6 +323,21 @@ class VlmEngine:
                 end_time=end_time, prefix_reused=reused, kv_cache_bytes=prefix.nbytes))
         return outputs
 
+    def generate_images(self, images: Sequence[ImageInput], prompts: Sequence[str], *,
+                        token_budget: int | None = None, max_new_tokens: int | None = None,
+                        sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None,
+                        on_token: OnToken | None = None) -> list[VlmOutput]:
+        """Answer each of `prompts` about all of `images` (surround cameras, a camera's recent frames) at once.
+
+        `token_budget` is the request's total, split evenly over the images (None: ``config.token_budget``
+        per image); each image is introduced in the prompt by its ``label``; AnyRes checkpoints read each
+        image's base image only. Images with a ``key`` keep their visual tokens in a per-image cache and
+        the prompt prefix in the prefix cache. See ``zip_vlm_ros.multi_image``. Outputs list each image's
+        share and tokens in ``VlmOutput.images``. `should_stop`, `on_token` as in ``generate_many``.
+        """
+        return self._multi_image.generate(images, prompts, token_budget=token_budget, max_new_tokens=max_new_tokens,
+                                          sampling=sampling, should_stop=should_stop, on_token=on_token)
+
     @torch.inference_mode()
     def generate_batch(self, images: Sequence[np.ndarray], prompts: Sequence[str], *,
                        token_budget: int | None = None, max_new_tokens: int | None = None,
@@ -383,8 +408,14 @@ class VlmEngine:
         return self._prefix_cache.nbytes
 
     def clear_prefix_cache(self) -> None:
-        """Drop every cached frame prefix (and the device memory it holds)."""
+        """Drop every cached frame prefix and per-image visual tokens (and the device memory they hold)."""
         self._prefix_cache.clear()
+        self._multi_image.clear()
+
+    @property
+    def visual_cache_bytes(self) -> int:
+        """Memory the per-image visual tokens of multi-image requests hold now."""
+        return self._multi_image.visual_cache.nbytes
 
     def close(self) -> None:
         """Free the model, the prefix cache and their CUDA memory. The engine cannot be used afterwards."""
@@ -392,7 +423,8 @@ class VlmEngine:
             return
         self._closed = True
         self._prefix_cache.clear()
-        del self.model, self.processor, self.tokenizer, self.image_processor, self.family
+        self._multi_image.clear()
+        del self._multi_image, self.model, self.processor, self.tokenizer, self.image_processor, self.family
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -411,14 +443,19 @@ class VlmEngine:
             return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         return LLAVA_1_5_PROMPT.format(image=self.image_token, prompt=prompt)
 
-    def _tokenize_prompt(self, prompt: str, visual_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _tokenize_prompt(self, prompt: str, visual_tokens: int,
+                         image_text: str | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Token ids of the prompt, split after the last visual token: ``(prefix, suffix)``.
+
+        `image_text` replaces the template's image placeholder (several labelled images hold
+        `visual_tokens` placeholders in all); None: `visual_tokens` placeholders.
 
         The text is tokenized in one piece with the placeholder repeated `visual_tokens` times, as the
         LLaVA processor does, so the ids equal the stock processor's; the image token is special, so
         the prefix ids do not depend on the question that follows.
         """
-        text = self._render_prompt(prompt).replace(self.image_token, self.image_token * visual_tokens)
+        image_text = self.image_token * visual_tokens if image_text is None else image_text
+        text = self._render_prompt(prompt).replace(self.image_token, image_text)
         # A template that writes <s> itself must not get a second one from the tokenizer.
         bos = self.tokenizer.bos_token
         add_special_tokens = not (bos and text.startswith(bos))
@@ -592,6 +629,8 @@ def _check_engine_config(config: EngineConfig) -> None:
         ("max_new_tokens", config.max_new_tokens, 1, ""),
         ("prefix_cache_entries", config.prefix_cache_entries, 0, " (0 disables the prefix cache)"),
         ("prefix_cache_bytes", config.prefix_cache_bytes, 0, ""),
+        ("visual_cache_entries", config.visual_cache_entries, 0, " (0 disables the per-image visual-token cache)"),
+        ("visual_cache_bytes", config.visual_cache_bytes, 0, ""),
     ]
     for name, value, minimum, note in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -12,9 +12,12 @@ from typing import Any, Callable
 import numpy as np
 
 from zip_vlm_ros.conversions import message_to_rgb
+from zip_vlm_ros.frame_history import FrameHistory, message_nbytes
 from zip_vlm_ros.msg import VlmResult
 
 # The same kind of bad input is logged at most once per this period (with a count of the rest).
+# Decoded frames a camera keeps for repeated requests (a history question decodes several).
+DECODED_FRAMES_KEPT = 8
 WARN_THROTTLE_S = 5.0
 INACTIVE_MESSAGE = 'the node is not active: activate it with the lifecycle service ~/change_state'
 
@@ -38,21 +41,23 @@ class Frame:
 
 
 class CameraFeed:
-    """The latest frame of one camera and its counters.
+    """The latest frame of one camera, its recent frames (for history questions) and its counters.
 
-    The image callback (`store`) only swaps a reference under a lock: decoding happens in `rgb`,
-    called by the worker when a request uses the frame. A frame replaced before any request used it
-    counts as superseded.
+    The image callback (`store`) only swaps a reference and appends it to the ring buffer under a
+    lock: decoding happens in `rgb`, called by the worker when a request uses the frame. A frame
+    replaced before any request used it as the latest counts as superseded.
     """
 
-    def __init__(self, name: str, topic: str, type_name: str):
+    def __init__(self, name: str, topic: str, type_name: str, *, history_frames: int = 1,
+                 history_bytes: int = 0):
         self.name, self.topic, self.type_name = name, topic, type_name
         self._lock = threading.Lock()
         self._latest: Frame | None = None
         self._seq = 0
         self.received = 0
         self.superseded = 0
-        self._decoded: tuple[int, np.ndarray] | None = None  # (seq, rgb) of the last decoded frame
+        self.history = FrameHistory(history_frames, history_bytes)
+        self._decoded: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()  # seq -> rgb
 
     def store(self, msg: Any) -> None:
         with self._lock:
@@ -60,6 +65,7 @@ class CameraFeed:
             if self._latest is not None and not self._latest.used:
                 self.superseded += 1
             self._latest = Frame(msg, self._seq, time.monotonic())
+            self.history.append(self._latest, message_nbytes(msg))
             self.received += 1
 
     def peek(self) -> Frame | None:
@@ -73,12 +79,15 @@ class CameraFeed:
             return self._latest
 
     def rgb(self, frame: Frame) -> np.ndarray:
-        """Decode `frame` to (H, W, 3) uint8 RGB; repeated requests on one frame decode it once."""
-        decoded = self._decoded
-        if decoded is not None and decoded[0] == frame.seq:
-            return decoded[1]
+        """Decode `frame` to (H, W, 3) uint8 RGB; repeated requests on a recent frame decode it once."""
+        rgb = self._decoded.get(frame.seq)
+        if rgb is not None:
+            self._decoded.move_to_end(frame.seq)
+            return rgb
         rgb = message_to_rgb(frame.msg)
-        self._decoded = (frame.seq, rgb)
+        self._decoded[frame.seq] = rgb
+        while len(self._decoded) > DECODED_FRAMES_KEPT:
+            self._decoded.popitem(last=False)
         return rgb
 
 
@@ -103,8 +112,11 @@ class Job:
     DROPPED, TIMED_OUT, CANCELLED = 'dropped', 'timed_out', 'cancelled'
 
     def __init__(self, kind: str, prompts: list[str], *, camera: str, inline: Any,
-                 token_budget: int, max_new_tokens: int, timeout_s: float, periodic: bool = False):
+                 token_budget: int, max_new_tokens: int, timeout_s: float, periodic: bool = False,
+                 images: Any = None):
         self.kind, self.prompts, self.camera, self.inline = kind, prompts, camera, inline
+        # Several images (image_sets.ImageSetRequest: surround cameras or a history); None: one image.
+        self.images = images
         self.token_budget, self.max_new_tokens = token_budget, max_new_tokens
         self.timeout_s, self.periodic = timeout_s, periodic
         self.submitted_s = time.monotonic()

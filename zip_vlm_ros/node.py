@@ -3,8 +3,11 @@
     vlm_node --ros-args --params-file config/vlm.yaml      # or: ros2 run zip_vlm_ros vlm_node
 
 What it does, and what it never does:
-- Image subscriptions keep only each camera's latest message and its header. Nothing is decoded or
-  inferred in an image callback; a frame is decoded when a request uses it.
+- Image subscriptions keep each camera's latest message and a short ring buffer of its recent ones
+  (`frame_history_length` / `frame_history_bytes`). Nothing is decoded or inferred in an image
+  callback; a frame is decoded when a request uses it.
+- A request may name several cameras (surround view: one question over each camera's latest frame)
+  or a history (N frames of one camera over the last S seconds); see image_sets.py.
 - One worker thread runs the engine. Service requests wait FIFO (at most `max_pending_requests`;
   beyond that they are refused at once), each with a deadline of `request_timeout_s` that covers
   waiting and inference.
@@ -34,7 +37,7 @@ from typing import Any, Callable
 
 import rclpy
 import transformers
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
@@ -51,10 +54,12 @@ from zip_vlm_ros.ask_action import CLIENT_PROBE_SERVICE, AskActionServer
 from zip_vlm_ros.conversions import (
     ImageConversionError, image_has_pixels, image_to_rgb, output_to_result, stamp_to_seconds)
 from zip_vlm_ros.engine import EngineConfig, EngineError, GenerationStopped, VlmEngine
+from zip_vlm_ros.image_sets import image_set_request, resolve_total_budget, run_image_set
 from zip_vlm_ros.jobs import (
     INACTIVE_MESSAGE, CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, RequestStats,
-    ThrottledWarnings, check_frame_age, check_prompt, percentile)
+    ThrottledWarnings, check_frame_age, check_prompt)
 from zip_vlm_ros.msg import VlmResult
+from zip_vlm_ros.node_diagnostics import diagnostic_status
 from zip_vlm_ros.node_parameters import (
     ENGINE_PARAMETERS, IMAGE_TYPES, NODE_PARAMETERS, RUNTIME_PARAMETERS, ParameterError,
     ParameterSpec, Settings, camera_parameter_specs, declared_parameter_names, image_qos_profile,
@@ -64,10 +69,6 @@ from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
 NODE_NAME = 'zip_vlm'
 INLINE_CAMERA = 'inline'
-# A camera without a frame for this long turns the diagnostics WARN.
-NO_FRAME_WARN_S = 5.0
-# Timeouts and refusals this recent turn the diagnostics WARN.
-RECENT_PROBLEM_S = 30.0
 # How often waiting and running jobs are checked against their deadlines (also bounds how late a
 # caller can hear its answer if the executor missed a wake-up).
 DEADLINE_CHECK_S = 0.1
@@ -239,6 +240,8 @@ class VlmNode(LifecycleNode):
             image_qos=self._param('image_qos'), dominant_ratio=float(self._param('dominant_ratio')),
             max_image_age_s=float(self._param('max_image_age_s')),
             max_clock_skew_s=float(self._param('max_clock_skew_s')),
+            frame_history_length=int(self._param('frame_history_length')),
+            frame_history_bytes=int(self._param('frame_history_bytes')),
             max_pending_requests=int(self._param('max_pending_requests')),
             request_timeout_s=float(self._param('request_timeout_s')),
             question_max_chars=int(self._param('question_max_chars')),
@@ -269,8 +272,10 @@ class VlmNode(LifecycleNode):
             self.get_logger().debug(traceback.format_exc())
             return self._configure_failed(f'{type(error).__name__}: {error}')
         self._settings, self._engine = settings, engine
-        self._feeds = {camera: CameraFeed(camera, settings.camera_topics[camera],
-                                          settings.camera_types[camera]) for camera in settings.cameras}
+        self._feeds = {camera: CameraFeed(camera, settings.camera_topics[camera], settings.camera_types[camera],
+                                          history_frames=settings.frame_history_length,
+                                          history_bytes=settings.frame_history_bytes)
+                       for camera in settings.cameras}
         self._queue = RequestQueue(settings.max_pending_requests)
         self._publishers_made = {
             'results': self.create_lifecycle_publisher(VlmResult, '~/results', 10),
@@ -480,6 +485,14 @@ class VlmNode(LifecycleNode):
             raise RequestRejected('inline_image', f'the request\'s image is malformed: {error}') from None
 
     def _make_job(self, kind: str, prompts: list[str], request: Any, *, inline: InlineImage | None) -> Job:
+        images = image_set_request(
+            request, feeds=self._feeds, default_camera=self._settings.cameras[0], has_inline=inline is not None,
+            history_limit=self._settings.frame_history_length, no_frame_message=self._no_frame_message)
+        if images is not None:  # surround view or history: token_budget is the total (see image_sets)
+            _, max_new_tokens = self._resolve_limits(0, request.max_new_tokens)
+            token_budget = resolve_total_budget(request.token_budget, images.count, int(self._param('token_budget')))
+            return Job(kind, prompts, camera=images.camera_field, inline=None, token_budget=token_budget,
+                       max_new_tokens=max_new_tokens, timeout_s=self._settings.request_timeout_s, images=images)
         token_budget, max_new_tokens = self._resolve_limits(request.token_budget, request.max_new_tokens)
         camera = INLINE_CAMERA if inline is not None else self._resolve_camera(request.camera)
         return Job(kind, prompts, camera=camera, inline=inline, token_budget=token_budget,
@@ -636,6 +649,9 @@ class VlmNode(LifecycleNode):
 
     def _run(self, job: Job) -> list[VlmResult]:
         """Decode the frame, check its age, run the engine; one VlmResult per prompt."""
+        if job.images is not None:
+            return run_image_set(job, self._engine, self._feeds, check_age=self._check_frame_age,
+                                 age_ms=self._image_age_ms)
         if job.inline is not None:
             rgb, header, frame_key = job.inline.rgb, job.inline.header, None
         else:
@@ -656,9 +672,13 @@ class VlmNode(LifecycleNode):
             frame_key=frame_key, should_stop=job.should_stop, on_token=job.on_token)
         # An inline image without a stamp has no age; report 0 rather than the time since 1970.
         # A stamp slightly ahead of the node's clock (within max_clock_skew_s) reports 0, never < 0.
-        image_age_ms = max(0.0, self._age_s(header.stamp) * 1e3) if _stamped(header.stamp) else 0.0
+        image_age_ms = self._image_age_ms(header.stamp)
         return [output_to_result(output, header=header, camera=job.camera, image_age_ms=image_age_ms)
                 for output in outputs]
+
+    def _image_age_ms(self, stamp: Any) -> float:
+        """Node clock minus `stamp`: 0 for an unstamped (inline) image and for a stamp slightly ahead."""
+        return max(0.0, self._age_s(stamp) * 1e3) if _stamped(stamp) else 0.0
 
     def _publish(self, job: Job, results: list[VlmResult]) -> None:
         text_publisher = self._publishers_made.get('description' if job.kind == 'describe' else 'answer')
@@ -709,61 +729,11 @@ class VlmNode(LifecycleNode):
         self._diagnostics_pub.publish(array)
 
     def _diagnostic_status(self) -> DiagnosticStatus:
-        stats, engine = self._stats, self._engine
-        samples = stats.latencies()
-        state = self._state_machine.current_state[1]
-        values = {
-            'lifecycle_state': state,
-            'model': engine.model_name if engine else str(self._param('model')),
-            'device': str(engine.device) if engine else str(self._param('device')),
-            'dtype': str(engine.dtype).replace('torch.', '') if engine else str(self._param('dtype')),
-            'visual_tokens_full': str(engine.visual_tokens_full) if engine else '',
-            'token_budget': str(self._param('token_budget')),
-            'queue_depth': str(len(self._queue) if self._queue else 0),
-            'running': str(self._queue is not None and self._queue.running is not None).lower(),
-            'latency_p50_ms': f'{percentile(samples["round_trip_ms"], 50):.1f}',
-            'latency_p95_ms': f'{percentile(samples["round_trip_ms"], 95):.1f}',
-            'inference_p50_ms': f'{percentile(samples["inference_ms"], 50):.1f}',
-            'inference_p95_ms': f'{percentile(samples["inference_ms"], 95):.1f}',
-            'image_callback_p50_us': f'{percentile(samples["callback_us"], 50):.1f}',
-            'image_callback_max_us': f'{max(samples["callback_us"], default=float("nan")):.1f}',
-        }
-        values['stop_latency_p50_ms'] = f'{percentile(samples["stop_ms"], 50):.1f}'
-        values['stop_latency_p95_ms'] = f'{percentile(samples["stop_ms"], 95):.1f}'
-        for kind in ('ok', 'failed', 'refused', 'timed_out', 'cancelled', 'late'):
-            values[f'requests_{kind}'] = str(stats.counts[kind])
-        silent = []
-        now = time.monotonic()
-        for feed in self._feeds.values():
-            frame = feed.peek()
-            since_s = now - (frame.received_s if frame else self._activated_s)
-            values[f'camera.{feed.name}.topic'] = self.resolve_topic_name(feed.topic)
-            values[f'camera.{feed.name}.frames_received'] = str(feed.received)
-            values[f'camera.{feed.name}.frames_superseded'] = str(feed.superseded)
-            values[f'camera.{feed.name}.last_frame_s_ago'] = f'{since_s:.1f}' if frame else 'never'
-            if self._active and since_s > NO_FRAME_WARN_S:
-                silent.append(feed.name)
-        values['last_error'] = stats.last_error
-
-        problems = stats.recent_problems(RECENT_PROBLEM_S)
-        if engine is None or not self._active:
-            level = DiagnosticStatus.ERROR
-            message = (f'inactive ({state}): model not loaded' if engine is None
-                       else f'inactive ({state}): model loaded, not serving')
-        elif problems or silent:
-            level = DiagnosticStatus.WARN
-            parts = []
-            if problems:
-                parts.append(f'{problems} timeout(s)/refusal(s) in the last {RECENT_PROBLEM_S:g} s')
-            if silent:
-                parts.append(f'no frames for {NO_FRAME_WARN_S:g} s on {", ".join(silent)}')
-            message = '; '.join(parts)
-        else:
-            level, message = DiagnosticStatus.OK, 'ready'
-        return DiagnosticStatus(
-            level=level, name=f'{self.get_name()}: vlm', message=message,
-            hardware_id=values['device'],
-            values=[KeyValue(key=key, value=value) for key, value in values.items()])
+        return diagnostic_status(
+            node_name=self.get_name(), state=self._state_machine.current_state[1], engine=self._engine,
+            parameters={name: self._param(name) for name in ('model', 'device', 'dtype', 'token_budget')},
+            queue=self._queue, stats=self._stats, feeds=list(self._feeds.values()), active=self._active,
+            activated_s=self._activated_s, resolve_topic_name=self.resolve_topic_name)
 
 
 def _stamped(stamp: Any) -> bool:

@@ -63,6 +63,12 @@ NODE_PARAMETERS = (
     ParameterSpec('describe_period_s', 0.0,
                   '0: off; else describe each camera\'s latest (new) frame every this many seconds '
                   'on ~/description and ~/results', runtime=True),
+    ParameterSpec('frame_history_length', 64,
+                  'frames each camera keeps for history questions (history_frames over history_s; '
+                  '1: the latest frame only); the image callback only appends a reference'),
+    ParameterSpec('frame_history_bytes', 128 * 2**20,
+                  'image data each camera\'s history keeps at most, in bytes (the oldest frames go first; '
+                  'the latest frame is always kept)'),
     ParameterSpec('max_image_age_s', 2.0,
                   'refuse frames older than this (node clock minus image stamp; 0: no limit)'),
     ParameterSpec('max_clock_skew_s', 0.5,
@@ -177,6 +183,10 @@ def parameter_problem(name: str, value: Any, *, visual_tokens_full: int | None =
         return f'max_pending_requests {value} is negative: use 0 or more'
     elif name == 'request_timeout_s' and not (math.isfinite(value) and value > 0):
         return f'request_timeout_s {value} is invalid: use a positive number of seconds'
+    elif name == 'frame_history_length' and value < 1:
+        return f'frame_history_length {value} is out of range: use at least 1 (1 keeps the latest frame only)'
+    elif name == 'frame_history_bytes' and value < 0:
+        return f'frame_history_bytes {value} is negative: use a byte count (0 keeps the latest frame only)'
     elif name == 'question_max_chars' and value < 1:
         return f'question_max_chars {value} is out of range: use at least 1'
     elif name == 'model' and not value.strip():
@@ -216,6 +226,8 @@ class Settings:
     dominant_ratio: float
     max_image_age_s: float
     max_clock_skew_s: float
+    frame_history_length: int
+    frame_history_bytes: int
     max_pending_requests: int
     request_timeout_s: float
     question_max_chars: int

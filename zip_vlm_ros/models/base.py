@@ -74,6 +74,9 @@ class FamilyAdapter:
 
     model_type = ""
     label = ""
+    # Answers one question over several images (``VlmEngine.generate_images``: each image's tokens from
+    # ``encode_base``, placed at the prompt's placeholders by ``embed_prompt``).
+    several_images = True
     # False for a family whose visual token count is fixed by training (LLaVA-Mini): token_budget is
     # then accepted and ignored, and results report the tokens the LLM really read.
     token_budget_applies = True
@@ -169,6 +172,17 @@ class FamilyAdapter:
         vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
         return VisualTokens(features, counts, reductions, vision_ms, reduction_ms)
 
+    @property
+    def base_tokens_full(self) -> int:
+        """Visual tokens of one image at the tower's square input, without AnyRes crops: an image's full
+        count in a multi-image request (576 for LLaVA-1.5 and LLaVA-NeXT-7B)."""
+        return self.patches_per_side ** 2 + (1 if self.select_strategy == "full" else 0)
+
+    def encode_base(self, image: np.ndarray, budget: int) -> VisualTokens:
+        """One image of a multi-image request: ``min(budget, base_tokens_full)`` visual tokens of the whole
+        image at the tower's input size. Single-crop families read every image that way (``encode``);
+        AnyRes families override it to skip their grid crops."""
+        return self.encode([image], budget)
     def reduction_name(self, image_size: ImageSize, budget: int) -> str:
         """What results report as the reduction of an image of this size at `budget`."""
         return "visionzip" if self.reduced(image_size, budget) else "none"

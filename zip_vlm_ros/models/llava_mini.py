@@ -91,6 +91,7 @@ def pad_to_square(image: np.ndarray, fill: Sequence[int]) -> np.ndarray:
 
 
 class LlavaMiniAdapter(FamilyAdapter):
+    several_images = False  # its pre-fusion reads one image per prompt; the video mode is not served yet
     model_type = MODEL_TYPE
     label = "LLaVA-Mini"
     token_budget_applies = False

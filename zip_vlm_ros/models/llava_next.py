@@ -5,6 +5,7 @@ an ``image_newline`` token after each row), so the answer is stock ``generate``'
 Reduced path: VisionZip on every crop (base and grid) with the same per-crop share of the budget
 (``split_budget_over_crops``), laid out as the VisionZip authors do (``anyres_visionzip_layout``).
 A frame's full count depends on its aspect ratio: 1948 tokens for 1280x720 on LLaVA-NeXT-7B.
+Multi-image requests read the base image only (``encode_base``; why: ``zip_vlm_ros.multi_image``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from zip_vlm_ros.anyres import (anyres_full_token_count, anyres_grid_shape, anyres_visionzip_layout,
                                 split_budget_over_crops)
 from zip_vlm_ros.errors import ModelLoadError
-from zip_vlm_ros.models.base import Encoder, FamilyAdapter, ImageSize, check_clip_tower
+from zip_vlm_ros.models.base import Encoder, FamilyAdapter, ImageSize, VisualTokens, check_clip_tower
 from zip_vlm_ros.visionzip import encode_for_visionzip
 
 __all__ = ["LlavaNextAdapter"]
@@ -110,3 +111,20 @@ class LlavaNextAdapter(FamilyAdapter):
                 features.append(image_outputs.pooler_output[0])  # [full count, text_hidden]
                 reductions.append("none")
         return torch.cat(features), [len(image_features) for image_features in features], reductions, reduction_ms
+
+    def encode_base(self, image: np.ndarray, budget: int) -> VisualTokens:
+        """The base crop only (the whole image resized to the tower's input, crop 0 of the processor's
+        output): VisionZip to `budget` tokens, or its stock patch features (``base_tokens_full``)."""
+        start = self.clock()
+        base = self.preprocess([image])["pixel_values"][:, 0]  # [1, 3, crop, crop]
+        if budget < self.base_tokens_full:
+            compressed = self.compress_crops(base, budget)
+            features, reduction, reduction_ms = compressed.tokens[0], "visionzip", compressed.reduction_ms
+        else:
+            llava = self.model.model
+            hidden = llava.vision_tower(base, output_hidden_states=True).hidden_states[self.feature_layer]
+            # [1, 1 + N, vision_hidden]; the "default" strategy (checked at load) drops CLS, as stock NeXT does
+            features = llava.multi_modal_projector(hidden[:, 1:])[0]  # [N, text_hidden]
+            reduction, reduction_ms = "none", 0.0
+        vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
+        return VisualTokens(features, [len(features)], [reduction], vision_ms, reduction_ms)

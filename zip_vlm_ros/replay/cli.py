@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 'seconds of bag time (default 1)')
     parser.add_argument('--max-frames', type=_positive_int, metavar='K',
                         help='offline: at most K evaluated frames per topic; live: at most K rounds of requests')
+    parser.add_argument('--pair-tolerance', type=_positive_float, default=0.05, metavar='S',
+                        help='offline: questions naming several topics pair each frame of the first topic with '
+                             'the other topics\' frames stamped within S seconds of it (default 0.05)')
     parser.add_argument('--resume', action='store_true',
                         help='continue an earlier run in --out, skipping work already in results.jsonl')
     engine = parser.add_argument_group(
@@ -96,6 +99,9 @@ def main(argv=None) -> int:
             if args.resume:
                 raise ReplayError('--resume applies to offline replay; a live run cannot be repeated exactly: '
                                   'use a new --out')
+            if any(question.several_images for question in questions):
+                raise ReplayError('questions over several images (topics or history) are evaluated offline: '
+                                  'remove them from the questions file for --live, or run without --live')
             from zip_vlm_ros.replay.live import run_live
 
             return run_live(args, budgets, questions, labels)

@@ -58,13 +58,35 @@ def _keyword_loader():
 
 
 @dataclass(frozen=True)
+class History:
+    """A history question's frames: `frames` of `topic` spread over the last `seconds` before each frame."""
+
+    topic: str
+    frames: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Question:
     question: str
     expect: tuple[str, ...] = ()  # keywords; an answer containing any of them is a hit
+    topics: tuple[str, ...] = ()  # surround view: one answer over these topics' frames paired by stamp
+    history: History | None = None
+
+    @property
+    def several_images(self) -> bool:
+        return bool(self.topics) or self.history is not None
+
+
+QUESTION_KEYS = {'question', 'expect', 'topics', 'history'}
 
 
 def load_questions(path: str | os.PathLike) -> list[Question]:
-    """Read a questions file: a YAML list of ``{question: str, expect: [str, ...]}`` (expect optional)."""
+    """Read a questions file: a YAML list of ``{question: str, expect: [str, ...]}`` (expect optional).
+
+    An entry may also ask about several images at once: ``topics: [/front, /rear]`` (their frames paired
+    by stamp) or ``history: {topic: /front, frames: 4, seconds: 3.0}``.
+    """
     path = pathlib.Path(path)
     example = 'e.g. "- question: Is there a person?\\n  expect: [yes, person]"'
     items = _read_yaml_list(path, 'questions file', example)
@@ -74,10 +96,10 @@ def load_questions(path: str | os.PathLike) -> list[Question]:
         if not isinstance(item, dict):
             raise ReplayError(f'{where} is a {type(item).__name__} ({item!r}), expected a mapping with a '
                               f'"question" key ({example})')
-        unknown = sorted(set(map(str, item)) - {'question', 'expect'})
+        unknown = sorted(set(map(str, item)) - QUESTION_KEYS)
         if unknown:
-            raise ReplayError(f'{where} has unknown key(s) {", ".join(unknown)}: only "question" and '
-                              f'"expect" are allowed')
+            raise ReplayError(f'{where} has unknown key(s) {", ".join(unknown)}: only {", ".join(sorted(QUESTION_KEYS))} '
+                              f'are allowed')
         text = item.get('question')
         if not isinstance(text, str) or not text.strip():
             raise ReplayError(f'{where}: "question" must be a non-empty string, got {text!r}')
@@ -88,11 +110,47 @@ def load_questions(path: str | os.PathLike) -> list[Question]:
                                                    for k in expect):
             raise ReplayError(f'{where}: "expect" must be a list of non-empty keywords (e.g. expect: [cat, '
                               f'kitten]), got {expect!r}')
-        question = Question(text.strip(), tuple(str(keyword).strip() for keyword in expect))
+        question = Question(text.strip(), tuple(str(keyword).strip() for keyword in expect),
+                            *_image_set(item, where))
         if any(existing.question == question.question for existing in questions):
             raise ReplayError(f'{where} repeats the question {question.question!r}: list each question once')
         questions.append(question)
     return questions
+
+
+def _topic_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ReplayError(f'{where}: a topic must be a non-empty name such as /camera/front/image_raw, got {value!r}')
+    value = value.strip()
+    return value if value.startswith('/') else '/' + value
+
+
+def _image_set(item: dict, where: str) -> tuple[tuple[str, ...], History | None]:
+    """The `topics` (surround view) or `history` of a question entry, checked."""
+    if 'topics' in item and 'history' in item:
+        raise ReplayError(f'{where} has both "topics" and "history": a question is about several topics at once '
+                          f'or about one topic\'s recent frames')
+    if 'topics' in item:
+        names = item['topics']
+        if not isinstance(names, list) or len(names) < 2:
+            raise ReplayError(f'{where}: "topics" must list two or more image topics, got {names!r}')
+        topics = tuple(_topic_name(name, where) for name in names)
+        if len(set(topics)) != len(topics):
+            raise ReplayError(f'{where}: "topics" lists a topic twice ({list(topics)}): give each once')
+        return topics, None
+    if 'history' in item:
+        history = item['history']
+        example = 'e.g. history: {topic: /camera/front/image_raw, frames: 4, seconds: 3.0}'
+        if not isinstance(history, dict) or set(map(str, history)) != {'topic', 'frames', 'seconds'}:
+            raise ReplayError(f'{where}: "history" must be a mapping with topic, frames and seconds ({example}), '
+                              f'got {history!r}')
+        frames, seconds = history['frames'], history['seconds']
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
+            raise ReplayError(f'{where}: history frames must be a whole number >= 2, got {frames!r}')
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ReplayError(f'{where}: history seconds must be a positive number, got {seconds!r}')
+        return (), History(_topic_name(history['topic'], where), frames, float(seconds))
+    return (), None
 
 
 # Node parameters that decide the answers, read from a node params file for offline replay.

@@ -31,6 +31,12 @@ SUMMARY_COLUMNS = (
        'agreement_pairs') + TEXT_SCORES + ('keyword_answers', 'keyword_hit_rate', 'label_pairs')
     + tuple(f'label_{score}' for score in TEXT_SCORES) + ('label_keyword_answers', 'label_keyword_hit_rate')
 )
+# Rows of questions over several images (replay.image_set_questions): summarized on their own, per
+# question and budget, because their visual tokens and costs are those of several frames.
+IMAGE_SET_KIND = 'images'
+IMAGE_SET_COLUMNS = ('question', 'budget', 'images', 'answers', 'visual_tokens', 'vision_ms_p50', 'ttft_ms_p50',
+                     'total_ms_p50', 'kv_cache_bytes_mean', 'agreement_pairs', 'exact_match_rate', 'token_f1_mean',
+                     'keyword_answers', 'keyword_hit_rate')
 LIVE_COLUMNS = ('rounds', 'rounds_answered', 'requests', 'refused', 'timed_out', 'latency_ms_p50', 'latency_ms_p95',
                 'image_age_ms_p50', 'image_age_ms_p95')
 
@@ -123,7 +129,8 @@ def summarize(rows: list[dict], budgets: list[str], *, live: bool = False, label
 
     Rows with a "status" other than "ok" (live mode) count only as refused or timed out.
     """
-    answered = [row for row in rows if row.get('status', 'ok') == 'ok']
+    answered = [row for row in rows if row.get('status', 'ok') == 'ok' and row.get('kind') != IMAGE_SET_KIND]
+    rows = [row for row in rows if row.get('kind') != IMAGE_SET_KIND]
     reference = {frame_id(row) + (row['prompt'],): row['text'] for row in answered if row['budget'] == FULL_BUDGET}
     summaries = []
     for budget in budgets:
@@ -140,6 +147,35 @@ def summarize(rows: list[dict], budgets: list[str], *, live: bool = False, label
             summary.update(live_summary([row for row in rows if row['budget'] == budget], budget_rows))
         columns = SUMMARY_COLUMNS + (LIVE_COLUMNS if live else ())
         summaries.append({column: summary[column] for column in columns})
+    return summaries
+
+
+def summarize_image_sets(rows: list[dict], budgets: list[str]) -> list[dict]:
+    """IMAGE_SET_COLUMNS per question over several images and budget (agreement: with its `full` answer)."""
+    image_rows = [row for row in rows if row.get('kind') == IMAGE_SET_KIND]
+    reference = {frame_id(row) + (row['prompt'],): row['text'] for row in image_rows if row['budget'] == FULL_BUDGET}
+    summaries = []
+    for prompt in dict.fromkeys(row['prompt'] for row in image_rows):
+        for budget in budgets:
+            selected = [row for row in image_rows if row['prompt'] == prompt and row['budget'] == budget]
+            if not selected:
+                continue
+            pairs = [(row['text'], reference[frame_id(row) + (prompt,)]) for row in selected
+                     if frame_id(row) + (prompt,) in reference]
+            keyword_rows = [row for row in selected if row.get('expect')]
+            summaries.append({
+                'question': prompt, 'budget': budget, 'images': _common(len(row['images']) for row in selected),
+                'answers': len(selected), 'visual_tokens': _mean_or_none([row['visual_tokens'] for row in selected]),
+                **{f'{field}_p50': percentile([row[field] for row in selected], 50)
+                   for field in ('vision_ms', 'ttft_ms', 'total_ms')},
+                'kv_cache_bytes_mean': _mean_or_none([row['kv_cache_bytes'] for row in selected]),
+                'agreement_pairs': len(pairs),
+                'exact_match_rate': _mean_or_none([float(exact_match(a, b)) for a, b in pairs]),
+                'token_f1_mean': _mean_or_none([token_f1(a, b) for a, b in pairs]),
+                'keyword_answers': len(keyword_rows),
+                'keyword_hit_rate': _mean_or_none([float(keyword_hit(row['text'], row['expect']))
+                                                   for row in keyword_rows]),
+            })
     return summaries
 
 

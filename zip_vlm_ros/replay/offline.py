@@ -1,5 +1,6 @@
 """Offline evaluation: the bag's frames go straight into the node's engine, once per budget; the scene
-description and every question share the frame's image prefix (``VlmEngine.generate_many``)."""
+description and every question share the frame's image prefix (``VlmEngine.generate_many``). Questions
+over several images (topics paired by stamp, or a history) are asked by ``image_set_questions``."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ import numpy as np
 from zip_vlm_ros.replay.bag import (Bag, Frame, FrameSelector, SkippedFrame, damaged_frames, decode_frame, open_bag,
                                     resolve_topics)
 from zip_vlm_ros.replay.console import note, progress_bar, warn
+from zip_vlm_ros.replay.image_set_questions import ImageSetQuestions, image_set_topics
 from zip_vlm_ros.replay.inputs import (FULL_BUDGET, NODE_ENGINE_PARAMETERS, Label, Question, ReplayError,
                                        budget_tokens, load_node_parameters)
 from zip_vlm_ros.replay.report import format_stamp, write_report
@@ -64,6 +66,10 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
     bag = open_bag(args.bag)
     try:
         topics = resolve_topics(bag.topics, args.topics, args.bag)
+        missing = [topic for topic in image_set_topics(questions) if topic not in bag.topics]
+        if missing:
+            raise ReplayError(f'the questions file names topic(s) {", ".join(missing)} that {args.bag} does not '
+                              f'have: use its image topics ({", ".join(sorted(bag.topics))})')
         # Before the (slow) model load, so that a wrong --out or a damaged results file fails at once.
         done_rows = prepare_out_dir(out_dir, resume=args.resume)
         engine = load_engine(settings)
@@ -83,11 +89,12 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
                 'max_new_tokens': engine.config.max_new_tokens, 'describe_prompt': settings['describe_prompt'],
                 'questions': [dataclasses.asdict(question) for question in questions], 'budgets': budgets,
                 'every': args.every, 'period_s': args.period, 'max_frames': args.max_frames,
+                'pair_tolerance_s': args.pair_tolerance,
             }
             if args.resume and (done_rows or (out_dir / RESULTS_FILE).exists()):
                 check_resumed_run(out_dir, run)
             write_run_file(out_dir, run)
-            return OfflineEvaluation(args, bag, engine, run, done_rows, labels).run()
+            return OfflineEvaluation(args, bag, engine, run, done_rows, labels, questions).run()
         finally:
             engine.close()
     finally:
@@ -97,7 +104,8 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
 class OfflineEvaluation:
     """The offline loop: frames in bag order, each at every budget, all prompts sharing the prefix."""
 
-    def __init__(self, args, bag: Bag, engine, run: dict, done_rows: list[dict], labels: list[Label]):
+    def __init__(self, args, bag: Bag, engine, run: dict, done_rows: list[dict], labels: list[Label],
+                 questions: list[Question] = ()):
         from rosbags.typesys import Stores, get_typestore
 
         self.args, self.bag, self.engine, self.run_info, self.labels = args, bag, engine, run, labels
@@ -106,9 +114,14 @@ class OfflineEvaluation:
         self.topics, self.budgets = run['topics'], run['budgets']
         self.done_rows, self.done_keys = done_rows, {result_key(row) for row in done_rows}
         self.prompts = [(run['describe_prompt'], 'describe', ())] + [
-            (q['question'], 'question', tuple(q['expect'])) for q in run['questions']]
-        self.selector = FrameSelector(every=args.every, period_s=args.period, max_frames=args.max_frames)
+            (q.question, 'question', q.expect) for q in questions if not q.several_images]
+        selector_args = dict(every=args.every, period_s=args.period, max_frames=args.max_frames)
+        self.selector = FrameSelector(**selector_args)
         self.skipped: list[SkippedFrame] = []
+        self.image_sets = ImageSetQuestions(
+            engine, list(questions), self.budgets, tolerance_s=args.pair_tolerance, selector_args=selector_args,
+            done_keys=self.done_keys, write=self._write_rows, skipped=self.skipped) if any(
+                q.several_images for q in questions) else None
         self.skipped_per_topic: Counter[str] = Counter()
         self.new_rows: list[dict] = []
         self.warmed_up = False
@@ -131,24 +144,41 @@ class OfflineEvaluation:
         return self._finish(interrupted)
 
     def _read_bag(self) -> None:
-        for item in self.bag.messages(self.topics):
+        image_sets = self.image_sets
+        read_topics = list(dict.fromkeys(self.topics + (image_sets.topics if image_sets else [])))
+        for item in self.bag.messages(read_topics):
             if isinstance(item, DamagedRegion):
                 frames = damaged_frames(item, self.topics)
                 self.skipped.extend(frames)
                 warn(frames[0].reason if frames else f'damaged region in {item.file} {item.where}')
                 continue
-            if not self.selector.wants(item.topic, item.log_ns):
-                if all(self.selector.topic_full(name) for name in self.topics):
+            wanted = item.topic in self.topics and self.selector.wants(item.topic, item.log_ns)
+            # Questions over several images pair and look back over every frame of their topics.
+            paired = image_sets is not None and image_sets.reads(item.topic)
+            if not wanted and not paired:
+                if all(self.selector.topic_full(name) for name in self.topics) and (
+                        image_sets is None or image_sets.done()):
                     return
                 continue
             frame = decode_frame(self.typestore, item)
             if isinstance(frame, SkippedFrame):
-                self.skipped.append(frame)
-                self._drop_from_total(frame.topic)
-                warn(f'skipped {frame.topic} frame {frame.index} at {format_stamp(frame.stamp_ns)}: {frame.reason}')
+                if wanted:
+                    self.skipped.append(frame)
+                    self._drop_from_total(frame.topic)
+                    warn(f'skipped {frame.topic} frame {frame.index} at {format_stamp(frame.stamp_ns)}: '
+                         f'{frame.reason}')
                 continue
-            self.selector.accept(item.topic, item.log_ns)
-            self._evaluate_frame(frame)
+            if wanted:
+                self.selector.accept(item.topic, item.log_ns)
+                self._evaluate_frame(frame)
+            if paired:
+                image_sets.push(frame)
+        if image_sets is not None:
+            image_sets.finish()
+
+    def _write_rows(self, rows: list[dict]) -> None:
+        self.writer.write(rows)
+        self.new_rows.extend(rows)
 
     def _estimated_total(self) -> int | None:
         """Frame-budgets the selection will give, not counting the malformed frames met so far."""

@@ -10,9 +10,11 @@ import numpy as np
 
 from zip_vlm_ros.replay.bag import SkippedFrame
 from zip_vlm_ros.replay.inputs import FULL_BUDGET, Label
-from zip_vlm_ros.replay.metrics import LATENCY_FIELDS, MIN_SAMPLES_FOR_P95, SUMMARY_COLUMNS, summarize
+from zip_vlm_ros.replay.metrics import (LATENCY_FIELDS, MIN_SAMPLES_FOR_P95, SUMMARY_COLUMNS, summarize,
+                                        summarize_image_sets)
 from zip_vlm_ros.replay.results import REPORT_FILE, RESULTS_FILE, SUMMARY_FILE
 
+IMAGE_SETS_FILE = 'image_sets.csv'
 LATENCY_PLOT = 'latency_vs_budget.png'
 AGREEMENT_PLOT = 'agreement_vs_budget.png'
 
@@ -71,6 +73,21 @@ def budget_table(summaries: list[dict]) -> list[str]:
         cells = [s['budget'], visual, s['reduction'] or '—', str(s['frames']), str(s['answers']), *latencies,
                  format_ms(s['reused_prefix_total_ms_p50']), tokens_per_s, kv, *agreement,
                  _counted(s['keyword_hit_rate'], s['keyword_answers'])]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return lines
+
+
+def image_set_table(summaries: list[dict]) -> list[str]:
+    """report.md's table of questions over several images, per question and budget."""
+    lines = ['| question | budget | images | answers | visual tokens | vision ms p50 | TTFT ms p50 | total ms p50 '
+             '| KV MB | exact match | token F1 | keyword hits |', '|' + '---|' * 12]
+    for s in summaries:
+        kv = '—' if s['kv_cache_bytes_mean'] is None else f'{s["kv_cache_bytes_mean"] / 1e6:.3f}'
+        agreement = (['reference'] * 2 if s['budget'] == FULL_BUDGET else
+                     [_counted(s['exact_match_rate'], s['agreement_pairs']), format_rate(s['token_f1_mean'])])
+        cells = [_cell(s['question']), s['budget'], '—' if s['images'] is None else str(s['images']), str(s['answers']),
+                 f'{s["visual_tokens"]:g}', format_ms(s['vision_ms_p50']), format_ms(s['ttft_ms_p50']),
+                 format_ms(s['total_ms_p50']), kv, *agreement, _counted(s['keyword_hit_rate'], s['keyword_answers'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return lines
 
@@ -172,6 +189,14 @@ def write_report(out_dir: pathlib.Path, rows: list[dict], skipped: list[SkippedF
         lines += ['', '## Against the labels', ''] + label_table(summaries) + [
             '', f'Each answer is compared with the human label for its frame and prompt ({len(labels)} labels). '
                 'BLEU is sacrebleu corpus BLEU-4 (0-100); ROUGE-L is the mean F-measure (rouge-score).']
+    image_sets = summarize_image_sets(rows, run['budgets'])
+    if image_sets:
+        write_summary_csv(image_sets, out_dir / IMAGE_SETS_FILE)
+        lines += ['', '## Questions over several images', ''] + image_set_table(image_sets) + [
+            '', f'One answer per selected frame of the question\'s first topic (paired with the other topics\' '
+                f'frames stamped within {run.get("pair_tolerance_s", 0):g} s) or per selected frame of its history '
+                f'topic (the frames before it). Budgets are per image: the answer reads images x budget visual '
+                f'tokens. Agreement compares with the `full` answer on the same frames ({IMAGE_SETS_FILE}).']
     if live:
         lines += ['', '## Service calls', ''] + live_table(summaries) + [
             '', 'Rounds answered: rounds in which both calls of the budget (description and questions) got '

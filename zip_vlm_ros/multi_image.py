@@ -1,0 +1,326 @@
+"""One question over several images: the latest frame of each surround camera, or a camera's recent frames.
+
+No ROS here. ``VlmEngine.generate_images`` hands its requests to ``MultiImageAnswerer``, which shares the
+engine's tokenizer, prefill, decode, sampling and prefix cache; only what differs with several images
+lives here:
+
+- **The budget** is the request's total. ``split_total_budget`` gives every image ``total // n`` visual
+  tokens and the first ``total % n`` images (in prompt order) one more: 64 over 6 images is
+  ``[11, 11, 11, 11, 10, 10]``. An image whose share is at least its full count reads its stock tokens, so
+  the LLM reads ``sum(min(share, full))`` visual tokens: the budget, or every image's full count when the
+  budget is larger.
+- **The prompt** introduces each image by its label (a camera name, or e.g. ``"front 3.0 s ago"``) in
+  place of the chat template's one image placeholder: ``"rear: <image>...\\nfront: <image>...\\n"``, then
+  the question.
+- **AnyRes (LLaVA-NeXT) reads the base image only** in a multi-image request: the whole frame resized to
+  the tower's square input, as LLaVA-1.5 reads it (576 full tokens on LLaVA-NeXT-7B). The grid crops
+  would multiply each image's encoder work by up to five and divide its small share of the budget over
+  those crops (a 64-token share over a base and a 2x2 grid is 12 tokens per crop), so that the vision
+  stage of a six-camera question would cost thirty tower passes to keep a dozen tokens of each crop. The
+  base image keeps the whole field of view at the share the budget allows.
+- **Visual tokens are cached per image**, keyed by (image key, the image's visual-token count, the
+  reduction settings), in an LRU bounded by entries and bytes: a history question re-encodes only the
+  frames it has not seen. Each image is encoded alone (batch of one), so a cached image's tokens equal
+  the ones a from-scratch request computes, bit for bit.
+- **The LLM prefix** (the prompt up to the last image's tokens) is cached as for one image, keyed by
+  every image's key and share and the prefix's token ids: more questions about the same set of images
+  cost only their own tokens. Exactness is the engine's: in float32 a reused prefix gives the answer a
+  from-scratch request gives, token for token.
+
+A request whose prompt, visual tokens and ``max_new_tokens`` exceed the model's context is refused with
+the numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from zip_vlm_ros.errors import RequestError
+from zip_vlm_ros.models.base import VisualTokens
+from zip_vlm_ros.prefix_cache import Prefix, PrefixCache, cache_nbytes, fork_cache
+from zip_vlm_ros.sampling import SamplingOptions, check_sampling
+
+if TYPE_CHECKING:
+    from zip_vlm_ros.engine import OnToken, ShouldStop, VlmEngine, VlmOutput
+
+__all__ = ["SINGLE_IMAGE_ONLY", "ImageInput", "ImageTokens", "MultiImageAnswerer", "image_block",
+           "split_total_budget"]
+
+# In the refusal of a family that answers about one image per prompt (LLaVA-Mini, for now).
+SINGLE_IMAGE_ONLY = "answer about one image at a time"
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a multi-image request."""
+
+    image: np.ndarray                   # HxWx3 uint8 RGB
+    label: str                          # how the prompt introduces it: "rear", "front 3.0 s ago"
+    key: Hashable | None = None         # names the pixels (same key => same pixels); None: never cached
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """What one image of a multi-image answer cost (``VlmOutput.images``)."""
+
+    label: str
+    token_budget: int                   # this image's share of the request's total
+    visual_tokens: int                  # read by the LLM: min(share, visual_tokens_full)
+    visual_tokens_full: int             # the image's count without reduction (base image only for AnyRes)
+    reduction: str                      # "visionzip" or "none"
+    cached: bool                        # its visual tokens came from the per-image cache
+
+
+@dataclass
+class CachedImage:
+    """One image's projected visual tokens, as the per-image cache holds them."""
+
+    features: torch.Tensor              # [visual_tokens, text_hidden]
+    reduction: str
+    held_bytes: int                     # what PrefixCache's byte bound counts
+
+
+@dataclass
+class _Request:
+    """A checked multi-image request: its images, shares of the budget and tokenized prompts."""
+
+    images: list[ImageInput]
+    prompts: list[str]
+    shares: list[int]                   # each image's share of the total budget
+    counts: list[int]                   # visual tokens each image feeds: min(share, full)
+    tokenized: list[tuple[tuple[int, ...], tuple[int, ...]]]  # (prefix, suffix) ids per prompt
+    max_new_tokens: int
+    sampling: SamplingOptions
+    prefix_key_base: tuple | None       # None when an image has no key: nothing is cached
+
+
+@dataclass
+class _EncodedImages:
+    visual: VisualTokens                # every image's tokens, image 0's first (what embed_prompt places)
+    images: list[ImageTokens]
+    vision_ms: float
+    reduction_ms: float
+
+
+def split_total_budget(total: int, count: int) -> list[int]:
+    """Even shares of `total` visual tokens over `count` images, the first ``total % count`` one larger.
+
+    ``split_total_budget(64, 6) == [11, 11, 11, 11, 10, 10]``; the shares always sum to `total`.
+    Raises ValueError when an image would get no token (``total < count``).
+    """
+    if count < 1 or total < count:
+        raise ValueError(f"a total of {total} visual tokens cannot give each of {count} images at least one")
+    share, remainder = divmod(total, count)
+    return [share + 1 if index < remainder else share for index in range(count)]
+
+
+def image_block(labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:
+    """The prompt text that replaces the template's image placeholder: one labelled line per image.
+
+    ``image_block(["rear", "front"], [2, 1], "<image>") == "rear: <image><image>\\nfront: <image>\\n"``;
+    an empty label gives the image's placeholders alone.
+    """
+    lines = [(f"{label}: " if label else "") + image_token * count for label, count in zip(labels, counts)]
+    return "\n".join(lines) + "\n"
+
+
+class MultiImageAnswerer:
+    """Multi-image requests of one engine (see the module docstring); its per-image visual-token cache.
+
+    Thread-compatible like the engine: called from the engine's thread only.
+    """
+
+    def __init__(self, engine: VlmEngine, max_entries: int, max_bytes: int):
+        self.engine = engine
+        # An LRU bounded by entries and bytes: the prefix cache's, holding CachedImage records.
+        self.visual_cache = PrefixCache(max_entries, max_bytes)
+
+    # ------------------------------------------------------------------ checks
+
+    def check_images(self, images) -> list[ImageInput]:
+        """RequestError unless `images` is a non-empty list of ImageInput with valid pixels and labels."""
+        from zip_vlm_ros.engine import _check_image
+
+        if isinstance(images, (str, np.ndarray)) or not isinstance(images, Sequence) or not images:
+            raise RequestError(f"images must be a non-empty list of ImageInput; got {type(images).__name__}")
+        for index, item in enumerate(images):
+            if not isinstance(item, ImageInput):
+                raise RequestError(f"images[{index}] must be an ImageInput(image, label, key); "
+                                   f"got {type(item).__name__}")
+            _check_image(item.image, f"images[{index}].image")
+            if not isinstance(item.label, str) or self.engine.image_token in item.label or "\n" in item.label:
+                raise RequestError(f"images[{index}].label must be one line of text without "
+                                   f"{self.engine.image_token!r}; got {item.label!r}")
+            if item.key is not None:
+                try:
+                    hash(item.key)
+                except TypeError:
+                    raise RequestError(f"images[{index}].key must be hashable, e.g. ('front', 17); "
+                                       f"got {item.key!r}") from None
+        return list(images)
+
+    def check_total_budget(self, token_budget: int | None, count: int) -> int:
+        """The request's total budget: None means the engine's default budget per image, times `count`."""
+        engine = self.engine
+        total = engine.config.token_budget * count if token_budget is None else token_budget
+        if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < count:
+            raise RequestError(f"token_budget is the request's total over its {count} images: give a whole number "
+                               f">= {count} (one visual token per image; {count * self.base_tokens_full} or more "
+                               f"means no reduction); got {total!r}")
+        return int(total)
+
+    @property
+    def base_tokens_full(self) -> int:
+        return self.engine.family.base_tokens_full
+
+    def _check_context(self, prompt_tokens: int, visual_tokens: int, max_new: int, count: int) -> None:
+        context = self.engine.context_tokens
+        if prompt_tokens + max_new > context:
+            raise RequestError(
+                f"{count} images need {visual_tokens} visual tokens; with the prompt's {prompt_tokens - visual_tokens} "
+                f"text tokens and max_new_tokens {max_new} that is {prompt_tokens + max_new} tokens, more than the "
+                f"model's context of {context}: lower token_budget, ask about fewer images or lower max_new_tokens")
+
+    # ------------------------------------------------------------------ generation
+
+    def _request(self, images, prompts, token_budget, max_new_tokens, sampling) -> _Request:
+        """Check a request and tokenize its prompts (RequestError on bad input or a context overflow)."""
+        engine = self.engine
+        if not engine.family.several_images:
+            raise RequestError(f"{engine.family.label} checkpoints {SINGLE_IMAGE_ONLY} here: ask each camera or "
+                               f"frame separately")
+        images = self.check_images(images)
+        prompts = engine._check_prompts(prompts)
+        total = self.check_total_budget(token_budget, len(images))
+        max_new = engine._check_max_new_tokens(max_new_tokens)
+        shares = split_total_budget(total, len(images))
+        counts = [min(share, self.base_tokens_full) for share in shares]
+        block = image_block([item.label for item in images], counts, engine.image_token)
+        tokenized = [engine._tokenize_prompt(prompt, sum(counts), image_text=block) for prompt in prompts]
+        for prefix_ids, suffix_ids in tokenized:
+            self._check_context(len(prefix_ids) + len(suffix_ids), sum(counts), max_new, len(images))
+        keyed = all(item.key is not None for item in images)
+        prefix_key_base = (engine.model_name, "images", tuple(
+            (item.key, count, self._settings(count)) for item, count in zip(images, counts))) if keyed else None
+        return _Request(images, prompts, shares, counts, tokenized, max_new, check_sampling(sampling),
+                        prefix_key_base)
+
+    @torch.inference_mode()
+    def generate(self, images: Sequence[ImageInput], prompts: Sequence[str], *, token_budget: int | None = None,
+                 max_new_tokens: int | None = None, sampling: SamplingOptions | None = None,
+                 should_stop: ShouldStop | None = None, on_token: OnToken | None = None) -> list[VlmOutput]:
+        """Answer each of `prompts` about all of `images` together (``VlmEngine.generate_images``)."""
+        engine = self.engine
+        engine._check_open()
+        request = self._request(images, prompts, token_budget, max_new_tokens, sampling)
+        images, shares, counts = request.images, request.shares, request.counts
+        encoded: _EncodedImages | None = None
+        prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
+        outputs: list[VlmOutput] = []
+        check_stop = engine._stop_checker(should_stop, completed=outputs)
+        for prompt_index, (prompt, (prefix_ids, suffix_ids)) in enumerate(zip(request.prompts, request.tokenized)):
+            check_stop()
+            start = engine._clock()
+            cache_key = None if request.prefix_key_base is None else request.prefix_key_base + (prefix_ids,)
+            prefix = prefixes_this_call.get(prefix_ids)
+            if prefix is None and cache_key is not None:
+                prefix = engine._prefix_cache.get(cache_key)
+            reused = prefix is not None
+            vision_ms = reduction_ms = 0.0
+            if prefix is None:
+                if encoded is None:
+                    encoded = self._encode(images, shares, counts, check_stop)
+                    vision_ms, reduction_ms = encoded.vision_ms, encoded.reduction_ms
+                check_stop()
+                prefill_start = engine._clock()
+                logits, kv_cache, embedded = engine._prefill_prompt(prefix_ids, suffix_ids, encoded.visual)
+                prefill_ms = engine._ms_since(prefill_start)
+                prefix = Prefix(fork_cache(kv_cache, len(prefix_ids)), len(prefix_ids),
+                                cache_nbytes(kv_cache, positions=len(prefix_ids)),
+                                cache_nbytes(kv_cache) + embedded.prefix_state_bytes, embedded.prefix_state)
+                prefixes_this_call[prefix_ids] = prefix
+                if cache_key is not None:
+                    engine._prefix_cache.put(cache_key, prefix)
+            else:
+                check_stop()
+                prefill_start = engine._clock()
+                logits, kv_cache = engine._prefill_suffix(suffix_ids, prefix)
+                prefill_ms = engine._ms_since(prefill_start)
+            tokens, first_token_time, end_time = engine._decode(
+                logits, kv_cache, request.max_new_tokens, request.sampling, check_stop,
+                on_step=engine._text_stream(on_token, prompt_index, start))
+            image_tokens = encoded.images if encoded is not None else self._described(images, shares, counts)
+            outputs.append(self._output(prompt, tokens[0], image_tokens, start=start, vision_ms=vision_ms,
+                                        reduction_ms=reduction_ms, prefill_ms=prefill_ms,
+                                        first_token_time=first_token_time, end_time=end_time,
+                                        prefix_reused=reused, kv_cache_bytes=prefix.nbytes))
+        return outputs
+
+    # ------------------------------------------------------------------ visual tokens
+
+    def _settings(self, count: int) -> tuple:
+        """Everything besides the pixels that decides one image's visual tokens at `count` tokens."""
+        family = self.engine.family
+        reduced = count < self.base_tokens_full
+        return ("base", count, family.feature_layer, family.select_strategy,
+                family.contextual_ratio if reduced else None)
+
+    def _encode(self, images: list[ImageInput], shares: list[int], counts: list[int], check_stop) -> _EncodedImages:
+        """Every image's visual tokens, from the per-image cache or encoded alone (and then cached)."""
+        engine = self.engine
+        features, described, vision_ms, reduction_ms = [], [], 0.0, 0.0
+        for item, share, count in zip(images, shares, counts):
+            key = None if item.key is None else (engine.model_name, item.key, self._settings(count))
+            cached = self.visual_cache.get(key) if key is not None else None
+            if cached is None:
+                check_stop()
+                visual = engine.family.encode_base(item.image, count)
+                if visual.counts != [count]:
+                    raise RequestError(f"{engine.family.label} encoded {visual.counts} visual tokens for an image "
+                                       f"of a multi-image request instead of {count}")
+                vision_ms += visual.vision_ms
+                reduction_ms += visual.reduction_ms
+                entry = CachedImage(visual.features, visual.reductions[0],
+                                    visual.features.numel() * visual.features.element_size())
+                if key is not None:
+                    self.visual_cache.put(key, entry)
+            else:
+                entry = cached
+            features.append(entry.features)
+            described.append(ImageTokens(item.label, share, count, self.base_tokens_full, entry.reduction,
+                                         cached=cached is not None))
+        visual = VisualTokens(torch.cat(features), [image.visual_tokens for image in described],
+                              [image.reduction for image in described], vision_ms, reduction_ms)
+        return _EncodedImages(visual, described, vision_ms, reduction_ms)
+
+    def _described(self, images: list[ImageInput], shares: list[int], counts: list[int]) -> list[ImageTokens]:
+        """ImageTokens of images whose prefix came from the cache (nothing was encoded for them)."""
+        return [ImageTokens(item.label, share, count, self.base_tokens_full,
+                            "visionzip" if count < self.base_tokens_full else "none", cached=True)
+                for item, share, count in zip(images, shares, counts)]
+
+    def _output(self, prompt: str, tokens: list[int], images: list[ImageTokens], *, start: float,
+                vision_ms: float, reduction_ms: float, prefill_ms: float, first_token_time: float,
+                end_time: float, prefix_reused: bool, kv_cache_bytes: int) -> VlmOutput:
+        from zip_vlm_ros.engine import VlmOutput
+
+        engine = self.engine
+        visual_tokens = sum(image.visual_tokens for image in images)
+        reduced = any(image.reduction == "visionzip" for image in images)
+        text = engine._decode_text(tokens)
+        return VlmOutput(
+            prompt=prompt, text=text, model=engine.model_name, reduction="visionzip" if reduced else "none",
+            token_budget=visual_tokens, visual_tokens=visual_tokens,
+            visual_tokens_full=sum(image.visual_tokens_full for image in images), generated_tokens=len(tokens),
+            vision_ms=vision_ms, reduction_ms=reduction_ms, prefill_ms=prefill_ms,
+            ttft_ms=(first_token_time - start) * 1000.0, decode_ms=(end_time - first_token_time) * 1000.0,
+            total_ms=engine._ms_since(start), prefix_reused=prefix_reused, kv_cache_bytes=kv_cache_bytes,
+            images=list(images))
+
+    def clear(self) -> None:
+        self.visual_cache.clear()
