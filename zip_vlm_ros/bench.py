@@ -51,9 +51,9 @@ import skimage.data
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from zip_vlm_ros.bench_harness import (PeakMemory, Target, device_clock, measure_interleaved, memory_method,
-                                      print_and_save)
-from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
+from zip_vlm_ros.bench_harness import (PeakMemory, Target, add_run_arguments, device_clock, measure_interleaved,
+                                      memory_method, resolve_run_arguments, run_and_report)
+from zip_vlm_ros.engine import EngineConfig, VlmEngine
 from zip_vlm_ros.prefix_cache import cache_nbytes, fork_cache
 from zip_vlm_ros.tiny_model import build_checkpoint
 from zip_vlm_ros.visionzip import encode_for_visionzip, encode_reference_style
@@ -538,24 +538,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-budget", type=int,
                         help="VisionZip budget the targets, vision-stage and multi-question rows use "
                              "(default: 64; LLaVA-NeXT: 160)")
-    parser.add_argument("--json", type=pathlib.Path, help="also write all results to this JSON file")
-    parser.add_argument("--repeats", type=int, help="measured runs per row after one warm-up (default: 3, "
-                                                    "--quick: 1)")
     parser.add_argument("--floor-repeats", type=int,
                         help="measured runs per floor row (default: 10, --quick: 1); single forwards on a noisy "
                              "CPU need more runs than whole answers for their minimum to settle")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate per answer (default: 16, "
-                                                           "--quick: 4)")
     parser.add_argument("--image", choices=IMAGES,
                         help="skimage.data photo, or NAME-720p: it as a 1280x720 frame (default: astronaut; "
                              "LLaVA-NeXT: coffee-720p)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--dtype", default="auto", help="auto, float16, bfloat16 or float32 (default: %(default)s)")
     parser.add_argument("--no-questions", action="store_true",
                         help="skip the several-questions section (its full-token rows prefill every question "
                              "from scratch: many minutes on a CPU for LLaVA-NeXT frames); its targets show N/A")
-    parser.add_argument("--quick", action="store_true", help="1 repeat and 4 new tokens: a smoke test, not a "
-                                                             "measurement")
+    add_run_arguments(parser, quick_new_tokens=4)
     return parser
 
 
@@ -636,24 +628,17 @@ def main(argv=None) -> int:
         return multi_image_bench.main(argv)
     if "--mini" in argv:  # LLaVA-Mini against LLaVA-1.5: two engines side by side (zip_vlm_ros.bench_mini)
         from zip_vlm_ros import bench_mini
+
         argv.remove("--mini")
         return bench_mini.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    resolve_run_arguments(args, quick_new_tokens=4)
     args.floor_repeats = args.floor_repeats if args.floor_repeats is not None else (1 if args.quick else 10)
-    args.max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (4 if args.quick else 16)
     counts = [args.repeats, args.floor_repeats, args.max_new_tokens]
     if min(counts) < 1 or (args.target_budget is not None and args.target_budget < 1):
         parser.error("--repeats, --floor-repeats, --max-new-tokens and --target-budget must be >= 1")
-
-    try:
-        results = run_benchmark(args)
-    except EngineError as error:
-        print(f"vlm_bench: {error}", file=sys.stderr)
-        return 2
-    print_and_save(format_report(results), results, args.json)
-    return 0
+    return run_and_report("vlm_bench", run_benchmark, format_report, args)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,23 @@ warm-up and the timed runs: the page faults that trimming causes would otherwise
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import math
 import pathlib
 import re
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+from zip_vlm_ros.errors import EngineError
+
 __all__ = ["PeakMemory", "Target", "device_clock", "fieldwise", "measure_interleaved", "memory_method",
-           "print_and_save"]
+           "add_run_arguments", "print_and_save", "resolve_run_arguments", "run_and_report"]
 
 
 @dataclass(frozen=True)
@@ -172,3 +176,36 @@ def print_and_save(report: str, results: dict, json_path: pathlib.Path | None) -
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nresults written to {json_path}")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, quick_new_tokens: int) -> None:
+    """The options every benchmark command shares: --json, --repeats, --max-new-tokens, --device,
+    --dtype and --quick (1 repeat and `quick_new_tokens` new tokens: a smoke test, not a measurement)."""
+    parser.add_argument("--json", type=pathlib.Path, help="also write all results to this JSON file")
+    parser.add_argument("--repeats", type=int, help="measured runs per row after one warm-up (default: 3, "
+                                                    "--quick: 1)")
+    parser.add_argument("--max-new-tokens", type=int, help=f"tokens to generate per answer (default: 16, "
+                                                           f"--quick: {quick_new_tokens})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", help="auto, float16, bfloat16 or float32 (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help=f"1 repeat and {quick_new_tokens} new tokens: a "
+                                                             f"smoke test, not a measurement")
+
+
+def resolve_run_arguments(args: argparse.Namespace, *, quick_new_tokens: int) -> None:
+    """Fill --repeats and --max-new-tokens from --quick when they were not given."""
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    args.max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (
+        quick_new_tokens if args.quick else 16)
+
+
+def run_and_report(prog: str, run, format_report, args: argparse.Namespace) -> int:
+    """``run(args) -> results``, then print the report and keep the JSON; exit code 2 with one line
+    when the engine cannot load or serve (a missing model path, say)."""
+    try:
+        results = run(args)
+    except EngineError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 2
+    print_and_save(format_report(results), results, args.json)
+    return 0

@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import pathlib
 import sys
 import time
 
 import torch
 
 from zip_vlm_ros.bench import FRAME_QUESTIONS, bench_image, default_model_dir
-from zip_vlm_ros.bench_harness import Target, measure_interleaved, print_and_save
+from zip_vlm_ros.bench_harness import (Target, add_run_arguments, measure_interleaved, resolve_run_arguments,
+                                      run_and_report)
 from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
 from zip_vlm_ros.tiny_model import build_checkpoint
 
@@ -186,29 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mini-model", help="LLaVA-Mini checkpoint directory (default: the bench-mini preset)")
     parser.add_argument("--llava-model", help="LLaVA-1.5 checkpoint directory or hub id (default: the bench preset)")
     parser.add_argument("--image", default="astronaut", help="skimage photo (default: %(default)s)")
-    parser.add_argument("--json", type=pathlib.Path, help="also write all results to this JSON file")
-    parser.add_argument("--repeats", type=int, help="measured runs per row after one warm-up (default: 3, --quick: 1)")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens per answer (default: 16, --quick: 2)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--dtype", default="auto", help="auto, float16, bfloat16 or float32 (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="1 repeat and 2 new tokens: a smoke test")
+    add_run_arguments(parser, quick_new_tokens=2)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    args.max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (2 if args.quick else 16)
+    resolve_run_arguments(args, quick_new_tokens=2)
     if args.repeats < 1 or args.max_new_tokens < 1:
         parser.error("--repeats and --max-new-tokens must be >= 1")
-    try:
-        results = run_mini_benchmark(args)
-    except EngineError as error:
-        print(f"vlm_bench --mini: {error}", file=sys.stderr)
-        return 2
-    print_and_save(format_mini_report(results), results, args.json)
-    return 0
+    return run_and_report("vlm_bench --mini", run_mini_benchmark, format_mini_report, args)
 
 
 if __name__ == "__main__":

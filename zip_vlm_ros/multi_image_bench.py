@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
-import pathlib
-import sys
 
 import numpy as np
 import skimage.data
 
-from zip_vlm_ros.bench import default_model_dir, measure_interleaved
-from zip_vlm_ros.engine import EngineConfig, EngineError, ImageInput, VlmEngine
+from zip_vlm_ros.bench import default_model_dir
+from zip_vlm_ros.bench_harness import add_run_arguments, measure_interleaved, resolve_run_arguments, run_and_report
+from zip_vlm_ros.engine import EngineConfig, ImageInput, VlmEngine
 from zip_vlm_ros.tiny_model import build_checkpoint
 
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'retina', 'hubble_deep_field', 'motorcycle_left',
@@ -167,30 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "(default: %(default)s)")
     parser.add_argument("--cameras", type=int, default=6, help="surround view: images (default: %(default)s)")
     parser.add_argument("--history-frames", type=int, default=4, help="history: frames (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, help="measured runs per row after one warm-up (default 3, --quick 1)")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens per answer (default 16, --quick 4)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--dtype", default="auto", help="auto, float16, bfloat16 or float32 (default: %(default)s)")
-    parser.add_argument("--json", type=pathlib.Path, help="also write the results to this JSON file")
-    parser.add_argument("--quick", action="store_true", help="1 repeat and 4 new tokens: a smoke test")
+    add_run_arguments(parser, quick_new_tokens=4)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    args.max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (4 if args.quick else 16)
+    resolve_run_arguments(args, quick_new_tokens=4)
     if min(args.repeats, args.max_new_tokens, args.total_budget) < 1 or args.cameras < 1 or args.history_frames < 2:
         parser.error("--repeats, --max-new-tokens, --total-budget, --cameras must be >= 1; --history-frames >= 2")
-    try:
-        results = run(args)
-    except EngineError as error:
-        print(f"vlm_bench --multi-image: {error}", file=sys.stderr)
-        return 2
-    print(format_report(results))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"\nresults written to {args.json}")
-    return 0
+    return run_and_report("vlm_bench --multi-image", run, format_report, args)
