@@ -119,10 +119,9 @@ def decoder_layer(x: torch.Tensor, t: dict, prefix: str, config: dict, allowed: 
     return x + (F.silu(gate) * up) @ t[prefix + "mlp.down_proj.weight"].T
 
 
-def reference_logits(checkpoint: pathlib.Path, image: np.ndarray, question: str, compressor_heads: int = 8):
-    """``(prompt ids with the -200 sentinel, LLM logits [LLM length, vocab])`` for one image and question."""
-    from transformers import (AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
-                              LlamaForCausalLM)
+def _load(checkpoint: pathlib.Path):
+    """``(config dict, tensors, CLIP tower, image processor)`` from a checkpoint's files."""
+    from transformers import AutoImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     config = json.loads((checkpoint / "config.json").read_text())
     t = load_tensors(checkpoint)
@@ -130,33 +129,91 @@ def reference_logits(checkpoint: pathlib.Path, image: np.ndarray, question: str,
     tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(clip_dir)).eval()
     tower_prefix = "model.vision_tower.vision_tower.vision_model."  # transformers 5's CLIPVisionModel drops vision_model.
     tower.load_state_dict({k[len(tower_prefix):]: v for k, v in t.items() if k.startswith(tower_prefix)})
-    pixels = AutoImageProcessor.from_pretrained(clip_dir)(images=[image], return_tensors="pt",
-                                                         input_data_format="channels_last")["pixel_values"]
-    with torch.no_grad():
-        patches = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[
-            config["mm_vision_select_layer"]][0, 1:]  # [P, D]
-        patch_tokens, compressed = project(patches, t), project(compress(patches, t, compressor_heads), t)
+    return config, t, tower, AutoImageProcessor.from_pretrained(clip_dir)
 
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        ids = torch.tensor(reference_prompt_ids(tokenizer, question))
-        text_mask = ids <= 0
-        text = t["model.embed_tokens.weight"][ids.clamp(min=0)]
-        x = torch.cat([patch_tokens, compressed, text])
-        masked = torch.cat([torch.zeros(len(patch_tokens) + len(compressed), dtype=torch.bool), text_mask])
-        count = len(x)
-        allowed = torch.ones(count, count, dtype=torch.bool).tril() & ~masked[None, :]
-        positions = (~masked).long().cumsum(0) - 1
-        positions[masked] = 1
-        for index in range(config["prefusion_layer_num"]):
-            x = decoder_layer(x, t, f"model.prefusion_layers.{index}.", config, allowed, positions)
-        fused_text = torch.where(text_mask[:, None], text, x[-len(ids):])
-        fused_compressed = x[len(patch_tokens):len(patch_tokens) + len(compressed)]
+
+def _encode_frame(pixels: torch.Tensor, config: dict, t: dict, tower, heads: int):
+    """pixels ``[1, 3, H, W]`` -> ``(projected patches [P, H_llm], projected compressed [C^2, H_llm])``."""
+    patches = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[
+        config["mm_vision_select_layer"]][0, 1:]  # [P, D]
+    return project(patches, t), project(compress(patches, t, heads), t)
+
+
+def _prefuse(patch_tokens, compressed, ids: torch.Tensor, config: dict, t: dict):
+    """The reference's ``encode_images_mini`` for one image (one video frame): pre-fusion over the whole
+    masked sequence ``[patches, compressed, every prompt token]``. Returns ``(fused compressed [C^2, H],
+    fused text [len(ids), H] with masked positions as plain embeddings)``."""
+    text_mask = ids <= 0
+    text = t["model.embed_tokens.weight"][ids.clamp(min=0)]
+    x = torch.cat([patch_tokens, compressed, text])
+    masked = torch.cat([torch.zeros(len(patch_tokens) + len(compressed), dtype=torch.bool), text_mask])
+    count = len(x)
+    allowed = torch.ones(count, count, dtype=torch.bool).tril() & ~masked[None, :]
+    positions = (~masked).long().cumsum(0) - 1
+    positions[masked] = 1
+    for index in range(config["prefusion_layer_num"]):
+        x = decoder_layer(x, t, f"model.prefusion_layers.{index}.", config, allowed, positions)
+    fused_text = torch.where(text_mask[:, None], text, x[-len(ids):])
+    return x[len(patch_tokens):len(patch_tokens) + len(compressed)], fused_text
+
+
+def _llm_logits(config: dict, t: dict, llm_inputs: torch.Tensor) -> torch.Tensor:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llm_config = LlamaConfig(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")})
+    llm = LlamaForCausalLM(llm_config).eval()
+    llm.load_state_dict({k: v for k, v in t.items() if k.startswith(("model.layers.", "model.embed_tokens.",
+                                                                      "model.norm.", "lm_head."))})
+    return llm(inputs_embeds=llm_inputs[None]).logits[0]
+
+
+def reference_logits(checkpoint: pathlib.Path, image: np.ndarray, question: str, compressor_heads: int = 8):
+    """``(prompt ids with the -200 sentinel, LLM logits [LLM length, vocab])`` for one image and question."""
+    from transformers import AutoTokenizer
+
+    config, t, tower, processor = _load(checkpoint)
+    pixels = processor(images=[image], return_tensors="pt", input_data_format="channels_last")["pixel_values"]
+    with torch.no_grad():
+        patch_tokens, compressed = _encode_frame(pixels, config, t, tower, compressor_heads)
+        ids = torch.tensor(reference_prompt_ids(AutoTokenizer.from_pretrained(checkpoint), question))
+        fused_compressed, fused_text = _prefuse(patch_tokens, compressed, ids, config, t)
         image_at = int((ids == IMAGE_SENTINEL).nonzero()[0])
         llm_inputs = torch.cat([fused_text[:image_at], fused_compressed, fused_text[image_at + 1:]])
+        logits = _llm_logits(config, t, llm_inputs)
+    return ids.tolist(), logits
 
-        llm_config = LlamaConfig(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")})
-        llm = LlamaForCausalLM(llm_config).eval()
-        llm.load_state_dict({k: v for k, v in t.items() if k.startswith(("model.layers.", "model.embed_tokens.",
-                                                                          "model.norm.", "lm_head."))})
-        logits = llm(inputs_embeds=llm_inputs[None]).logits[0]
+
+def resize_frame_like_reference(frame: np.ndarray, side: int) -> np.ndarray:
+    """The reference's video loader: ``interpolate`` (default: nearest) of the uint8 frame to side x side."""
+    if frame.shape[:2] == (side, side):
+        return frame
+    tensor = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+    return F.interpolate(tensor, size=(side, side))[0].permute(1, 2, 0).to(torch.uint8).numpy()
+
+
+def reference_video_logits(checkpoint: pathlib.Path, frames: list[np.ndarray], user_text: str,
+                           compressor_heads: int = 8):
+    """The reference's video mode (``prepare_inputs_labels_for_multimodal`` with 6-D images): every frame
+    resized and preprocessed, then through ``encode_images_mini`` with the same prompt; the frames' fused
+    compressed tokens concatenated at the one image sentinel, the fused text averaged over the frames (a
+    float32 sum divided by the frame count). `user_text` follows ``<image>\\n`` in the user turn.
+    Returns ``(prompt ids with the sentinel, LLM logits [LLM length, vocab])``."""
+    from transformers import AutoTokenizer
+
+    config, t, tower, processor = _load(checkpoint)
+    side = processor.crop_size["height"]
+    resized = [resize_frame_like_reference(frame, side) for frame in frames]
+    pixels = processor(images=resized, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
+    with torch.no_grad():
+        ids = torch.tensor(reference_prompt_ids(AutoTokenizer.from_pretrained(checkpoint), user_text))
+        frame_tokens, text_sum = [], 0
+        for index in range(len(frames)):
+            patch_tokens, compressed = _encode_frame(pixels[index:index + 1], config, t, tower, compressor_heads)
+            fused_compressed, fused_text = _prefuse(patch_tokens, compressed, ids, config, t)
+            frame_tokens.append(fused_compressed)
+            text_sum = text_sum + fused_text.float()
+        fused_text = text_sum / len(frames)
+        image_at = int((ids == IMAGE_SENTINEL).nonzero()[0])
+        llm_inputs = torch.cat([fused_text[:image_at], *frame_tokens, fused_text[image_at + 1:]])
+        logits = _llm_logits(config, t, llm_inputs)
     return ids.tolist(), logits

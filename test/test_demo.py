@@ -56,10 +56,12 @@ def test_demo_runs_the_llava_mini_preset(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
-    assert '[demo] ok: 8 results, vlm_node exit status 0' in completed.stdout
+    assert '[demo] ok: 10 results, vlm_node exit status 0' in completed.stdout
     visual = [re.search(r' (\d+/\d+) ', line).group(1) for line in completed.stdout.splitlines()
               if line.split()[:1] in (['describe'], ['ask'], ['ask_many'], ['ask_action'])]
     assert visual == ['1/1'] * 8  # one compressed token per image, whatever the budget
-    # Questions over several images are refused by LLaVA-Mini for now: the demo says so and goes on.
-    assert '[demo] surround skipped: LLaVA-Mini' in completed.stdout and '[demo] history skipped' in completed.stdout
+    # Questions over several images run in LLaVA-Mini's video mode: one token per image.
+    several = {line.split()[0]: re.search(r' (\d+/\d+) ', line).group(1) for line in completed.stdout.splitlines()
+               if line.split()[:1] in (['surround'], ['history'])}
+    assert several == {'surround': '2/2', 'history': '3/3'} and 'skipped' not in completed.stdout
     assert (tmp_path / 'tiny-mini' / 'config.json').is_file()

@@ -1,11 +1,13 @@
 """vlm_node serving the tiny LLaVA-Mini checkpoint in its own process: it configures with the default
 token_budget (which does not apply to LLaVA-Mini), answers through real service calls with the one
-visual token it really reads, and refuses only budgets below 1."""
+visual token it really reads, and refuses only budgets below 1; surround and history requests are
+answered in LLaVA-Mini's video mode, one token per image."""
 import pytest
 import skimage.data
-from node_helpers import publish_frame, running_node
+from builtin_interfaces.msg import Time
+from node_helpers import publish_frame, running_node, stamp_tuple
 
-from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.conversions import rgb_to_image, stamp_to_seconds
 
 
 @pytest.fixture(scope='module')
@@ -13,7 +15,8 @@ def client(tiny_mini_model_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp('vlm_node_mini') / 'node.log'
     # token_budget 64 is the node's default: more than LLaVA-Mini's one token, and still accepted.
     parameters = {'model': str(tiny_mini_model_dir), 'token_budget': 64, 'max_new_tokens': 3,
-                  'max_image_age_s': 0.0, 'request_timeout_s': 120.0}
+                  'max_image_age_s': 0.0, 'request_timeout_s': 120.0, 'cameras': ['front', 'rear'],
+                  'frame_history_length': 8}
     with running_node(parameters, log_path, namespace='/mini') as (_, client):
         yield client
 
@@ -43,3 +46,33 @@ def test_llava_mini_node_answers_with_its_one_token_whatever_the_budget(client):
     assert client.set_parameter('token_budget', 1000) == (True, '')
     successful, reason = client.set_parameter('token_budget', 0)
     assert not successful and 'out of range' in reason, reason
+
+
+def _stamp(nanoseconds: int) -> Time:
+    return Time(sec=nanoseconds // 10**9, nanosec=nanoseconds % 10**9)
+
+
+def test_llava_mini_node_answers_surround_and_history_requests_one_token_per_image(client):
+    photos = [rgb_to_image(getattr(skimage.data, name)()) for name in ('astronaut', 'coffee', 'chelsea')]
+    publish_frame(client, '/mini/rear/image_raw', photos[1])
+    now_ns = client.now().nanoseconds  # two front frames exactly 1 s apart, the newer one now
+    stamps = [publish_frame(client, '/mini/image_raw', photo, stamp=_stamp(now_ns - ago_ns))
+              for photo, ago_ns in zip((photos[2], photos[0]), (10**9, 0))]
+
+    surround = client.ask('What do the cameras see?', cameras=['front', 'rear'], token_budget=7)
+    assert surround.success, surround.message
+    result = surround.result
+    assert (list(result.image_cameras), list(result.image_labels)) == (['front', 'rear'], ['front', 'rear'])
+    assert (result.reduction, result.visual_tokens, result.visual_tokens_full, result.token_budget) == \
+        ('llava-mini', 2, 2, 2)
+    assert list(result.image_visual_tokens) == [1, 1] and result.generated_tokens >= 1
+    again = client.ask_many(['Is the road clear?'], cameras=['front', 'rear'], token_budget=7)
+    assert again.success and again.results[0].prefix_reused, again.message
+
+    history = client.ask('What changed?', 'front', history_frames=2, history_s=1.0)
+    assert history.success, history.message
+    result = history.result
+    assert [stamp_tuple(stamp) for stamp in result.image_stamps] == [stamp_tuple(stamp) for stamp in stamps]
+    assert list(result.image_labels) == ['front 1.0 s ago', 'front now']
+    assert stamp_to_seconds(result.header.stamp) == stamp_to_seconds(stamps[1])
+    assert (result.reduction, result.visual_tokens, list(result.image_visual_tokens)) == ('llava-mini', 2, [1, 1])

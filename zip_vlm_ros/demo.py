@@ -156,7 +156,7 @@ def run_demo(args: argparse.Namespace) -> int:
         for call, question, fields in (('surround', 'What do the cameras see?', {'cameras': ['front', 'rear']}),
                                        ('history', 'What changed?', {'history_frames': 3, 'history_s': 1.0})):
             response = client.ask(question, timeout_s=timeout_s, **fields)
-            if not response.success and SINGLE_IMAGE_ONLY in response.message:  # LLaVA-Mini, for now
+            if not response.success and SINGLE_IMAGE_ONLY in response.message:  # a one-image family
                 print(f'[demo] {call} skipped: {response.message}', flush=True)
                 continue
             record(call, response)

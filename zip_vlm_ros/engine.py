@@ -39,7 +39,8 @@ it: the visual tokens the LLM reads per image. LLaVA-Mini's count is fixed by tr
 
 Several images, one question (surround cameras, a camera's recent frames): ``generate_images``, in
 ``zip_vlm_ros.multi_image``, splits the request's total budget evenly over labelled images, keeps each
-image's visual tokens in a per-image cache and the prompt prefix in the same prefix cache.
+image's visual tokens in a per-image cache and the prompt prefix in the same prefix cache (LLaVA-Mini:
+its video mode, C^2 tokens per image).
 
 The engine is thread-compatible, not thread-safe: call it from one thread (the node's worker).
 """

@@ -11,7 +11,13 @@ lives here:
   budget is larger.
 - **The prompt** introduces each image by its label (a camera name, or e.g. ``"front 3.0 s ago"``) in
   place of the chat template's one image placeholder: ``"rear: <image>...\\nfront: <image>...\\n"``, then
-  the question.
+  the question (the family's ``multi_image_text``; LLaVA-Mini's differs, below).
+- **LLaVA-Mini answers in its video mode** (``models.llava_mini``): C^2 tokens per image (one for the
+  released model), fixed by training, so the budget does not apply (any total >= 1 is accepted, each
+  image reports C^2 as its share and count); all images' tokens sit in one run where the template's
+  image goes and the labels follow in one line (``"Images in order: rear; front."``). The family's
+  ``multi_image_text`` and ``multi_image_settings`` say so; its per-image cache entries also hold the
+  projected patch features its pre-fusion reads.
 - **AnyRes (LLaVA-NeXT) reads the base image only** in a multi-image request: the whole frame resized to
   the tower's square input, as LLaVA-1.5 reads it (576 full tokens on LLaVA-NeXT-7B). The grid crops
   would multiply each image's encoder work by up to five and divide its small share of the budget over
@@ -51,7 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["SINGLE_IMAGE_ONLY", "ImageInput", "ImageTokens", "MultiImageAnswerer", "image_block",
            "split_total_budget"]
 
-# In the refusal of a family that answers about one image per prompt (LLaVA-Mini, for now).
+# In the refusal of a family that answers about one image per prompt (``several_images = False``).
 SINGLE_IMAGE_ONLY = "answer about one image at a time"
 
 
@@ -72,7 +78,7 @@ class ImageTokens:
     token_budget: int                   # this image's share of the request's total
     visual_tokens: int                  # read by the LLM: min(share, visual_tokens_full)
     visual_tokens_full: int             # the image's count without reduction (base image only for AnyRes)
-    reduction: str                      # "visionzip" or "none"
+    reduction: str                      # "visionzip", "none" or "llava-mini"
     cached: bool                        # its visual tokens came from the per-image cache
 
 
@@ -83,6 +89,7 @@ class CachedImage:
     features: torch.Tensor              # [visual_tokens, text_hidden]
     reduction: str
     held_bytes: int                     # what PrefixCache's byte bound counts
+    patch_features: torch.Tensor | None = None  # LLaVA-Mini: [patches, text_hidden] its pre-fusion reads
 
 
 @dataclass
@@ -91,8 +98,8 @@ class _Request:
 
     images: list[ImageInput]
     prompts: list[str]
-    shares: list[int]                   # each image's share of the total budget
-    counts: list[int]                   # visual tokens each image feeds: min(share, full)
+    shares: list[int]                   # each image's share of the total budget (its count for LLaVA-Mini)
+    counts: list[int]                   # visual tokens each image feeds: min(share, full); C^2 for LLaVA-Mini
     tokenized: list[tuple[tuple[int, ...], tuple[int, ...]]]  # (prefix, suffix) ids per prompt
     max_new_tokens: int
     sampling: SamplingOptions
@@ -168,10 +175,13 @@ class MultiImageAnswerer:
         """The request's total budget: None means the engine's default budget per image, times `count`."""
         engine = self.engine
         total = engine.config.token_budget * count if token_budget is None else token_budget
-        if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < count:
+        least = count if engine.token_budget_applies else 1  # LLaVA-Mini: accepted and ignored
+        if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < least:
+            meaning = (f"one visual token per image; {count * self.base_tokens_full} or more means no reduction"
+                       if engine.token_budget_applies else f"ignored: {engine.family.label} reads "
+                       f"{self.base_tokens_full} per image")
             raise RequestError(f"token_budget is the request's total over its {count} images: give a whole number "
-                               f">= {count} (one visual token per image; {count * self.base_tokens_full} or more "
-                               f"means no reduction); got {total!r}")
+                               f">= {least} ({meaning}); got {total!r}")
         return int(total)
 
     @property
@@ -198,9 +208,12 @@ class MultiImageAnswerer:
         prompts = engine._check_prompts(prompts)
         total = self.check_total_budget(token_budget, len(images))
         max_new = engine._check_max_new_tokens(max_new_tokens)
-        shares = split_total_budget(total, len(images))
-        counts = [min(share, self.base_tokens_full) for share in shares]
-        block = image_block([item.label for item in images], counts, engine.image_token)
+        if engine.token_budget_applies:
+            shares = split_total_budget(total, len(images))
+            counts = [min(share, self.base_tokens_full) for share in shares]
+        else:  # C^2 tokens per image, fixed by training (LLaVA-Mini)
+            shares = counts = [self.base_tokens_full] * len(images)
+        block = engine.family.multi_image_text([item.label for item in images], counts, engine.image_token)
         tokenized = [engine._tokenize_prompt(prompt, sum(counts), image_text=block) for prompt in prompts]
         for prefix_ids, suffix_ids in tokenized:
             self._check_context(len(prefix_ids) + len(suffix_ids), sum(counts), max_new, len(images))
@@ -265,15 +278,19 @@ class MultiImageAnswerer:
 
     def _settings(self, count: int) -> tuple:
         """Everything besides the pixels that decides one image's visual tokens at `count` tokens."""
+        return self.engine.family.multi_image_settings(count)
+
+    def _reduction(self, count: int) -> str:
+        """What an image read at `count` visual tokens reports as its reduction."""
         family = self.engine.family
-        reduced = count < self.base_tokens_full
-        return ("base", count, family.feature_layer, family.select_strategy,
-                family.contextual_ratio if reduced else None)
+        if not family.token_budget_applies:
+            return family.reduction_name((0, 0), count)
+        return "visionzip" if count < self.base_tokens_full else "none"
 
     def _encode(self, images: list[ImageInput], shares: list[int], counts: list[int], check_stop) -> _EncodedImages:
         """Every image's visual tokens, from the per-image cache or encoded alone (and then cached)."""
         engine = self.engine
-        features, described, vision_ms, reduction_ms = [], [], 0.0, 0.0
+        features, patch_features, described, vision_ms, reduction_ms = [], [], [], 0.0, 0.0
         for item, share, count in zip(images, shares, counts):
             key = None if item.key is None else (engine.model_name, item.key, self._settings(count))
             cached = self.visual_cache.get(key) if key is not None else None
@@ -285,23 +302,26 @@ class MultiImageAnswerer:
                                        f"of a multi-image request instead of {count}")
                 vision_ms += visual.vision_ms
                 reduction_ms += visual.reduction_ms
-                entry = CachedImage(visual.features, visual.reductions[0],
-                                    visual.features.numel() * visual.features.element_size())
+                patches = visual.patch_features[0] if visual.patch_features else None
+                held = sum(tensor.numel() * tensor.element_size() for tensor in (visual.features, patches)
+                           if tensor is not None)
+                entry = CachedImage(visual.features, visual.reductions[0], held, patches)
                 if key is not None:
                     self.visual_cache.put(key, entry)
             else:
                 entry = cached
             features.append(entry.features)
+            patch_features.append(entry.patch_features)
             described.append(ImageTokens(item.label, share, count, self.base_tokens_full, entry.reduction,
                                          cached=cached is not None))
         visual = VisualTokens(torch.cat(features), [image.visual_tokens for image in described],
-                              [image.reduction for image in described], vision_ms, reduction_ms)
+                              [image.reduction for image in described], vision_ms, reduction_ms,
+                              patch_features=patch_features if all(p is not None for p in patch_features) else None)
         return _EncodedImages(visual, described, vision_ms, reduction_ms)
 
     def _described(self, images: list[ImageInput], shares: list[int], counts: list[int]) -> list[ImageTokens]:
         """ImageTokens of images whose prefix came from the cache (nothing was encoded for them)."""
-        return [ImageTokens(item.label, share, count, self.base_tokens_full,
-                            "visionzip" if count < self.base_tokens_full else "none", cached=True)
+        return [ImageTokens(item.label, share, count, self.base_tokens_full, self._reduction(count), cached=True)
                 for item, share, count in zip(images, shares, counts)]
 
     def _output(self, prompt: str, tokens: list[int], images: list[ImageTokens], *, start: float,
@@ -311,10 +331,12 @@ class MultiImageAnswerer:
 
         engine = self.engine
         visual_tokens = sum(image.visual_tokens for image in images)
-        reduced = any(image.reduction == "visionzip" for image in images)
+        reductions = [image.reduction for image in images]
+        reduction = "visionzip" if "visionzip" in reductions else next(
+            (name for name in reductions if name != "none"), "none")  # "llava-mini" for LLaVA-Mini
         text = engine._decode_text(tokens)
         return VlmOutput(
-            prompt=prompt, text=text, model=engine.model_name, reduction="visionzip" if reduced else "none",
+            prompt=prompt, text=text, model=engine.model_name, reduction=reduction,
             token_budget=visual_tokens, visual_tokens=visual_tokens,
             visual_tokens_full=sum(image.visual_tokens_full for image in images), generated_tokens=len(tokens),
             vision_ms=vision_ms, reduction_ms=reduction_ms, prefill_ms=prefill_ms,

@@ -28,7 +28,7 @@ class Prefix:
     held_bytes: int                     # bytes the views keep alive: the first question's whole prompt cache
                                         # (plus family_state's)
     # The model family's own state for the prefix (``PromptEmbeddings.prefix_state``; LLaVA-Mini: its
-    # pre-fusion key/value views), None for families that need none. Never written either.
+    # pre-fusion key/value views, one per image), None for families that need none. Never written either.
     family_state: object = None
 
 

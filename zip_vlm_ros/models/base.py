@@ -183,6 +183,20 @@ class FamilyAdapter:
         image at the tower's input size. Single-crop families read every image that way (``encode``);
         AnyRes families override it to skip their grid crops."""
         return self.encode([image], budget)
+
+    def multi_image_settings(self, count: int) -> tuple:
+        """Everything besides the pixels that decides one image's ``encode_base`` tokens at `count` visual
+        tokens (a part of the per-image cache's key)."""
+        reduced = count < self.base_tokens_full
+        return ("base", count, self.feature_layer, self.select_strategy, self.contextual_ratio if reduced else None)
+
+    def multi_image_text(self, labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:
+        """What replaces the template's image placeholder in a multi-image prompt: each image's label, then
+        its `counts` placeholders (``multi_image.image_block``)."""
+        from zip_vlm_ros.multi_image import image_block
+
+        return image_block(labels, counts, image_token)
+
     def reduction_name(self, image_size: ImageSize, budget: int) -> str:
         """What results report as the reduction of an image of this size at `budget`."""
         return "visionzip" if self.reduced(image_size, budget) else "none"

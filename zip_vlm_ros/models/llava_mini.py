@@ -15,6 +15,21 @@ prefix; a later question runs only its own tokens through pre-fusion and the LLM
 caches. ``token_budget`` does not apply: C^2 is fixed by training, so every budget gives the same
 tokens and results report ``reduction: llava-mini`` with the C^2 tokens the LLM read.
 
+Several images (``VlmEngine.generate_images``: surround cameras, a camera's history) follow the
+reference's video mode (``LlavaMiniMetaForCausalLM.prepare_inputs_labels_for_multimodal`` with 6-D images,
+frame by frame through ``encode_images_mini``): each frame is stretched to the tower's square input with
+nearest-neighbour interpolation (its video loader's resize to 336 x 336; no padding), encoded as one
+image, and run through pre-fusion on its own as ``[its patches, its C^2 tokens, the whole prompt]``. The
+LLM reads every frame's fused C^2 tokens concatenated, in frame order, at the prompt's one image position,
+and the prompt's text tokens as their fused states averaged over the frames (summed in float32, divided by
+the frame count); positions are simply 0..L-1. The per-image labels go in the text: the user turn is
+``<frame tokens>\nImages in order: rear; front.\n{question}`` (``video_block``; no label line when every
+label is empty, which is exactly the reference's ``<image>\n{question}``). A multi-image prompt therefore
+feeds C^2 tokens per image (one for the released model) whatever ``token_budget`` says. The prefix state
+is one pre-fusion cache per frame; a later question runs through pre-fusion on a fork of each and its
+fused states are averaged the same way. Deviation: a token pre-fusion does not read (token id 0) keeps
+its plain embedding, where the reference averages T copies of it (equal up to float rounding).
+
 Prompt: the checkpoint tokenizer's chat template (Llama-3.1's for the released model) with
 LLaVA-Mini's system prompt and the user turn ``<image>\\n{question}``, as the reference's
 ``llava_llama_3_1`` conversation, and with the assistant header after it (the reference's training
@@ -41,7 +56,7 @@ from zip_vlm_ros.prefix_cache import cache_nbytes, fork_cache
 from zip_vlm_ros.visionzip import encode_for_visionzip
 
 __all__ = ["IMAGE_PLACEHOLDER", "LlavaMiniAdapter", "LlavaMiniProcessor", "STOP_TOKENS", "SYSTEM_PROMPT",
-           "pad_to_square"]
+           "average_over_frames", "pad_to_square", "stretch_frame", "video_block"]
 
 IMAGE_PLACEHOLDER = "<image>"
 # The system message of LLaVA-Mini's llava_llama_3_1 conversation.
@@ -91,7 +106,6 @@ def pad_to_square(image: np.ndarray, fill: Sequence[int]) -> np.ndarray:
 
 
 class LlavaMiniAdapter(FamilyAdapter):
-    several_images = False  # its pre-fusion reads one image per prompt; the video mode is not served yet
     model_type = MODEL_TYPE
     label = "LLaVA-Mini"
     token_budget_applies = False
@@ -176,11 +190,35 @@ class LlavaMiniAdapter(FamilyAdapter):
 
     def encode(self, images: list[np.ndarray], budget: int) -> VisualTokens:
         """Compressed tokens as ``features`` and every image's projected patches as ``patch_features``."""
+        return self._visual_tokens(self.preprocess(images)["pixel_values"], self.clock())
+
+    def encode_base(self, image: np.ndarray, budget: int) -> VisualTokens:
+        """One frame of a multi-image request, as the reference's video mode reads a frame: stretched to
+        the tower's square input (nearest neighbour, no padding), then ``encode``'s steps (C^2 tokens)."""
         start = self.clock()
-        compressed, patches, reduction_ms = self.encode_images(self.preprocess(images)["pixel_values"])
+        crop = self.image_processor.crop_size
+        frame = stretch_frame(image, crop["height"], crop["width"])
+        pixel_values = self.image_processor(images=[frame], return_tensors="pt",
+                                            input_data_format="channels_last")["pixel_values"]
+        return self._visual_tokens(pixel_values.to(self.model.device, self.model.dtype), start)
+
+    @property
+    def base_tokens_full(self) -> int:
+        return self.tokens_per_image
+
+    def multi_image_settings(self, count: int) -> tuple:
+        return ("video-frame", count, self.feature_layer, self.mini_config.compressor_size)
+
+    def multi_image_text(self, labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:
+        return video_block(labels, counts, image_token)
+
+    def _visual_tokens(self, pixel_values: torch.Tensor, start: float) -> VisualTokens:
+        """``VisualTokens`` of pixel_values ``[images, 3, H, W]``; vision time counted from `start`."""
+        compressed, patches, reduction_ms = self.encode_images(pixel_values)
         vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
-        return VisualTokens(compressed.flatten(0, 1), [self.tokens_per_image] * len(images),
-                            ["llava-mini"] * len(images), vision_ms, reduction_ms, patch_features=list(patches))
+        images = len(patches)
+        return VisualTokens(compressed.flatten(0, 1), [self.tokens_per_image] * images,
+                            ["llava-mini"] * images, vision_ms, reduction_ms, patch_features=list(patches))
 
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """pixel_values ``[images, 3, H, W]`` -> ``(projected compressed tokens [images, C^2, text_hidden],
@@ -195,39 +233,45 @@ class LlavaMiniAdapter(FamilyAdapter):
     # ------------------------------------------------------------------ the LLM's input embeddings
 
     def embed_prompt(self, prompt_ids: Sequence[int], prefix_length: int, visual: VisualTokens) -> PromptEmbeddings:
-        """Pre-fusion over the image and the whole prompt; the prefix state is the pre-fusion cache's
-        views up to the prompt's first `prefix_length` tokens."""
-        if visual.patch_features is None or len(visual.patch_features) != 1:
-            raise ValueError("LLaVA-Mini prompts take exactly one image's encode() output")
+        """Pre-fusion over each image (video frame) and the whole prompt; the prefix state is, per frame,
+        the pre-fusion cache's views up to the prompt's first `prefix_length` tokens."""
+        if not visual.patch_features:
+            raise ValueError("LLaVA-Mini prompts take the encode() or encode_base() output of their images")
         ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.model.device)
-        kv_cache = self.prefusion.new_cache()
-        inputs_embeds, visual_positions, read = self._fuse_prompt(ids, visual.patch_features[0], visual.features,
-                                                                  kv_cache)
+        kv_caches = [self.prefusion.new_cache() for _ in visual.patch_features]
+        inputs_embeds, visual_positions, read = self._fuse_prompt(ids, self._frames(visual), kv_caches)
         prefix_positions = visual_positions + int(read[:prefix_length].sum())
-        return PromptEmbeddings(inputs_embeds[None], fork_cache(kv_cache, prefix_positions), cache_nbytes(kv_cache))
+        return PromptEmbeddings(inputs_embeds[None], tuple(fork_cache(cache, prefix_positions) for cache in kv_caches),
+                                sum(cache_nbytes(cache) for cache in kv_caches))
 
     def embed_suffix(self, suffix_ids: Sequence[int], prefix_state) -> torch.Tensor:
-        """The question's tokens through pre-fusion on a fork of the frame's pre-fusion cache."""
+        """The question's tokens through pre-fusion on a fork of each frame's pre-fusion cache, averaged
+        over the frames (one frame: its fused states unchanged)."""
         ids = torch.tensor(list(suffix_ids), dtype=torch.long, device=self.model.device)
         placeholders, read = self._token_roles(ids)
         if placeholders.any():
             raise ValueError("a suffix on a cached LLaVA-Mini prefix must not hold image placeholders")
         embeddings = self.model.get_input_embeddings()(ids)  # [length, text_hidden]
         if read.any():
-            embeddings[read] = self.prefusion(embeddings[read][None], fork_cache(prefix_state))[0]
+            text = embeddings[read][None]
+            embeddings[read] = average_over_frames([self.prefusion(text, fork_cache(cache))[0]
+                                                    for cache in prefix_state])
         return embeddings[None]
 
     def embed_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: VisualTokens) -> torch.Tensor:
         """Each row fused on its own (its real tokens only), then left-padded with plain embeddings."""
         placeholders, _ = self._token_roles(input_ids)
         inputs_embeds = self.model.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
-        compressed = visual.features.view(len(visual.patch_features), self.tokens_per_image, -1)
-        for row, patch_tokens in enumerate(visual.patch_features):
+        for row, frame in enumerate(self._frames(visual)):
             real = attention_mask[row].bool()
-            fused, _, _ = self._fuse_prompt(input_ids[row][real], patch_tokens, compressed[row],
-                                            self.prefusion.new_cache())
+            fused, _, _ = self._fuse_prompt(input_ids[row][real], [frame], [self.prefusion.new_cache()])
             inputs_embeds[row, real] = fused
         return inputs_embeds
+
+    def _frames(self, visual: VisualTokens) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image: ``(projected patches [patches, text_hidden], compressed tokens [C^2, text_hidden])``."""
+        compressed = visual.features.view(len(visual.patch_features), self.tokens_per_image, -1)
+        return list(zip(visual.patch_features, compressed))
 
     def _token_roles(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image placeholders, tokens pre-fusion reads)`` boolean masks shaped like `ids`: the reference
@@ -235,25 +279,65 @@ class LlavaMiniAdapter(FamilyAdapter):
         placeholders = ids == self.image_token_id
         return placeholders, ~placeholders & (ids != 0)
 
-    def _fuse_prompt(self, ids: torch.Tensor, patch_tokens: torch.Tensor, compressed_tokens: torch.Tensor, kv_cache):
-        """One prompt's LLM inputs after pre-fusion.
+    def _fuse_prompt(self, ids: torch.Tensor, frames: list[tuple[torch.Tensor, torch.Tensor]], kv_caches: list):
+        """One prompt's LLM inputs after pre-fusion, for one image or the frames of a video-mode prompt.
 
-        ids ``[length]`` with C^2 image placeholders; patch_tokens ``[patches, text_hidden]`` and
-        compressed_tokens ``[C^2, text_hidden]`` projected; `kv_cache` (empty) receives the pre-fusion
-        keys/values. Returns ``(inputs_embeds [length, text_hidden], visual positions in the pre-fusion
-        sequence (patches + C^2), tokens pre-fusion read [length] bool)``.
+        ids ``[length]`` with ``len(frames) * C^2`` image placeholders; `frames` from ``_frames``; one empty
+        pre-fusion cache per frame in `kv_caches`, which receive that frame's keys/values. Each frame runs
+        pre-fusion over ``[its patches, its C^2 tokens, the prompt's read tokens]``; the placeholders get
+        every frame's fused C^2 tokens in frame order, the read tokens their fused states averaged over the
+        frames. Returns ``(inputs_embeds [length, text_hidden], visual positions of a frame in its
+        pre-fusion sequence (patches + C^2), tokens pre-fusion read [length] bool)``.
         """
         placeholders, read = self._token_roles(ids)
-        if int(placeholders.sum()) != self.tokens_per_image:
-            raise ValueError(f"a LLaVA-Mini prompt needs {self.tokens_per_image} image placeholders; got "
-                             f"{int(placeholders.sum())}")
+        expected = len(frames) * self.tokens_per_image
+        if int(placeholders.sum()) != expected:
+            raise ValueError(f"a LLaVA-Mini prompt about {len(frames)} image(s) needs {expected} image placeholders; "
+                             f"got {int(placeholders.sum())}")
         embeddings = self.model.get_input_embeddings()(ids.masked_fill(placeholders, 0))  # [length, text_hidden]
-        visual_inputs = torch.cat([patch_tokens, compressed_tokens]).to(embeddings.dtype)  # [patches + C^2, hidden]
-        fused = self.prefusion(torch.cat([visual_inputs, embeddings[read]])[None], kv_cache)[0]
-        visual_positions = visual_inputs.shape[0]
-        embeddings[read] = fused[visual_positions:]
-        embeddings[placeholders] = fused[visual_positions - self.tokens_per_image:visual_positions]
+        text = embeddings[read]
+        fused_text, frame_tokens = [], []
+        for (patch_tokens, compressed_tokens), kv_cache in zip(frames, kv_caches):
+            visual_inputs = torch.cat([patch_tokens, compressed_tokens]).to(embeddings.dtype)  # [patches + C^2, hidden]
+            fused = self.prefusion(torch.cat([visual_inputs, text])[None], kv_cache)[0]
+            visual_positions = visual_inputs.shape[0]
+            fused_text.append(fused[visual_positions:])
+            frame_tokens.append(fused[visual_positions - self.tokens_per_image:visual_positions])
+        embeddings[read] = average_over_frames(fused_text)
+        embeddings[placeholders] = torch.cat(frame_tokens)
         return embeddings, visual_positions, read
+
+
+def average_over_frames(states: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``frames x [n, hidden]`` -> ``[n, hidden]``: summed in float32 in frame order, divided by the frame
+    count, back in the inputs' dtype (the reference's order of operations; one frame: unchanged)."""
+    total = states[0].float()
+    for state in states[1:]:
+        total = total + state.float()
+    return (total / len(states)).to(states[0].dtype)
+
+
+def stretch_frame(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``HxWx3 uint8`` -> ``height x width x 3 uint8`` by torch's nearest-neighbour interpolation, as the
+    reference's video loader resizes every frame (to 336 x 336) before the image processor."""
+    if image.shape[:2] == (height, width):
+        return image
+    frame = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()  # [1, 3, H, W]
+    resized = torch.nn.functional.interpolate(frame, size=(height, width))
+    return resized[0].permute(1, 2, 0).to(torch.uint8).numpy()
+
+
+def video_block(labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:
+    """The text that replaces the template's image placeholder in a video-mode prompt: every image's
+    placeholders in one run (where the reference puts a video's frame tokens), then, if any image has a
+    label, one line naming them in order.
+
+    ``video_block(["rear", "front"], [1, 1], "<image>") == "<image><image>\\nImages in order: rear; front."``
+    """
+    block = image_token * sum(counts)
+    if any(labels):
+        block += "\nImages in order: " + "; ".join(label or "(unlabelled)" for label in labels) + "."
+    return block
 
 
 def _with_image_placeholder(name: str, tokenizer):
