@@ -150,6 +150,19 @@ class VlmOutput:
     images: list[ImageTokens] = field(default_factory=list)  # multi-image requests: each image, prompt order
 
 
+@dataclass
+class PrefillStep:
+    """A prompt after prefill (``VlmEngine._prefill_step``): what decoding and the output need."""
+
+    logits: torch.Tensor                # [1, vocab] float32, the prompt's last position
+    kv_cache: object                    # the prompt's key/value cache, to decode on
+    prefix: Prefix                      # the image prefix it continued from or created
+    reused: bool                        # the prefix came from this call or the prefix cache
+    prefill_ms: float
+    vision_ms: float                    # 0 unless this prompt encoded the image(s)
+    reduction_ms: float
+
+
 class VlmEngine:
     """LLaVA + VisionZip inference. See the module docstring for the stages and the prefix cache.
 
@@ -282,7 +295,14 @@ class VlmEngine:
                               self.family.reduction_settings(image.shape[:2], budget))
 
         visual_tokens = self.family.visual_token_count(image.shape[:2], budget)
-        visual: VisualTokens | None = None
+        encoded: list[VisualTokens] = []
+
+        def encode() -> tuple[VisualTokens, float, float]:
+            if encoded:
+                return encoded[0], 0.0, 0.0
+            encoded.append(self.family.encode([image], budget))
+            return encoded[0], encoded[0].vision_ms, encoded[0].reduction_ms
+
         prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
         outputs = []
         check_stop = self._stop_checker(should_stop, completed=outputs)
@@ -291,37 +311,15 @@ class VlmEngine:
             start = self._clock()
             prefix_ids, suffix_ids = self._tokenize_prompt(prompt, visual_tokens)
             cache_key = None if cache_key_base is None else cache_key_base + (prefix_ids,)
-            prefix = prefixes_this_call.get(prefix_ids)
-            if prefix is None and cache_key is not None:
-                prefix = self._prefix_cache.get(cache_key)
-            reused = prefix is not None
-            vision_ms = reduction_ms = 0.0
-            if prefix is None:
-                if visual is None:
-                    visual = self.family.encode([image], budget)
-                    vision_ms, reduction_ms = visual.vision_ms, visual.reduction_ms
-                check_stop()
-                prefill_start = self._clock()
-                logits, kv_cache, embedded = self._prefill_prompt(prefix_ids, suffix_ids, visual)
-                prefill_ms = self._ms_since(prefill_start)
-                prefix = Prefix(fork_cache(kv_cache, len(prefix_ids)), len(prefix_ids),
-                                cache_nbytes(kv_cache, positions=len(prefix_ids)),
-                                cache_nbytes(kv_cache) + embedded.prefix_state_bytes, embedded.prefix_state)
-                prefixes_this_call[prefix_ids] = prefix
-                if cache_key is not None:
-                    self._prefix_cache.put(cache_key, prefix)
-            else:
-                check_stop()
-                prefill_start = self._clock()
-                logits, kv_cache = self._prefill_suffix(suffix_ids, prefix)
-                prefill_ms = self._ms_since(prefill_start)
+            step = self._prefill_step(prefix_ids, suffix_ids, cache_key, prefixes_this_call, encode, check_stop)
             stream = self._text_stream(on_token, prompt_index, start)
-            tokens, first_token_time, end_time = self._decode(logits, kv_cache, max_new, sampling, check_stop,
-                                                              on_step=stream)
+            tokens, first_token_time, end_time = self._decode(step.logits, step.kv_cache, max_new, sampling,
+                                                              check_stop, on_step=stream)
             outputs.append(self._output(
-                prompt, tokens[0], budget, image.shape[:2], visual_tokens, vision_ms=vision_ms,
-                reduction_ms=reduction_ms, prefill_ms=prefill_ms, start=start, first_token_time=first_token_time,
-                end_time=end_time, prefix_reused=reused, kv_cache_bytes=prefix.nbytes))
+                prompt, tokens[0], budget, image.shape[:2], visual_tokens, vision_ms=step.vision_ms,
+                reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms, start=start,
+                first_token_time=first_token_time, end_time=end_time, prefix_reused=step.reused,
+                kv_cache_bytes=step.prefix.nbytes))
         return outputs
 
     def generate_images(self, images: Sequence[ImageInput], prompts: Sequence[str], *,
@@ -469,6 +467,36 @@ class VlmEngine:
         return tuple(ids[:split]), tuple(ids[split:])
 
     # ------------------------------------------------------------------ language model
+
+    def _prefill_step(self, prefix_ids: tuple[int, ...], suffix_ids: tuple[int, ...], cache_key: Hashable | None,
+                      prefixes_this_call: dict[tuple[int, ...], Prefix],
+                      encode: Callable[[], tuple[VisualTokens, float, float]], check_stop) -> PrefillStep:
+        """One prompt's prefill, by the rule of the module docstring: on its image prefix when this call or
+        the prefix cache holds it (one forward over the question's tokens), else one forward over the
+        whole prompt, whose first ``len(prefix_ids)`` positions are then kept as the prefix.
+
+        `encode()` gives ``(visual tokens, vision ms, reduction ms)`` (zeros once this call has encoded).
+        """
+        prefix = prefixes_this_call.get(prefix_ids)
+        if prefix is None and cache_key is not None:
+            prefix = self._prefix_cache.get(cache_key)
+        if prefix is not None:
+            check_stop()
+            start = self._clock()
+            logits, kv_cache = self._prefill_suffix(suffix_ids, prefix)
+            return PrefillStep(logits, kv_cache, prefix, True, self._ms_since(start), 0.0, 0.0)
+        visual, vision_ms, reduction_ms = encode()
+        check_stop()
+        start = self._clock()
+        logits, kv_cache, embedded = self._prefill_prompt(prefix_ids, suffix_ids, visual)
+        prefill_ms = self._ms_since(start)
+        prefix = Prefix(fork_cache(kv_cache, len(prefix_ids)), len(prefix_ids),
+                        cache_nbytes(kv_cache, positions=len(prefix_ids)),
+                        cache_nbytes(kv_cache) + embedded.prefix_state_bytes, embedded.prefix_state)
+        prefixes_this_call[prefix_ids] = prefix
+        if cache_key is not None:
+            self._prefix_cache.put(cache_key, prefix)
+        return PrefillStep(logits, kv_cache, prefix, False, prefill_ms, vision_ms, reduction_ms)
 
     def _prefill_prompt(self, prefix_ids: tuple[int, ...], suffix_ids: tuple[int, ...], visual: VisualTokens):
         """One LLM forward over a whole prompt about one image: the frame's first question.

@@ -48,7 +48,7 @@ import torch
 
 from zip_vlm_ros.errors import RequestError
 from zip_vlm_ros.models.base import VisualTokens
-from zip_vlm_ros.prefix_cache import Prefix, PrefixCache, cache_nbytes, fork_cache
+from zip_vlm_ros.prefix_cache import Prefix, PrefixCache
 from zip_vlm_ros.sampling import SamplingOptions, check_sampling
 
 if TYPE_CHECKING:
@@ -232,7 +232,14 @@ class MultiImageAnswerer:
         engine._check_open()
         request = self._request(images, prompts, token_budget, max_new_tokens, sampling)
         images, shares, counts = request.images, request.shares, request.counts
-        encoded: _EncodedImages | None = None
+        encoded: list[_EncodedImages] = []
+
+        def encode() -> tuple[VisualTokens, float, float]:
+            if encoded:
+                return encoded[0].visual, 0.0, 0.0
+            encoded.append(self._encode(images, shares, counts, check_stop))
+            return encoded[0].visual, encoded[0].vision_ms, encoded[0].reduction_ms
+
         prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
         outputs: list[VlmOutput] = []
         check_stop = engine._stop_checker(should_stop, completed=outputs)
@@ -240,38 +247,15 @@ class MultiImageAnswerer:
             check_stop()
             start = engine._clock()
             cache_key = None if request.prefix_key_base is None else request.prefix_key_base + (prefix_ids,)
-            prefix = prefixes_this_call.get(prefix_ids)
-            if prefix is None and cache_key is not None:
-                prefix = engine._prefix_cache.get(cache_key)
-            reused = prefix is not None
-            vision_ms = reduction_ms = 0.0
-            if prefix is None:
-                if encoded is None:
-                    encoded = self._encode(images, shares, counts, check_stop)
-                    vision_ms, reduction_ms = encoded.vision_ms, encoded.reduction_ms
-                check_stop()
-                prefill_start = engine._clock()
-                logits, kv_cache, embedded = engine._prefill_prompt(prefix_ids, suffix_ids, encoded.visual)
-                prefill_ms = engine._ms_since(prefill_start)
-                prefix = Prefix(fork_cache(kv_cache, len(prefix_ids)), len(prefix_ids),
-                                cache_nbytes(kv_cache, positions=len(prefix_ids)),
-                                cache_nbytes(kv_cache) + embedded.prefix_state_bytes, embedded.prefix_state)
-                prefixes_this_call[prefix_ids] = prefix
-                if cache_key is not None:
-                    engine._prefix_cache.put(cache_key, prefix)
-            else:
-                check_stop()
-                prefill_start = engine._clock()
-                logits, kv_cache = engine._prefill_suffix(suffix_ids, prefix)
-                prefill_ms = engine._ms_since(prefill_start)
+            step = engine._prefill_step(prefix_ids, suffix_ids, cache_key, prefixes_this_call, encode, check_stop)
             tokens, first_token_time, end_time = engine._decode(
-                logits, kv_cache, request.max_new_tokens, request.sampling, check_stop,
+                step.logits, step.kv_cache, request.max_new_tokens, request.sampling, check_stop,
                 on_step=engine._text_stream(on_token, prompt_index, start))
-            image_tokens = encoded.images if encoded is not None else self._described(images, shares, counts)
-            outputs.append(self._output(prompt, tokens[0], image_tokens, start=start, vision_ms=vision_ms,
-                                        reduction_ms=reduction_ms, prefill_ms=prefill_ms,
+            image_tokens = encoded[0].images if encoded else self._described(images, shares, counts)
+            outputs.append(self._output(prompt, tokens[0], image_tokens, start=start, vision_ms=step.vision_ms,
+                                        reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms,
                                         first_token_time=first_token_time, end_time=end_time,
-                                        prefix_reused=reused, kv_cache_bytes=prefix.nbytes))
+                                        prefix_reused=step.reused, kv_cache_bytes=step.prefix.nbytes))
         return outputs
 
     # ------------------------------------------------------------------ visual tokens
