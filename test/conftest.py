@@ -39,3 +39,17 @@ def tiny_mini_model_dir(tmp_path_factory) -> pathlib.Path:
     from zip_vlm_ros.tiny_model import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp('models') / 'tiny-mini', preset='tiny-mini')
+
+
+@pytest.fixture(scope='session')
+def mini_c2_dir(tmp_path_factory) -> pathlib.Path:
+    """tiny-mini with C = 2: four compressed tokens per image and a real 2x2 sin-cos table."""
+    import dataclasses
+
+    from zip_vlm_ros.tiny_model import PRESETS
+    from zip_vlm_ros.tiny_model_mini import write_mini_checkpoint
+
+    out = tmp_path_factory.mktemp('models') / 'tiny-mini-c2'
+    out.mkdir()
+    write_mini_checkpoint(out, dataclasses.replace(PRESETS['tiny-mini'], compressor_size=2), seed=3)
+    return out

@@ -1,7 +1,6 @@
 """LLaVA-Mini on offline checkpoints in the released layout: logits against the reference formulation
 built independently from the tensors, the prompt's tokens, the caching contract, budgets that do not
 apply, half precision on the CPU, and where the CLIP tower comes from."""
-import dataclasses
 import json
 import shutil
 
@@ -13,8 +12,7 @@ from llava_mini_reference import IMAGE_SENTINEL, load_tensors, reference_logits,
 
 from zip_vlm_ros.engine import EngineConfig, ModelLoadError, SamplingOptions, VlmEngine
 from zip_vlm_ros.models.llava_mini import pad_to_square
-from zip_vlm_ros.tiny_model import PRESETS
-from zip_vlm_ros.tiny_model_mini import CLIP_SUBDIR, write_mini_checkpoint
+from zip_vlm_ros.tiny_model_mini import CLIP_SUBDIR
 
 IMAGES = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket")}
 # "é" is outside the tiny tokenizer's alphabet: it becomes <unk>, token id 0, which pre-fusion skips.
@@ -24,15 +22,6 @@ QUESTIONS = ["Describe the scene.", "Is there a person in front of the robot?", 
 def _engine(model_dir, **config) -> VlmEngine:
     # CPU even where CUDA exists: the tests compare exact token sequences in float32.
     return VlmEngine(EngineConfig(model=str(model_dir), device="cpu", max_new_tokens=8, **config))
-
-
-@pytest.fixture(scope="module")
-def mini_c2_dir(tmp_path_factory):
-    """tiny-mini with C = 2: four compressed tokens and a real 2x2 sin-cos table."""
-    out = tmp_path_factory.mktemp("models") / "tiny-mini-c2"
-    out.mkdir()
-    write_mini_checkpoint(out, dataclasses.replace(PRESETS["tiny-mini"], compressor_size=2), seed=3)
-    return out
 
 
 @pytest.fixture(scope="module")

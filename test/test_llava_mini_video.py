@@ -2,7 +2,6 @@
 tiny-mini checkpoints: logits against the video-mode computation built independently from the tensors,
 the prompt layout, token accounting (C^2 per image, budgets do not apply), the per-image cache, and prefix
 reuse that equals the from-scratch answer token for token in float32."""
-import dataclasses
 
 import numpy as np
 import pytest
@@ -12,8 +11,6 @@ from llava_mini_reference import IMAGE_SENTINEL, reference_video_logits
 
 from zip_vlm_ros.engine import EngineConfig, ImageInput, RequestError, SamplingOptions, VlmEngine
 from zip_vlm_ros.models.llava_mini import average_over_frames, stretch_frame, video_block
-from zip_vlm_ros.tiny_model import PRESETS
-from zip_vlm_ros.tiny_model_mini import write_mini_checkpoint
 
 # Square and non-square frames, so that the video-mode stretch to the tower's square input is exercised.
 FRAMES = [getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket")]
@@ -23,15 +20,6 @@ QUESTION = "What changed between the images?"
 def _engine(model_dir, **config) -> VlmEngine:
     # CPU even where CUDA exists: the tests compare exact token sequences in float32.
     return VlmEngine(EngineConfig(model=str(model_dir), device="cpu", max_new_tokens=8, **config))
-
-
-@pytest.fixture(scope="module")
-def mini_c2_dir(tmp_path_factory):
-    """tiny-mini with C = 2: four compressed tokens per frame."""
-    out = tmp_path_factory.mktemp("models") / "tiny-mini-c2-video"
-    out.mkdir()
-    write_mini_checkpoint(out, dataclasses.replace(PRESETS["tiny-mini"], compressor_size=2), seed=3)
-    return out
 
 
 @pytest.fixture(scope="module")
