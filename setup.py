@@ -6,14 +6,14 @@ building the interfaces into the venv.
 """
 from glob import glob
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 package_name = 'zip_vlm_ros'
 
 setup(
     name=package_name,
     version='0.1.0',
-    packages=[package_name, package_name + '.models', package_name + '.replay'],
+    packages=find_packages(include=[package_name, package_name + '.*']),
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
@@ -28,12 +28,12 @@ setup(
     license='Apache-2.0',
     entry_points={
         'console_scripts': [
-            'vlm_node = zip_vlm_ros.node:main',
-            'vlm_bench = zip_vlm_ros.bench:main',
+            'vlm_node = zip_vlm_ros.node.vlm_node:main',
+            'vlm_bench = zip_vlm_ros.bench.cli:main',
             'vlm_replay = zip_vlm_ros.replay:main',
-            'vlm_tiny_model = zip_vlm_ros.tiny_model:main',
-            'vlm_make_sample_bag = zip_vlm_ros.sample_bag:main',
-            'vlm_demo = zip_vlm_ros.demo:main',
+            'vlm_tiny_model = zip_vlm_ros.tools.tiny_model:main',
+            'vlm_make_sample_bag = zip_vlm_ros.tools.sample_bag:main',
+            'vlm_demo = zip_vlm_ros.tools.demo:main',
         ],
     },
 )

@@ -1,5 +1,5 @@
 """An independent construction of the VisionZip authors' AnyRes layout (restore_image_features_sorted in
-dvlab-research/VisionZip, visionzip/llava_arch.py), for comparing zip_vlm_ros.anyres against."""
+dvlab-research/VisionZip, visionzip/llava_arch.py), for comparing zip_vlm_ros.models.anyres against."""
 import torch
 
 

@@ -20,7 +20,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope='session')
 def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
     """A random LLaVA checkpoint of the `tiny` preset, built offline once per test session."""
-    from zip_vlm_ros.tiny_model import build_checkpoint
+    from zip_vlm_ros.tools.tiny_model import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp('models') / 'tiny', preset='tiny')
 
@@ -28,7 +28,7 @@ def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope='session')
 def tiny_next_model_dir(tmp_path_factory) -> pathlib.Path:
     """A random LLaVA-NeXT (AnyRes) checkpoint of the `tiny-next` preset, built offline once per session."""
-    from zip_vlm_ros.tiny_model import build_checkpoint
+    from zip_vlm_ros.tools.tiny_model import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp('models') / 'tiny-next', preset='tiny-next')
 
@@ -36,7 +36,7 @@ def tiny_next_model_dir(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope='session')
 def tiny_mini_model_dir(tmp_path_factory) -> pathlib.Path:
     """A random LLaVA-Mini checkpoint of the `tiny-mini` preset (published layout), built offline once per session."""
-    from zip_vlm_ros.tiny_model import build_checkpoint
+    from zip_vlm_ros.tools.tiny_model import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp('models') / 'tiny-mini', preset='tiny-mini')
 
@@ -46,8 +46,8 @@ def mini_c2_dir(tmp_path_factory) -> pathlib.Path:
     """tiny-mini with C = 2: four compressed tokens per image and a real 2x2 sin-cos table."""
     import dataclasses
 
-    from zip_vlm_ros.tiny_model import PRESETS
-    from zip_vlm_ros.tiny_model_mini import write_mini_checkpoint
+    from zip_vlm_ros.tools.tiny_model import PRESETS
+    from zip_vlm_ros.tools.tiny_model_mini import write_mini_checkpoint
 
     out = tmp_path_factory.mktemp('models') / 'tiny-mini-c2'
     out.mkdir()

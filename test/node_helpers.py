@@ -12,8 +12,8 @@ import pytest
 import skimage.data
 
 from zip_vlm_ros.client import NodeProcess, VlmClient, use_large_frames_profile, wait_until
-from zip_vlm_ros.conversions import rgb_to_image
-from zip_vlm_ros.node_bench import LONG_QUESTIONS  # noqa: F401  (the tests import it from here)
+from zip_vlm_ros.node.conversions import rgb_to_image
+from zip_vlm_ros.bench.node_bench import LONG_QUESTIONS  # noqa: F401  (the tests import it from here)
 from diagnostic_msgs.msg import DiagnosticArray
 
 from zip_vlm_ros.srv import DescribeScene

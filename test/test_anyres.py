@@ -3,9 +3,9 @@ cases and an independent construction that follows the VisionZip authors' restor
 import pytest
 import torch
 from anyres_reference import reference_layout
-from zip_vlm_ros.anyres import (MIN_TOKENS_PER_CROP, anyres_full_token_count, anyres_grid_shape,
+from zip_vlm_ros.models.anyres import (MIN_TOKENS_PER_CROP, anyres_full_token_count, anyres_grid_shape,
                                 anyres_visionzip_layout, split_budget_over_crops, unpadded_grid_size)
-from zip_vlm_ros.visionzip import split_budget, visionzip_compress
+from zip_vlm_ros.reducers import split_budget, visionzip_compress
 
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 

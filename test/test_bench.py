@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from zip_vlm_ros import bench, bench_harness
+from zip_vlm_ros.bench import cli, harness as bench_harness, inputs
+from zip_vlm_ros.bench import engine_bench as bench
 
 BUDGETS = {"full": 16, "12": 12, "8": 8, "4": 4}  # tiny preset: 16 visual tokens
 
@@ -19,7 +20,7 @@ BUDGETS = {"full": 16, "12": 12, "8": 8, "4": 4}  # tiny preset: 16 visual token
 @pytest.fixture(scope="module")
 def quick_run(tiny_model_dir, tmp_path_factory):
     json_path = tmp_path_factory.mktemp("bench") / "out" / "bench.json"
-    exit_code = bench.main(["--model", str(tiny_model_dir), "--quick", "--budgets", ",".join(BUDGETS),
+    exit_code = cli.main(["--model", str(tiny_model_dir), "--quick", "--budgets", ",".join(BUDGETS),
                             "--target-budget", "8", "--json", str(json_path)])
     assert exit_code == 0
     return json.loads(json_path.read_text())
@@ -129,17 +130,17 @@ def test_parse_budgets():
 
 def test_bad_arguments_and_model_fail_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--model", str(tmp_path), "--budgets", "full,-3"])
+        cli.main(["--model", str(tmp_path), "--budgets", "full,-3"])
     assert exit_info.value.code == 2
     assert "'-3'" in capsys.readouterr().err
-    assert bench.main(["--model", str(tmp_path / "missing"), "--quick"]) == 2
+    assert cli.main(["--model", str(tmp_path / "missing"), "--quick"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("vlm_bench: ") and "does not exist" in error and "\n" not in error
 
 
 def test_llava_next_run_reports_crops_full_count_and_its_targets(tiny_next_model_dir, tmp_path):
     json_path = tmp_path / "next.json"
-    exit_code = bench.main(["--model", str(tiny_next_model_dir), "--quick", "--budgets", "full,40,20",
+    exit_code = cli.main(["--model", str(tiny_next_model_dir), "--quick", "--budgets", "full,40,20",
                             "--target-budget", "20", "--image", "coffee-720p", "--no-questions",
                             "--json", str(json_path)])
     assert exit_code == 0
@@ -160,6 +161,6 @@ def test_llava_next_run_reports_crops_full_count_and_its_targets(tiny_next_model
 
 
 def test_720p_frames_are_16_by_9_crops_of_the_photos():
-    frame = bench.bench_image("coffee-720p")
+    frame = inputs.bench_image("coffee-720p")
     assert frame.shape == (720, 1280, 3) and frame.dtype == np.uint8
-    assert bench.bench_image("coffee").shape == (400, 600, 3)
+    assert inputs.bench_image("coffee").shape == (400, 600, 3)

@@ -3,13 +3,13 @@ import json
 
 import pytest
 
-from zip_vlm_ros import bench
+from zip_vlm_ros.bench import cli
 
 
 @pytest.fixture(scope="module")
 def mini_run(tiny_mini_model_dir, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_mini") / "mini.json"
-    exit_code = bench.main(["--mini", "--mini-model", str(tiny_mini_model_dir), "--llava-model",
+    exit_code = cli.main(["--mini", "--mini-model", str(tiny_mini_model_dir), "--llava-model",
                             str(tiny_model_dir), "--quick", "--device", "cpu", "--json", str(out)])
     assert exit_code == 0
     return json.loads(out.read_text())

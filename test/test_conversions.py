@@ -11,7 +11,7 @@ from PIL import Image as PILImage
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from zip_vlm_ros.conversions import (
+from zip_vlm_ros.node.conversions import (
     ImageConversionError, compressed_to_rgb, image_has_pixels, image_to_rgb, message_to_rgb,
     output_to_result, rgb_to_compressed, rgb_to_image)
 

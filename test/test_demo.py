@@ -8,7 +8,7 @@ from conftest import REPO_ROOT
 
 def test_demo_runs_every_call_and_exits_0(tmp_path):
     completed = subprocess.run(
-        [sys.executable, '-m', 'zip_vlm_ros.demo', '--cache-dir', str(tmp_path), '--max-new-tokens', '3',
+        [sys.executable, '-m', 'zip_vlm_ros.tools.demo', '--cache-dir', str(tmp_path), '--max-new-tokens', '3',
          '--timeout', '240'],
         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     output = completed.stdout + completed.stderr
@@ -30,7 +30,7 @@ def test_demo_runs_every_call_and_exits_0(tmp_path):
 
 def test_demo_runs_the_llava_next_preset(tmp_path):
     completed = subprocess.run(
-        [sys.executable, '-m', 'zip_vlm_ros.demo', '--preset', 'tiny-next', '--cache-dir', str(tmp_path),
+        [sys.executable, '-m', 'zip_vlm_ros.tools.demo', '--preset', 'tiny-next', '--cache-dir', str(tmp_path),
          '--max-new-tokens', '2', '--timeout', '240'],
         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     output = completed.stdout + completed.stderr
@@ -51,7 +51,7 @@ def test_demo_runs_the_llava_next_preset(tmp_path):
 
 def test_demo_runs_the_llava_mini_preset(tmp_path):
     completed = subprocess.run(
-        [sys.executable, '-m', 'zip_vlm_ros.demo', '--preset', 'tiny-mini', '--cache-dir', str(tmp_path),
+        [sys.executable, '-m', 'zip_vlm_ros.tools.demo', '--preset', 'tiny-mini', '--cache-dir', str(tmp_path),
          '--max-new-tokens', '2', '--timeout', '240'],
         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     output = completed.stdout + completed.stderr

@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from zip_vlm_ros.engine import (EngineConfig, EngineError, ModelLoadError, RequestError, SamplingOptions,
                                 VlmEngine)
-from zip_vlm_ros.visionzip import encode_reference_style, split_budget, visionzip_compress
+from zip_vlm_ros.models.clip_features import encode_reference_style
+from zip_vlm_ros.reducers import split_budget, visionzip_compress
 
 IMAGES = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket")}
 PROMPTS = ["What is in the image?", "Describe the scene in detail, please.", "Is the path clear?"]

@@ -1,14 +1,14 @@
-"""The per-camera ring buffer and the choice of history frames (zip_vlm_ros.frame_history), and the
-request checks of zip_vlm_ros.image_sets, without a node."""
+"""The per-camera ring buffer and the choice of history frames (zip_vlm_ros.node.frame_history), and the
+request checks of zip_vlm_ros.node.image_sets, without a node."""
 import types
 
 import pytest
 from sensor_msgs.msg import Image
 
-from zip_vlm_ros.frame_history import (FrameHistory, HistoryUnavailable, history_label, history_targets,
+from zip_vlm_ros.node.frame_history import (FrameHistory, HistoryUnavailable, history_label, history_targets,
                                        pick_history)
-from zip_vlm_ros.image_sets import image_set_request, resolve_total_budget
-from zip_vlm_ros.jobs import CameraFeed, RequestRejected
+from zip_vlm_ros.node.image_sets import image_set_request, resolve_total_budget
+from zip_vlm_ros.node.jobs import CameraFeed, RequestRejected
 
 
 def test_ring_buffer_keeps_the_newest_frames_within_count_and_bytes():

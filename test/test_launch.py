@@ -13,7 +13,7 @@ from rclpy.context import Context
 from rclpy.node import Node
 
 from conftest import REPO_ROOT
-from zip_vlm_ros.node import NODE_PARAMETERS, VlmNode, camera_parameter_specs, declared_parameter_names
+from zip_vlm_ros.node.vlm_node import NODE_PARAMETERS, VlmNode, camera_parameter_specs, declared_parameter_names
 
 CONFIG = REPO_ROOT / 'config' / 'vlm.yaml'
 LAUNCH = REPO_ROOT / 'launch' / 'vlm.launch.py'
@@ -117,7 +117,7 @@ def test_launch_node_action_matches_the_package():
     assert keyword(node, 'package').value == 'zip_vlm_ros'
     assert keyword(node, 'executable').value == 'vlm_node'
     assert keyword(node, 'name').value == 'zip_vlm'
-    assert "'vlm_node = zip_vlm_ros.node:main'" in (REPO_ROOT / 'setup.py').read_text()
+    assert "'vlm_node = zip_vlm_ros.node.vlm_node:main'" in (REPO_ROOT / 'setup.py').read_text()
     module = ast.parse(LAUNCH.read_text())
     constants = {target.id: statement.value for statement in module.body if isinstance(statement, ast.Assign)
                  for target in statement.targets if isinstance(target, ast.Name)}

@@ -12,7 +12,7 @@ from llava_mini_reference import IMAGE_SENTINEL, load_tensors, reference_logits,
 
 from zip_vlm_ros.engine import EngineConfig, ModelLoadError, SamplingOptions, VlmEngine
 from zip_vlm_ros.models.llava_mini import pad_to_square
-from zip_vlm_ros.tiny_model_mini import CLIP_SUBDIR
+from zip_vlm_ros.tools.tiny_model_mini import CLIP_SUBDIR
 
 IMAGES = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket")}
 # "é" is outside the tiny tokenizer's alphabet: it becomes <unk>, token id 0, which pre-fusion skips.
@@ -41,7 +41,7 @@ def uncached(tiny_mini_model_dir):
 def _adapter_logits(engine, image, question):
     """The engine's own path: its tokenization, the adapter's encode and embed_prompt, the LLM."""
     family = engine.family
-    prefix_ids, suffix_ids = engine._tokenize_prompt(question, family.visual_tokens_full)
+    prefix_ids, suffix_ids = engine.prompts.tokenize(question, family.visual_tokens_full)
     with torch.inference_mode():
         visual = family.encode([image], 1)
         embedded = family.embed_prompt(prefix_ids + suffix_ids, len(prefix_ids), visual)

@@ -73,7 +73,7 @@ def test_one_frame_without_label_is_the_single_image_computation_on_the_stretche
     crop = engine.image_processor.crop_size
     stretched = stretch_frame(frame, crop["height"], crop["width"])
     ids, logits = _adapter_video_logits(engine, [ImageInput(frame, "")])
-    prefix_ids, suffix_ids = engine._tokenize_prompt(QUESTION, 1)
+    prefix_ids, suffix_ids = engine.prompts.tokenize(QUESTION, 1)
     assert ids == list(prefix_ids + suffix_ids)
     with torch.inference_mode():
         visual = engine.family.encode([stretched], 1)

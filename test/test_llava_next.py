@@ -6,9 +6,10 @@ import skimage.data
 import torch
 from anyres_reference import reference_layout
 
-from zip_vlm_ros.anyres import split_budget_over_crops
+from zip_vlm_ros.models.anyres import split_budget_over_crops
 from zip_vlm_ros.engine import EngineConfig, VlmEngine
-from zip_vlm_ros.visionzip import encode_reference_style, split_budget, visionzip_compress
+from zip_vlm_ros.models.clip_features import encode_reference_style
+from zip_vlm_ros.reducers import split_budget, visionzip_compress
 
 # Different aspect ratios pick different grids: 512x512 -> 2x2 (88 full tokens), 400x600 -> 2x2
 # unpadded to 70, 170x512 -> a 1x3 strip.

@@ -1,4 +1,4 @@
-"""One question over several images (zip_vlm_ros.multi_image) on the offline tiny LLaVA-1.5 and LLaVA-NeXT
+"""One question over several images (zip_vlm_ros.engine.multi_image) on the offline tiny LLaVA-1.5 and LLaVA-NeXT
 checkpoints: the budget split, token accounting, labels, stock equivalence, the per-image visual-token
 cache, prefix reuse and its exactness, the context limit."""
 import numpy as np
@@ -7,7 +7,8 @@ import skimage.data
 import torch
 
 from zip_vlm_ros.engine import EngineConfig, ImageInput, RequestError, VlmEngine
-from zip_vlm_ros.multi_image import image_block, split_total_budget
+from zip_vlm_ros.engine.multi_image import split_total_budget
+from zip_vlm_ros.models.base import image_block
 
 FRAMES = [getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat")]
 FRAMES = [np.repeat(frame[..., None], 3, axis=2) if frame.ndim == 2 else frame for frame in FRAMES]
@@ -40,14 +41,14 @@ class FedFeatures:
 
     def __init__(self, engine, monkeypatch):
         self.rows: list[int] = []
-        original = engine._prefill_prompt
+        original = engine.generator.prefill_prompt
 
         def recording(prefix_ids, suffix_ids, visual):
             rows = visual.features.shape[0]
             self.rows.append(rows)
             assert sum(token == engine.image_token_id for token in prefix_ids + suffix_ids) == rows == sum(visual.counts)
             return original(prefix_ids, suffix_ids, visual)
-        monkeypatch.setattr(engine, "_prefill_prompt", recording)
+        monkeypatch.setattr(engine.generator, "prefill_prompt", recording)
 
 
 # ---------------------------------------------------------------------- pure helpers
@@ -102,7 +103,7 @@ def test_default_total_is_the_per_image_default_times_the_images(tiny_model_dir,
 
 
 def test_labels_introduce_the_images_in_the_prompt(engine):
-    prefix, suffix = engine._tokenize_prompt(QUESTION, 2, image_text=image_block(["rear", "front"], [1, 1],
+    prefix, suffix = engine.prompts.tokenize(QUESTION, 2, image_text=image_block(["rear", "front"], [1, 1],
                                                                                   engine.image_token))
     text = engine.tokenizer.decode(prefix)
     assert text.index("rear") < text.index("front")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from zip_vlm_ros import bench
+from zip_vlm_ros.bench import cli
 
 FULL = 16  # tiny preset: visual tokens of one image
 
@@ -14,7 +14,7 @@ FULL = 16  # tiny preset: visual tokens of one image
 @pytest.fixture(scope="module")
 def quick_run(tiny_model_dir, tmp_path_factory):
     json_path = tmp_path_factory.mktemp("multi_image_bench") / "bench.json"
-    assert bench.main(["--multi-image", "--model", str(tiny_model_dir), "--quick", "--total-budget", "48",
+    assert cli.main(["--multi-image", "--model", str(tiny_model_dir), "--quick", "--total-budget", "48",
                        "--json", str(json_path)]) == 0
     return json.loads(json_path.read_text())
 
@@ -40,7 +40,7 @@ def test_history_row_encodes_only_the_new_frame(quick_run):
 
 
 def test_the_report_states_both_comparisons(tiny_model_dir, capsys):
-    assert bench.main(["--multi-image", "--model", str(tiny_model_dir), "--quick", "--total-budget", "48",
+    assert cli.main(["--multi-image", "--model", str(tiny_model_dir), "--quick", "--total-budget", "48",
                        "--cameras", "3", "--history-frames", "2"]) == 0
     report = capsys.readouterr().out
     assert "3 cameras at 48 tokens" in report and "2-frame history with 1 frames seen" in report

@@ -19,7 +19,7 @@ from std_msgs.msg import String
 
 from node_helpers import publish_frame, running_node, stamp_tuple
 from zip_vlm_ros.client import ImageStreamer, wait_until
-from zip_vlm_ros.conversions import rgb_to_compressed, rgb_to_image
+from zip_vlm_ros.node.conversions import rgb_to_compressed, rgb_to_image
 from zip_vlm_ros.engine import DEFAULT_DESCRIBE_PROMPT
 from zip_vlm_ros.msg import VlmResult
 
@@ -288,7 +288,7 @@ def test_malformed_inline_image_is_refused(client):
 def test_bad_input_warnings_are_rate_limited(node, client):
     """20 identical bad requests in a burst log at most one warning; the next one, after the
     throttle period, says how many were held back."""
-    from zip_vlm_ros.jobs import WARN_THROTTLE_S
+    from zip_vlm_ros.node.jobs import WARN_THROTTLE_S
     process = node[0]
     marker = f'{QUESTION_MAX_CHARS + 7} characters'
     for _ in range(20):

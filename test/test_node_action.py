@@ -12,7 +12,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from node_helpers import (
     LONGEST_ANSWER, assert_a_leaving_client_frees_the_worker, running_node, status_values)
 from zip_vlm_ros.client import VlmClient, wait_until
-from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.node.conversions import rgb_to_image
 from zip_vlm_ros.msg import VlmResult
 
 REQUEST_TIMEOUT_S = 60.0
@@ -145,7 +145,7 @@ def test_a_client_that_leaves_mid_goal_frees_the_worker(node):
     script = f'''
 import skimage.data
 from zip_vlm_ros.client import VlmClient, wait_until
-from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.node.conversions import rgb_to_image
 with VlmClient(client_name='leaver') as leaver:
     goal = leaver.send_ask_goal({LONG_QUESTION!r}, image=rgb_to_image(skimage.data.coffee()),
                                 max_new_tokens={LONGEST_ANSWER}, timeout_s=60)

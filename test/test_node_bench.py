@@ -1,7 +1,7 @@
 """The node benchmark runs end to end and reports consistent numbers (the targets are its job)."""
 import math
 
-from zip_vlm_ros.node_bench import format_report, run_node_bench
+from zip_vlm_ros.bench.node_bench import format_report, run_node_bench
 
 
 def test_node_bench_quick_run(tiny_model_dir, tmp_path):

@@ -14,7 +14,7 @@ from std_msgs.msg import String
 
 from node_helpers import LONG_QUESTIONS, LONGEST_ANSWER, running_node, status_values
 from zip_vlm_ros.client import wait_until
-from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.node.conversions import rgb_to_image
 from zip_vlm_ros.srv import Ask, AskMany
 
 REQUEST_TIMEOUT_S = 3.0

@@ -20,7 +20,7 @@ from sensor_msgs.msg import Image
 
 from node_helpers import LoadedNode, publish_frame, running_node
 from zip_vlm_ros.client import wait_until
-from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.node.conversions import rgb_to_image
 from zip_vlm_ros.srv import DescribeScene
 
 FRONT = '/image_raw'
@@ -159,7 +159,7 @@ def test_shutdown_transition_with_requests_running_and_queued_answers_every_call
 
 def run_failing_node(parameters, tmp_path):
     """Start vlm_node (autostart) and wait for it to exit; returns (exit status, its output lines)."""
-    command = [sys.executable, '-m', 'zip_vlm_ros.node', '--ros-args']
+    command = [sys.executable, '-m', 'zip_vlm_ros.node.vlm_node', '--ros-args']
     for name, value in parameters.items():
         command += ['-p', f'{name}:={value}']
     completed = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
@@ -206,7 +206,7 @@ def test_params_file_limits_are_checked_at_startup(tiny_model_dir, tmp_path):
     params_file = tmp_path / 'vlm.yaml'
     params_file.write_text('/**:\n  ros__parameters:\n    question_max_chars: 20\n'
                            '    describe_prompt: Describe the whole scene in great detail.\n')
-    command = [sys.executable, '-m', 'zip_vlm_ros.node', '--ros-args', '--params-file', str(params_file),
+    command = [sys.executable, '-m', 'zip_vlm_ros.node.vlm_node', '--ros-args', '--params-file', str(params_file),
                '-p', f'model:={tiny_model_dir}', '-p', 'token_budget:=8']
     completed = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     lines = [line for line in (completed.stdout + completed.stderr).splitlines() if line.strip()]

@@ -7,7 +7,7 @@ import skimage.data
 from builtin_interfaces.msg import Time
 from node_helpers import publish_frame, running_node, stamp_tuple
 
-from zip_vlm_ros.conversions import rgb_to_image, stamp_to_seconds
+from zip_vlm_ros.node.conversions import rgb_to_image, stamp_to_seconds
 
 
 @pytest.fixture(scope='module')

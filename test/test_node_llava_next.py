@@ -5,7 +5,7 @@ import pytest
 import skimage.data
 from node_helpers import publish_frame, running_node
 
-from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.node.conversions import rgb_to_image
 
 # tiny-next: 56 px crops of 4x4 patches; the largest grid (2x2) without unpadding feeds 16 + 8 * 9 = 88.
 LARGEST_FULL = 88

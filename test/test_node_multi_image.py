@@ -12,8 +12,8 @@ from builtin_interfaces.msg import Time
 
 from node_helpers import publish_frame, running_node, stamp_tuple
 from zip_vlm_ros.client import wait_until
-from zip_vlm_ros.conversions import rgb_to_image, stamp_to_seconds
-from zip_vlm_ros.frame_history import history_label
+from zip_vlm_ros.node.conversions import rgb_to_image, stamp_to_seconds
+from zip_vlm_ros.node.frame_history import history_label
 
 NS = '/car'
 CAMERAS = ['front', 'front_left', 'front_right', 'back', 'back_left', 'back_right']

@@ -10,7 +10,7 @@ import skimage.data
 
 from node_helpers import LONG_QUESTIONS, LONGEST_ANSWER, assert_a_leaving_client_frees_the_worker, running_node
 from zip_vlm_ros.client import VlmClient, call_at_once, wait_until_answered
-from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.node.conversions import rgb_to_image
 from zip_vlm_ros.srv import Ask
 
 CALLERS = 40
@@ -74,7 +74,7 @@ def test_a_caller_that_leaves_frees_the_worker(node):
     script = f'''
 import skimage.data
 from zip_vlm_ros.client import VlmClient
-from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.node.conversions import rgb_to_image
 from zip_vlm_ros.srv import AskMany
 with VlmClient(client_name='leaver') as leaver:
     # discovery first: under load it can take longer than the call's own 3 s

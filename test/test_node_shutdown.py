@@ -10,7 +10,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 
 from node_helpers import LoadedNode
 from zip_vlm_ros.client import NodeProcess, VlmClient, wait_until
-from zip_vlm_ros.conversions import rgb_to_image
+from zip_vlm_ros.node.conversions import rgb_to_image
 from zip_vlm_ros.srv import Ask, AskMany
 
 # Lines that must never appear in the log of a node going down (issue 9: aborts, destroyed handles).

@@ -12,9 +12,9 @@ from rclpy.context import Context
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
-from zip_vlm_ros.jobs import CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, ThrottledWarnings
-from zip_vlm_ros.node import VlmNode
-from zip_vlm_ros.node_parameters import parameter_problem, type_problem
+from zip_vlm_ros.node.jobs import CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, ThrottledWarnings
+from zip_vlm_ros.node.vlm_node import VlmNode
+from zip_vlm_ros.node.parameters import parameter_problem, type_problem
 
 
 @pytest.mark.parametrize('name, value, full, words', [

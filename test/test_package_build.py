@@ -48,7 +48,7 @@ def test_cmake_install_layout_matches_a_colcon_install(tmp_path):
     site = prefix / 'lib' / f'python{sys.version_info.major}.{sys.version_info.minor}' / 'site-packages'
     probe = subprocess.run(
         [sys.executable, '-c',
-         'import zip_vlm_ros, zip_vlm_ros.msg, zip_vlm_ros.srv, zip_vlm_ros.visionzip as v;'
+         'import zip_vlm_ros, zip_vlm_ros.msg, zip_vlm_ros.srv, zip_vlm_ros.reducers.visionzip as v;'
          'print(zip_vlm_ros.__path__[0]); print(zip_vlm_ros.msg.__file__); print(v.__file__);'
          'from zip_vlm_ros.srv import Ask; from zip_vlm_ros.action import Ask as AskAction;'
          'print(Ask.Request().question == "" and AskAction.Feedback().delta == "")'],

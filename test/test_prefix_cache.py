@@ -87,8 +87,8 @@ def test_first_question_is_one_forward_and_later_ones_read_only_their_own_tokens
         later = cached.generate(image, QUESTIONS[2], token_budget=8, frame_key=key, max_new_tokens=1)
     finally:
         hook.remove()
-    prefix_ids, first_suffix = cached._tokenize_prompt(QUESTIONS[1], 8)
-    _, later_suffix = cached._tokenize_prompt(QUESTIONS[2], 8)
+    prefix_ids, first_suffix = cached.prompts.tokenize(QUESTIONS[1], 8)
+    _, later_suffix = cached.prompts.tokenize(QUESTIONS[2], 8)
     assert not first.prefix_reused and later.prefix_reused
     assert first_calls == [len(prefix_ids) + len(first_suffix)]
     assert calls == [len(later_suffix)]
@@ -102,7 +102,7 @@ def test_a_prefix_view_shares_memory_and_survives_both_continuations(uncached):
     continuation writes into the shared tensors."""
     import torch
 
-    from zip_vlm_ros.prefix_cache import fork_cache
+    from zip_vlm_ros.models.kv_cache import fork_cache
 
     language_model = uncached.model
     prompt = language_model(input_ids=torch.tensor([[1, 5, 9, 14, 3, 11, 12]]), use_cache=True).past_key_values
@@ -127,7 +127,7 @@ def test_a_forked_cache_grows_without_touching_the_shared_tensors(uncached):
     """The invariant the prefix cache rests on, checked on the tensors themselves."""
     import torch
 
-    from zip_vlm_ros.prefix_cache import fork_cache
+    from zip_vlm_ros.models.kv_cache import fork_cache
 
     language_model = uncached.model
     prefix_ids = torch.tensor([[1, 5, 9, 14, 3]])

@@ -10,11 +10,11 @@ import pytest
 import sacrebleu
 from rouge_score.rouge_scorer import RougeScorer
 
-from zip_vlm_ros import sample_bag
+from zip_vlm_ros.tools import sample_bag
 from zip_vlm_ros.replay import bag as replay_bag
 from zip_vlm_ros.replay import cli, inputs, metrics, results
 from zip_vlm_ros.replay.report import format_stamp
-from zip_vlm_ros.sample_bag import COMPRESSED_TOPIC, RAW_TOPIC
+from zip_vlm_ros.tools.sample_bag import COMPRESSED_TOPIC, RAW_TOPIC
 
 # Few tokens and frames keep each replay to seconds on 2 CPU cores.
 MAX_NEW_TOKENS = '4'

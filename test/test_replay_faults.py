@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from zip_vlm_ros import sample_bag
+from zip_vlm_ros.tools import sample_bag
 from zip_vlm_ros.replay import cli, inputs, metrics
 from zip_vlm_ros.replay.offline import EXIT_BAG_UNREADABLE
-from zip_vlm_ros.sample_bag import COMPRESSED_TOPIC, RAW_TOPIC
+from zip_vlm_ros.tools.sample_bag import COMPRESSED_TOPIC, RAW_TOPIC
 
 MAX_NEW_TOKENS = '2'
 

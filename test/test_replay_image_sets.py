@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from zip_vlm_ros import sample_bag
+from zip_vlm_ros.tools import sample_bag
 from zip_vlm_ros.replay import cli, inputs
-from zip_vlm_ros.sample_bag import COMPRESSED_TOPIC, RAW_TOPIC
+from zip_vlm_ros.tools.sample_bag import COMPRESSED_TOPIC, RAW_TOPIC
 
 FULL = 16  # visual tokens of one tiny-preset image
 PERIOD_NS = 100_000_000

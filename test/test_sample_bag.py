@@ -5,8 +5,8 @@ import pytest
 from rosbags.rosbag2 import Reader
 from rosbags.typesys import Stores, get_typestore
 
-from zip_vlm_ros import sample_bag
-from zip_vlm_ros.conversions import ImageConversionError, message_to_rgb
+from zip_vlm_ros.tools import sample_bag
+from zip_vlm_ros.node.conversions import ImageConversionError, message_to_rgb
 
 TYPESTORE = get_typestore(Stores.ROS2_KILTED)
 

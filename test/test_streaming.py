@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from zip_vlm_ros.engine import EngineConfig, GenerationStopped, VlmEngine
-from zip_vlm_ros.streaming import REPLACEMENT_CHARACTER, IncrementalDetokenizer
+from zip_vlm_ros.engine.streaming import REPLACEMENT_CHARACTER, IncrementalDetokenizer
 
 # Multi-byte characters (2, 3 and 4 bytes in UTF-8), words that merge across tokens, inner spaces.
 TEXT = 'The robot saw a café, naïve 日本語 and 🤖 — ok, go.'

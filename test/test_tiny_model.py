@@ -8,8 +8,9 @@ import skimage.data
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from zip_vlm_ros import tiny_model
-from zip_vlm_ros.tiny_model import MARKER_FILE, build_checkpoint, main
+from zip_vlm_ros.tools import tiny_model
+from zip_vlm_ros.tools.tokenizer import train_tokenizer
+from zip_vlm_ros.tools.tiny_model import MARKER_FILE, build_checkpoint, main
 
 
 def _sha256(path) -> str:
@@ -108,7 +109,7 @@ def test_build_refuses_a_directory_holding_something_else(tmp_path, tiny_model_d
 
 def test_bench_preset_has_llava_1_5_token_geometry():
     # Only the config: the bench weights take seconds and ~1.7 GB, and the benchmark builds them.
-    tokenizer = tiny_model._train_tokenizer(tiny_model.PRESETS["bench"].tokenizer_vocab_size)
+    tokenizer = train_tokenizer(tiny_model.PRESETS["bench"].tokenizer_vocab_size)
     config = tiny_model._llava_config(tiny_model.PRESETS["bench"], tokenizer)
     vision = config.vision_config
     assert (vision.image_size, vision.patch_size, vision.num_hidden_layers) == (336, 14, 24)

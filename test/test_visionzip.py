@@ -1,15 +1,12 @@
-"""Tests for zip_vlm_ros.visionzip: hand-computed VisionZip cases and the encoder paths on a tiny CLIP."""
+"""Tests for VisionZip (zip_vlm_ros.reducers.visionzip): hand-computed cases, and the CLIP encoder paths that
+feed it (zip_vlm_ros.models.clip_features) on a tiny CLIP."""
 
 import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from zip_vlm_ros.visionzip import (
-    encode_for_visionzip,
-    encode_reference_style,
-    split_budget,
-    visionzip_compress,
-)
+from zip_vlm_ros.models.clip_features import encode_for_visionzip, encode_reference_style
+from zip_vlm_ros.reducers.visionzip import split_budget, visionzip_compress
 
 # ---------------------------------------------------------------------------------------------
 # One image, CLS + 6 patches (positions 0..6), hidden size 2, head_dim 2, two heads.

@@ -28,7 +28,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from zip_vlm_ros.action import Ask as AskAction
-from zip_vlm_ros.spinning import BackgroundSpinner
+from zip_vlm_ros.node.spinning import BackgroundSpinner
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
 NODE_NAME = 'zip_vlm'
@@ -86,7 +86,7 @@ def ros_arg_value(value: Any) -> str:
 
 
 class NodeProcess:
-    """vlm_node in its own process (`python -m zip_vlm_ros.node`), its log in a file.
+    """vlm_node in its own process (`python -m zip_vlm_ros.node.vlm_node`), its log in a file.
 
     Args:
         parameters: node parameters, passed as `-p name:=value`.
@@ -99,7 +99,7 @@ class NodeProcess:
                  remaps: dict[str, str] | None = None, params_file: os.PathLike | None = None,
                  env: dict[str, str] | None = None):
         self.log_path = pathlib.Path(log_path)
-        command = [sys.executable, '-m', 'zip_vlm_ros.node', '--ros-args']
+        command = [sys.executable, '-m', 'zip_vlm_ros.node.vlm_node', '--ros-args']
         if params_file is not None:
             command += ['--params-file', str(params_file)]
         for name, value in parameters.items():

@@ -3,7 +3,12 @@
 ``zip_vlm_ros.models.llava``       LLaVA-1.5 (``LlavaForConditionalGeneration``): one 336 px image.
 ``zip_vlm_ros.models.llava_next``  LLaVA-NeXT (``LlavaNextForConditionalGeneration``): AnyRes crops.
 ``zip_vlm_ros.models.llava_mini``  LLaVA-Mini (``llava_mini_llama`` checkpoints): one compressed token per
-                                   image after modality pre-fusion (``llava_mini_modules``).
+                                   image after modality pre-fusion (``llava_mini_modules``,
+                                   ``llava_mini_checkpoint``).
+
+Shared by the families: ``base`` (the adapter interface, visual-token records, loading), ``clip_features``
+(a CLIP tower run to the feature layer with the attention the reducers read), ``anyres`` (LLaVA-NeXT's
+crop geometry), ``kv_cache`` (forking and sizing transformers key/value caches).
 
 ``load_family`` reads a checkpoint's config, picks the adapter by its ``model_type``, lets it check
 the config, and loads weights and processor. A new family is a new module plus an entry in FAMILIES.

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from zip_vlm_ros.errors import ModelLoadError, first_line
-from zip_vlm_ros.visionzip import VisionZipFeatures, encode_for_visionzip, split_budget, visionzip_compress
+from zip_vlm_ros.models.clip_features import encode_for_visionzip
+from zip_vlm_ros.reducers import VisionZipFeatures, split_budget, visionzip_compress
 
-__all__ = ["FamilyAdapter", "PromptEmbeddings", "VisualTokens", "check_clip_tower", "load_weights_and_processor",
-           "move_to_device", "read_config_json"]
+__all__ = ["FamilyAdapter", "PromptEmbeddings", "VisualTokens", "check_clip_tower", "image_block",
+           "load_weights_and_processor", "move_to_device", "read_config_json"]
 
 ImageSize = tuple[int, int]  # (height, width) in pixels
 # encode_for_visionzip or encode_reference_style: (vision_tower, pixel_values, feature_layer) -> features
@@ -192,9 +193,7 @@ class FamilyAdapter:
 
     def multi_image_text(self, labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:
         """What replaces the template's image placeholder in a multi-image prompt: each image's label, then
-        its `counts` placeholders (``multi_image.image_block``)."""
-        from zip_vlm_ros.multi_image import image_block
-
+        its `counts` placeholders (``image_block``)."""
         return image_block(labels, counts, image_token)
 
     def reduction_name(self, image_size: ImageSize, budget: int) -> str:
@@ -250,6 +249,16 @@ class FamilyAdapter:
         tokens, dominant_indices = visionzip_compress(*encoded, dominant, contextual)  # [crops, per_crop, hidden]
         reduction_ms = (self.clock() - reduction_start) * 1000.0
         return CropTokens(llava.multi_modal_projector(tokens), dominant_indices, contextual, reduction_ms)
+
+
+def image_block(labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:
+    """The prompt text that replaces the template's image placeholder: one labelled line per image.
+
+    ``image_block(["rear", "front"], [2, 1], "<image>") == "rear: <image><image>\\nfront: <image>\\n"``;
+    an empty label gives the image's placeholders alone.
+    """
+    lines = [(f"{label}: " if label else "") + image_token * count for label, count in zip(labels, counts)]
+    return "\n".join(lines) + "\n"
 
 
 def check_clip_tower(name: str, hf_config) -> None:

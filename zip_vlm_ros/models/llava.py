@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from zip_vlm_ros.models.base import Encoder, FamilyAdapter, ImageSize
-from zip_vlm_ros.visionzip import encode_for_visionzip
+from zip_vlm_ros.models.clip_features import encode_for_visionzip
 
 __all__ = ["LlavaAdapter"]
 

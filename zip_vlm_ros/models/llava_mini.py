@@ -52,8 +52,8 @@ from zip_vlm_ros.models.base import Encoder, FamilyAdapter, ImageSize, PromptEmb
 from zip_vlm_ros.models.llava_mini_checkpoint import (MODEL_TYPE, LlavaMiniConfig, LlavaMiniParts, load_llava_mini,
                                                       read_llava_mini_config)
 from zip_vlm_ros.models.llava_mini_modules import COMPRESSOR_HEADS
-from zip_vlm_ros.prefix_cache import cache_nbytes, fork_cache
-from zip_vlm_ros.visionzip import encode_for_visionzip
+from zip_vlm_ros.models.kv_cache import cache_nbytes, fork_cache
+from zip_vlm_ros.models.clip_features import encode_for_visionzip
 
 __all__ = ["IMAGE_PLACEHOLDER", "LlavaMiniAdapter", "LlavaMiniProcessor", "STOP_TOKENS", "SYSTEM_PROMPT",
            "average_over_frames", "pad_to_square", "stretch_frame", "video_block"]

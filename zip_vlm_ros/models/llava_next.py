@@ -5,7 +5,7 @@ an ``image_newline`` token after each row), so the answer is stock ``generate``'
 Reduced path: VisionZip on every crop (base and grid) with the same per-crop share of the budget
 (``split_budget_over_crops``), laid out as the VisionZip authors do (``anyres_visionzip_layout``).
 A frame's full count depends on its aspect ratio: 1948 tokens for 1280x720 on LLaVA-NeXT-7B.
-Multi-image requests read the base image only (``encode_base``; why: ``zip_vlm_ros.multi_image``).
+Multi-image requests read the base image only (``encode_base``; why: ``zip_vlm_ros.engine.multi_image``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from zip_vlm_ros.anyres import (anyres_full_token_count, anyres_grid_shape, anyres_visionzip_layout,
+from zip_vlm_ros.models.anyres import (anyres_full_token_count, anyres_grid_shape, anyres_visionzip_layout,
                                 split_budget_over_crops)
 from zip_vlm_ros.errors import ModelLoadError
 from zip_vlm_ros.models.base import Encoder, FamilyAdapter, ImageSize, VisualTokens, check_clip_tower
-from zip_vlm_ros.visionzip import encode_for_visionzip
+from zip_vlm_ros.models.clip_features import encode_for_visionzip
 
 __all__ = ["LlavaNextAdapter"]
 

@@ -268,7 +268,7 @@ def stamp_ns_of(message: Any) -> int:
 
 def decode_frame(typestore, message: BagMessage) -> Frame | SkippedFrame:
     """Deserialise one bag message and decode its pixels; a SkippedFrame says why when that fails."""
-    from zip_vlm_ros.conversions import ImageConversionError, message_to_rgb
+    from zip_vlm_ros.node.conversions import ImageConversionError, message_to_rgb
 
     try:
         decoded = typestore.deserialize_cdr(message.raw, message.msgtype)

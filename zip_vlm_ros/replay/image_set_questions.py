@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
-from zip_vlm_ros.frame_history import HistoryUnavailable, history_label, pick_history
+from zip_vlm_ros.node.frame_history import HistoryUnavailable, history_label, pick_history
 from zip_vlm_ros.replay.bag import Frame, FrameSelector, SkippedFrame
 from zip_vlm_ros.replay.console import warn
 from zip_vlm_ros.replay.inputs import FULL_BUDGET, Question

@@ -50,21 +50,21 @@ from rclpy.task import Future
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
-from zip_vlm_ros.ask_action import CLIENT_PROBE_SERVICE, AskActionServer
-from zip_vlm_ros.conversions import (
+from zip_vlm_ros.node.ask_action import CLIENT_PROBE_SERVICE, AskActionServer
+from zip_vlm_ros.node.conversions import (
     ImageConversionError, image_has_pixels, image_to_rgb, output_to_result, stamp_to_seconds)
 from zip_vlm_ros.engine import EngineConfig, EngineError, GenerationStopped, VlmEngine
-from zip_vlm_ros.image_sets import image_set_request, resolve_total_budget, run_image_set
-from zip_vlm_ros.jobs import (
+from zip_vlm_ros.node.image_sets import image_set_request, resolve_total_budget, run_image_set
+from zip_vlm_ros.node.jobs import (
     INACTIVE_MESSAGE, CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, RequestStats,
     ThrottledWarnings, check_frame_age, check_prompt)
 from zip_vlm_ros.msg import VlmResult
-from zip_vlm_ros.node_diagnostics import diagnostic_status
-from zip_vlm_ros.node_parameters import (
+from zip_vlm_ros.node.diagnostics import diagnostic_status
+from zip_vlm_ros.node.parameters import (
     ENGINE_PARAMETERS, IMAGE_TYPES, NODE_PARAMETERS, RUNTIME_PARAMETERS, ParameterError,
     ParameterSpec, Settings, camera_parameter_specs, declared_parameter_names, image_qos_profile,
     max_new_tokens_limit, parameter_problem, service_qos_profile, type_problem)
-from zip_vlm_ros.spinning import BackgroundSpinner
+from zip_vlm_ros.node.spinning import BackgroundSpinner
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
 NODE_NAME = 'zip_vlm'

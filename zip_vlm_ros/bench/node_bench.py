@@ -1,6 +1,6 @@
 """Node benchmark: what vlm_node adds on top of the engine, measured side by side in one run.
 
-    python -m zip_vlm_ros.node_bench [--model DIR] [--requests 50]
+    python -m zip_vlm_ros.bench.node_bench [--model DIR] [--requests 50]
 
 1. Node overhead: a client calls ~/describe_scene on a node process (real DDS); overhead = the
    client's round trip minus the engine's own time (result.total_ms). Target p50 <= 5 ms.
@@ -10,7 +10,7 @@
    while 1080p frames stream to it over DDS, and rclpy's deserialization of such a frame (done by
    the executor before any callback, not by the node).
 3. Every caller answered: refusal latency, the round trip of the callers refused while 40 callers
-   (each its own process, ``zip_vlm_ros.burst_callers``) call ~/ask at once with max_pending_requests 4,
+   (each its own process, ``zip_vlm_ros.bench.burst_callers``) call ~/ask at once with max_pending_requests 4,
    target p95 <= 50 ms, next to the same bursts on a bare rclpy service that refuses at once;
    and cancel latency, from a request's deadline passing to the worker being free (the node's
    stop_latency diagnostics over requests that run past request_timeout_s), target p95 <= one decode
@@ -71,8 +71,8 @@ def measure_callback_in_process(frames: int) -> dict[str, float]:
     from rclpy.serialization import deserialize_message, serialize_message
     from sensor_msgs.msg import Image
 
-    from zip_vlm_ros.conversions import rgb_to_image
-    from zip_vlm_ros.node import CameraFeed, VlmNode
+    from zip_vlm_ros.node.conversions import rgb_to_image
+    from zip_vlm_ros.node.vlm_node import CameraFeed, VlmNode
 
     serialized = serialize_message(rgb_to_image(_full_hd_frame()))
     context = Context()
@@ -109,7 +109,7 @@ def measure_node_process(model_dir: str, *, requests: int, stream_s: float, log_
     from diagnostic_msgs.msg import DiagnosticArray
 
     from zip_vlm_ros.client import ImageStreamer, NodeProcess, VlmClient, wait_until
-    from zip_vlm_ros.conversions import rgb_to_image
+    from zip_vlm_ros.node.conversions import rgb_to_image
     from zip_vlm_ros.srv import DescribeScene
 
     parameters = {'model': model_dir, 'token_budget': 8, 'max_new_tokens': 1, 'max_image_age_s': 0.0,
@@ -128,27 +128,11 @@ def measure_node_process(model_dir: str, *, requests: int, stream_s: float, log_
                 f'vlm_node never answered a describe; log: {log_path}'
         finally:
             photo.stop()
-        round_trip_ms, engine_ms = [], []
-        for _ in range(3 + requests):  # 3 warm-up calls
-            started = time.perf_counter()
-            response = client.describe(timeout_s=timeout_s)
-            round_trip_ms.append((time.perf_counter() - started) * 1e3)
-            if not response.success:
-                raise RuntimeError(f'describe failed: {response.message}')
-            engine_ms.append(response.result.total_ms)
-        round_trip_ms, engine_ms = round_trip_ms[3:], engine_ms[3:]
+        round_trip_ms, engine_ms, response = _describe_round_trips(client, requests, timeout_s)
         overhead_ms = [total - engine for total, engine in zip(round_trip_ms, engine_ms)]
         streaming = measure_streaming(client, goals=streamed_goals, timeout_s=timeout_s,
                                       longest=_longest_answer(model_dir, response.result.visual_tokens_full))
-
-        time.sleep(1.5)  # a /diagnostics message from before the stream
-        received_before = int({kv.key: kv.value for kv in diagnostics[-1].status[0].values}[
-            'camera.front.frames_received'])
-        full_hd = ImageStreamer(client, '/bench/image_raw', [rgb_to_image(_full_hd_frame())], rate_hz=10)
-        time.sleep(stream_s)
-        full_hd.stop()
-        time.sleep(1.5)  # the next /diagnostics includes the last frames
-        values = {kv.key: kv.value for kv in diagnostics[-1].status[0].values}
+        intake = _full_hd_intake(client, diagnostics, stream_s)
     finally:
         client.close()
         exit_code = node.stop()
@@ -160,7 +144,37 @@ def measure_node_process(model_dir: str, *, requests: int, stream_s: float, log_
     return {**streaming, 'round_trip_ms_p50': round_trip[0], 'round_trip_ms_p95': round_trip[1],
             'engine_ms_p50': engine[0], 'engine_ms_p95': engine[1],
             'overhead_ms_p50': overhead[0], 'overhead_ms_p95': overhead[1],
-            'dds_frames_received': int(values['camera.front.frames_received']) - received_before,
+            **intake}
+
+
+def _describe_round_trips(client, requests: int, timeout_s: float):
+    """``(round trip ms, engine total ms, last response)`` of `requests` describes after 3 warm-up calls."""
+    round_trip_ms, engine_ms = [], []
+    for _ in range(3 + requests):
+        started = time.perf_counter()
+        response = client.describe(timeout_s=timeout_s)
+        round_trip_ms.append((time.perf_counter() - started) * 1e3)
+        if not response.success:
+            raise RuntimeError(f'describe failed: {response.message}')
+        engine_ms.append(response.result.total_ms)
+    return round_trip_ms[3:], engine_ms[3:], response
+
+
+def _full_hd_intake(client, diagnostics: list, stream_s: float) -> dict:
+    """Frames the node received of a 1080p stream at 10 Hz for `stream_s`, and its image callback's cost,
+    from its /diagnostics (`diagnostics`: the messages collected so far)."""
+    from zip_vlm_ros.client import ImageStreamer
+    from zip_vlm_ros.node.conversions import rgb_to_image
+
+    time.sleep(1.5)  # a /diagnostics message from before the stream
+    received_before = int({kv.key: kv.value for kv in diagnostics[-1].status[0].values}[
+        'camera.front.frames_received'])
+    full_hd = ImageStreamer(client, '/bench/image_raw', [rgb_to_image(_full_hd_frame())], rate_hz=10)
+    time.sleep(stream_s)
+    full_hd.stop()
+    time.sleep(1.5)  # the next /diagnostics includes the last frames
+    values = {kv.key: kv.value for kv in diagnostics[-1].status[0].values}
+    return {'dds_frames_received': int(values['camera.front.frames_received']) - received_before,
             'dds_frames_published': full_hd.published,
             'dds_callback_us_p50': float(values['image_callback_p50_us']),
             'dds_callback_us_max': float(values['image_callback_max_us'])}
@@ -170,7 +184,7 @@ def _longest_answer(model_dir: str, visual_tokens_full: int) -> int:
     """The most new tokens a request may ask of this checkpoint (what its context holds after the image)."""
     from transformers import AutoConfig
 
-    from zip_vlm_ros.node_parameters import max_new_tokens_limit
+    from zip_vlm_ros.node.parameters import max_new_tokens_limit
     context = AutoConfig.from_pretrained(model_dir).text_config.max_position_embeddings
     return max_new_tokens_limit(context, visual_tokens_full)
 
@@ -239,7 +253,7 @@ except (KeyboardInterrupt, ExternalShutdownException):
 def measure_reliability(model_dir: str, *, bursts: int, cancels: int, log_path: pathlib.Path,
                         timeout_s: float) -> dict[str, float]:
     """Refusal latency in 40-caller bursts (next to a bare service's) and cancel latency, one node."""
-    from zip_vlm_ros.burst_callers import BurstCallers
+    from zip_vlm_ros.bench.burst_callers import BurstCallers
     from zip_vlm_ros.client import NodeProcess, VlmClient
 
     parameters = {'model': model_dir, 'token_budget': 8, 'max_new_tokens': 8, 'max_pending_requests': 4,
@@ -285,7 +299,7 @@ def _cancel_latency(client: Any, model_dir: str, cancels: int, timeout_s: float)
     from diagnostic_msgs.msg import DiagnosticArray
 
     from zip_vlm_ros.client import wait_until
-    from zip_vlm_ros.conversions import rgb_to_image
+    from zip_vlm_ros.node.conversions import rgb_to_image
     from zip_vlm_ros.srv import AskMany
 
     diagnostics = client.collect(DiagnosticArray, '/diagnostics')
@@ -417,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:
         import transformers
 
-        from zip_vlm_ros.tiny_model import build_checkpoint
+        from zip_vlm_ros.tools.tiny_model import build_checkpoint
         transformers.utils.logging.disable_progress_bar()
         model = str(build_checkpoint(args.cache_dir / 'tiny', preset='tiny'))
     results = run_node_bench(model, requests=args.requests, callback_frames=args.callback_frames,

@@ -48,10 +48,10 @@ def write_mini_checkpoint(out_dir: pathlib.Path, spec, seed: int) -> None:
     from transformers import GenerationConfig
 
     from zip_vlm_ros.models.llava_mini import SYSTEM_PROMPT
-    from zip_vlm_ros.tiny_model import TOKENIZER_CORPUS, _train_tokenizer
+    from zip_vlm_ros.tools.tokenizer import TOKENIZER_CORPUS, train_tokenizer
 
     corpus = TOKENIZER_CORPUS + f"system user assistant\n{SYSTEM_PROMPT}\n"
-    tokenizer = _train_tokenizer(spec.tokenizer_vocab_size, MINI_SPECIAL_TOKENS, bos="<|begin_of_text|>",
+    tokenizer = train_tokenizer(spec.tokenizer_vocab_size, MINI_SPECIAL_TOKENS, bos="<|begin_of_text|>",
                                  eos="<|eot_id|>", pad=None, corpus=corpus, prepend_scheme="never")
     tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
     llm_config, vision_config = _configs(spec, tokenizer)

@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from zip_vlm_ros.conversions import ImageConversionError, output_to_result, stamp_to_seconds
-from zip_vlm_ros.frame_history import HistoryUnavailable, history_label, pick_history
-from zip_vlm_ros.jobs import CameraFeed, Frame, Job, RequestRejected
+from zip_vlm_ros.node.conversions import ImageConversionError, output_to_result, stamp_to_seconds
+from zip_vlm_ros.node.frame_history import HistoryUnavailable, history_label, pick_history
+from zip_vlm_ros.node.jobs import CameraFeed, Frame, Job, RequestRejected
 from zip_vlm_ros.msg import VlmResult
-from zip_vlm_ros.multi_image import ImageInput
+from zip_vlm_ros.engine.multi_image import ImageInput
 
 __all__ = ['ImageSetRequest', 'SelectedImage', 'image_set_request', 'resolve_total_budget', 'run_image_set']
 

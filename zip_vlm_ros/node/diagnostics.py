@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
-from zip_vlm_ros.jobs import CameraFeed, RequestQueue, RequestStats, percentile
+from zip_vlm_ros.node.jobs import CameraFeed, RequestQueue, RequestStats, percentile
 
 # A camera without a frame for this long turns the diagnostics WARN.
 NO_FRAME_WARN_S = 5.0

@@ -78,6 +78,23 @@ def image_to_rgb(msg: Any) -> np.ndarray:
         ImageConversionError: zero size, unsupported encoding, step too small, data length not equal
             to step * height, odd size for 4:2:2 / Bayer.
     """
+    encoding, data = _checked_raw_image(msg)
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    channels, channel_bytes = _RAW_LAYOUTS[encoding]
+    row_bytes = width * channels * channel_bytes
+    rows = data.reshape(height, step)[:, :row_bytes]  # shape (height, row_bytes), drops row padding
+    if channel_bytes == 2:
+        big_endian = bool(getattr(msg, 'is_bigendian', False))
+        words = np.ascontiguousarray(rows).view('>u2' if big_endian else '<u2')
+        pixels = _sixteen_to_eight_bits(words).reshape(height, width, channels)
+    else:
+        pixels = rows.reshape(height, width, channels) if channels > 1 else rows.reshape(height, width)
+    return _pixels_to_rgb(pixels, encoding)
+
+
+def _checked_raw_image(msg: Any) -> tuple[str, np.ndarray]:
+    """``(encoding, data as uint8 bytes)`` of an Image whose size, step, data length and encoding agree, or
+    ImageConversionError saying which does not."""
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     encoding = msg.encoding.strip().lower()
     if height == 0 or width == 0:
@@ -104,15 +121,12 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     if encoding.startswith('bayer') and height % 2:
         raise ImageConversionError(
             f'{encoding} image height is {height}, must be even: the publisher sent a broken frame')
+    return encoding, data
 
-    rows = data.reshape(height, step)[:, :row_bytes]  # shape (height, row_bytes), drops row padding
-    if channel_bytes == 2:
-        big_endian = bool(getattr(msg, 'is_bigendian', False))
-        words = np.ascontiguousarray(rows).view('>u2' if big_endian else '<u2')
-        pixels = _sixteen_to_eight_bits(words).reshape(height, width, channels)
-    else:
-        pixels = rows.reshape(height, width, channels) if channels > 1 else rows.reshape(height, width)
 
+def _pixels_to_rgb(pixels: np.ndarray, encoding: str) -> np.ndarray:
+    """``[height, width, channels]`` (or ``[height, width]``) 8-bit pixels of `encoding` -> HxWx3 RGB."""
+    height, width = pixels.shape[:2]
     if encoding in ('rgb8', 'rgb16'):
         return np.ascontiguousarray(pixels)
     if encoding in ('bgr8', 'bgr16'):

@@ -83,101 +83,138 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Returns the exit status: 0 when every call succeeded and the node exited cleanly."""
-    import skimage.data
-
-    from zip_vlm_ros.client import ImageStreamer, NodeProcess, VlmClient, use_large_frames_profile
-    from zip_vlm_ros.conversions import rgb_to_image
-    from zip_vlm_ros.multi_image import SINGLE_IMAGE_ONLY
+    from zip_vlm_ros.client import NodeProcess, VlmClient, use_large_frames_profile
     from zip_vlm_ros.srv import DescribeScene
 
     use_large_frames_profile()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        model = args.model
-    else:
-        import transformers
-
-        from zip_vlm_ros.tiny_model import build_checkpoint
-        transformers.utils.logging.disable_progress_bar()  # keep the demo's output to its table
-        print(f'[demo] {args.preset} random-weight checkpoint in {args.cache_dir / args.preset} '
-              f'(answers are gibberish; pass --model for a real one)', flush=True)
-        model = str(build_checkpoint(args.cache_dir / args.preset, preset=args.preset))
-    largest_full, preset_budget = PRESET_TOKENS[args.preset]
-    token_budget = args.token_budget or (None if args.model else preset_budget)
-
-    parameters = {'model': model, 'cameras': ['front', 'rear'], 'camera.front.topic': 'front/image_raw',
-                  'max_new_tokens': args.max_new_tokens, 'max_image_age_s': 5.0,
-                  'request_timeout_s': args.timeout}
-    if token_budget is not None:
-        parameters['token_budget'] = token_budget
+    parameters = node_parameters(args)
     log_path = args.cache_dir / 'vlm_node.log'
     print(f'[demo] starting vlm_node (log: {log_path})', flush=True)
     node = NodeProcess(parameters, log_path, remaps={'__ns': '/demo'})
     client = VlmClient('/demo/zip_vlm', client_name='vlm_demo')
     streamers = []
-    rows, failures = [], []
+    calls = DemoCalls(client, args.timeout)
     try:
         if not client.wait_for_service(DescribeScene, '~/describe_scene', args.timeout):
             print(f'[demo] vlm_node did not come up; its log:\n{node.log()}', file=sys.stderr)
             return 1
-        photos = [rgb_to_image(getattr(skimage.data, name)()) for name in PHOTOS]
-        for camera, camera_photos in (('front', photos), ('rear', photos[::-1])):
-            streamers.append(ImageStreamer(client, f'/demo/{camera}/image_raw', camera_photos, rate_hz=10,
-                                           frame_id=f'{camera}_camera'))
-        print(f'[demo] streaming {", ".join(PHOTOS)} on /demo/front/image_raw and /demo/rear/image_raw '
-              f'at 10 Hz', flush=True)
+        streamers = stream_photos(client)
         time.sleep(1.5)  # a few frames in, so the first call has one
+        calls.run_all(full_budget=None if args.model else PRESET_TOKENS[args.preset][0])
+    finally:
+        for streamer in streamers:
+            streamer.stop()
+        client.close()
+        exit_code = node.stop()
+    return report(calls, exit_code, node)
 
-        def record(call: str, response):
-            if not response.success:
-                failures.append(f'{call}: {response.message}')
-            else:
-                for result in getattr(response, 'results', None) or [response.result]:
-                    rows.append(result_row(call, result))
-            return response
 
-        timeout_s = args.timeout
-        first = record('describe', client.describe(timeout_s=timeout_s))
-        record('ask', client.ask('Is there a person?', timeout_s=timeout_s))
-        record('ask inline', client.ask('What is on the table?', timeout_s=timeout_s,
-                                        image=rgb_to_image(skimage.data.coffee())))
-        record('ask_many', client.ask_many(
+def node_parameters(args: argparse.Namespace) -> dict:
+    """vlm_node's parameters for the demo: `--model`, or a random checkpoint of `--preset` built once."""
+    if args.model:
+        model = args.model
+    else:
+        import transformers
+
+        from zip_vlm_ros.tools.tiny_model import build_checkpoint
+        transformers.utils.logging.disable_progress_bar()  # keep the demo's output to its table
+        print(f'[demo] {args.preset} random-weight checkpoint in {args.cache_dir / args.preset} '
+              f'(answers are gibberish; pass --model for a real one)', flush=True)
+        model = str(build_checkpoint(args.cache_dir / args.preset, preset=args.preset))
+    token_budget = args.token_budget or (None if args.model else PRESET_TOKENS[args.preset][1])
+    parameters = {'model': model, 'cameras': ['front', 'rear'], 'camera.front.topic': 'front/image_raw',
+                  'max_new_tokens': args.max_new_tokens, 'max_image_age_s': 5.0,
+                  'request_timeout_s': args.timeout}
+    if token_budget is not None:
+        parameters['token_budget'] = token_budget
+    return parameters
+
+
+def stream_photos(client) -> list:
+    """The bundled photos at 10 Hz on /demo/front/image_raw and, in reverse order, /demo/rear/image_raw."""
+    import skimage.data
+
+    from zip_vlm_ros.client import ImageStreamer
+    from zip_vlm_ros.node.conversions import rgb_to_image
+
+    photos = [rgb_to_image(getattr(skimage.data, name)()) for name in PHOTOS]
+    streamers = [ImageStreamer(client, f'/demo/{camera}/image_raw', camera_photos, rate_hz=10,
+                               frame_id=f'{camera}_camera')
+                 for camera, camera_photos in (('front', photos), ('rear', photos[::-1]))]
+    print(f'[demo] streaming {", ".join(PHOTOS)} on /demo/front/image_raw and /demo/rear/image_raw '
+          f'at 10 Hz', flush=True)
+    return streamers
+
+
+class DemoCalls:
+    """Every kind of call the node answers, once each; their result rows and failures."""
+
+    def __init__(self, client, timeout_s: float):
+        self.client = client
+        self.timeout_s = timeout_s
+        self.rows: list[tuple[str, ...]] = []
+        self.failures: list[str] = []
+
+    def record(self, call: str, response):
+        if not response.success:
+            self.failures.append(f'{call}: {response.message}')
+        else:
+            for result in getattr(response, 'results', None) or [response.result]:
+                self.rows.append(result_row(call, result))
+        return response
+
+    def run_all(self, full_budget: int | None) -> None:
+        """`full_budget`: the preset's largest full count; None: the first answer's own full count."""
+        import skimage.data
+
+        from zip_vlm_ros.node.conversions import rgb_to_image
+
+        client, timeout_s = self.client, self.timeout_s
+        first = self.record('describe', client.describe(timeout_s=timeout_s))
+        self.record('ask', client.ask('Is there a person?', timeout_s=timeout_s))
+        self.record('ask inline', client.ask('What is on the table?', timeout_s=timeout_s,
+                                             image=rgb_to_image(skimage.data.coffee())))
+        self.record('ask_many', client.ask_many(
             ['Is it day or night?', 'What colour dominates?', 'Is anyone there?'], timeout_s=timeout_s))
         print('[demo] ~/ask_action, streamed: ', end='', flush=True)
         status, streamed, goal = client.ask_streamed(
             'What do you see?', timeout_s=timeout_s,
             on_feedback=lambda feedback: print(printable(feedback.delta, 80), end='', flush=True))
         print(f'  ({len(goal.feedback)} feedback messages)', flush=True)
-        record('ask_action', streamed)
+        self.record('ask_action', streamed)
         if first.success:  # the same photo stream with every visual token: no reduction
-            full_budget = first.result.visual_tokens_full if args.model else largest_full
-            record('describe full', client.describe(token_budget=full_budget, timeout_s=timeout_s))
-        # Several images: token_budget 0 gives each image the node's per-image budget.
+            budget = full_budget or first.result.visual_tokens_full
+            self.record('describe full', client.describe(token_budget=budget, timeout_s=timeout_s))
+        self.run_image_sets()
+
+    def run_image_sets(self) -> None:
+        """Surround view and history; token_budget 0 gives each image the node's per-image budget."""
+        from zip_vlm_ros.engine.multi_image import SINGLE_IMAGE_ONLY
+
         for call, question, fields in (('surround', 'What do the cameras see?', {'cameras': ['front', 'rear']}),
                                        ('history', 'What changed?', {'history_frames': 3, 'history_s': 1.0})):
-            response = client.ask(question, timeout_s=timeout_s, **fields)
+            response = self.client.ask(question, timeout_s=self.timeout_s, **fields)
             if not response.success and SINGLE_IMAGE_ONLY in response.message:  # a one-image family
                 print(f'[demo] {call} skipped: {response.message}', flush=True)
                 continue
-            record(call, response)
-    finally:
-        for streamer in streamers:
-            streamer.stop()
-        client.close()
-        exit_code = node.stop()
+            self.record(call, response)
 
+
+def report(calls: DemoCalls, exit_code: int, node) -> int:
+    """Print the results table and the verdict; 0 when every call succeeded and the node exited cleanly."""
     print()
-    print(format_table(rows))
+    print(format_table(calls.rows))
     print()
     print('budget: visual tokens kept by VisionZip; visual: fed to the LLM / before reduction; gen: '
           'generated tokens;\ntimes in ms; age: node clock at the answer minus the image stamp; '
           'reused: the frame\'s image prefix came from the cache')
-    for failure in failures:
+    for failure in calls.failures:
         print(f'[demo] FAILED {failure}', file=sys.stderr)
     if exit_code != 0:
         print(f'[demo] vlm_node exited with {exit_code}; its log:\n{node.log()}', file=sys.stderr)
-    status = 'ok' if not failures and exit_code == 0 else 'FAILED'
-    print(f'[demo] {status}: {len(rows)} results, vlm_node exit status {exit_code}')
+    status = 'ok' if not calls.failures and exit_code == 0 else 'FAILED'
+    print(f'[demo] {status}: {len(calls.rows)} results, vlm_node exit status {exit_code}')
     return 0 if status == 'ok' else 1
 
 

@@ -21,7 +21,7 @@ Presets:
          = base + 2x2 grid = 1948 full visual tokens) with the bench preset's tower and Llama.
   tiny-mini, bench-mini  LLaVA-Mini (one compressed token per image, 4 pre-fusion layers) with the tiny
          and bench presets' tower and Llama, in the layout of the released LLaVA-Mini checkpoint
-         (``zip_vlm_ros.tiny_model_mini``), so they load through the code that loads the real one.
+         (``zip_vlm_ros.tools.tiny_model_mini``), so they load through the code that loads the real one.
 
 The text they generate is meaningless; they exist to exercise and time the pipeline.
 """
@@ -37,8 +37,8 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
 
-IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
+from zip_vlm_ros.tools.tokenizer import IMAGE_TOKEN, train_tokenizer
+
 # Written last: its presence means the directory holds a complete checkpoint of that preset.
 MARKER_FILE = "zip_vlm_tiny_model.json"
 MARKER_FORMAT = 1
@@ -55,41 +55,6 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
 )
-
-# Training text for the tokenizer: the words a robot's camera questions and answers use.
-TOKENIZER_CORPUS = """\
-USER: What is in the image? ASSISTANT: The image shows a person standing in front of a wall.
-Describe the scene. The scene shows a kitchen with a table, two chairs and a coffee cup.
-Is there a person in front of the robot? Yes, there is a person about two meters ahead.
-What color is the cup? The cup is white and sits on a wooden table next to a plate.
-How many people are in the room? There are three people in the room near the door.
-Is the path clear? No, a box is blocking the path on the left side of the corridor.
-A cat is sitting on the floor and looking at the camera.
-A rocket stands on the launch pad under a blue sky with a few clouds.
-An astronaut in a white suit holds a helmet and smiles at the camera.
-The street is busy with cars, a bus, bicycles and people crossing at the light.
-There is a door on the right, and the hallway turns left after the stairs.
-The shelf holds books, a plant, a clock and a small red box.
-A dog runs across the grass toward a ball near the fence.
-Where is the nearest exit? The nearest exit is behind the robot, past the elevator.
-Can the robot pass between the chairs? Yes, the gap between the chairs is wide enough.
-Is the floor wet? The floor looks dry, but there is a cable on the ground.
-What is the person holding? The person is holding a phone in the right hand.
-Count the objects on the table: one laptop, two mugs, a notebook and a pen.
-The light is on, the window is open and the curtains move in the wind.
-A forklift carries a pallet through the warehouse between tall racks.
-The camera sees a parking lot with five cars and a truck near the gate.
-A child rides a bike on the sidewalk while an adult walks beside her.
-The motorcycle is parked in front of a brick building with large windows.
-Is anything on fire? No smoke or fire is visible in the image.
-Read the sign. The sign says stop, and an arrow points to the left.
-The robot arm is above the bin; the green object is closest to the gripper.
-What changed since the last frame? A person walked in from the left and sat down.
-Answer briefly. Yes. No. Left. Right. Up. Down. Near. Far. Open. Closed.
-one two three four five six seven eight nine ten zero meters seconds degrees
-red orange yellow green blue purple black white gray brown pink
-"""
-
 
 @dataclass(frozen=True)
 class Preset:
@@ -145,44 +110,6 @@ PRESETS["tiny-next"] = replace(PRESETS["tiny"], grid_pinpoints=_scaled_pinpoints
 PRESETS["bench-next"] = replace(PRESETS["bench"], grid_pinpoints=NEXT_GRID_PINPOINTS)
 PRESETS["tiny-mini"] = replace(PRESETS["tiny"], compressor_size=1)
 PRESETS["bench-mini"] = replace(PRESETS["bench"], compressor_size=1)
-
-
-def _train_tokenizer(vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS, bos: str = "<s>",
-                     eos: str = "</s>", pad: str | None = "<pad>", corpus: str = TOKENIZER_CORPUS,
-                     prepend_scheme: str = "first"):
-    """BPE (sentencepiece-style "▁" word marks, as Llama) trained on `corpus`, wrapped as a transformers
-    fast tokenizer; `special_tokens` first (``<unk>`` among them), `bos` before every encoded text.
-    `prepend_scheme` "first" marks a text's first word as Llama-2 does; "never" does not (as Llama-3's
-    byte-level tokenizer, where text tokenized in pieces equals the text tokenized at once).
-
-    The alphabet is the corpus's characters plus newline, so every token decodes to printable text
-    (a random model emits arbitrary tokens, and ROS strings should not carry control bytes); other
-    characters encode as <unk>. "<image>" is a special added token, so the text on either side of it
-    is tokenized independently (as in real LLaVA tokenizers).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme)
-    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(special_tokens),
-        initial_alphabet=["\n"],
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus.splitlines(), trainer=trainer)
-    bos_id = tokenizer.token_to_id(bos)
-    # Llama-style: every encoded text starts with the BOS token.
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="<unk>", bos_token=bos, eos_token=eos, pad_token=pad,
-        padding_side="left",
-    )
 
 
 def _llava_config(preset: Preset, tokenizer):
@@ -286,7 +213,7 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0) -> pathlib.Pa
         if spec.compressor_size is None:
             _write_llava_checkpoint(staging, spec, seed)
         else:
-            from zip_vlm_ros.tiny_model_mini import write_mini_checkpoint
+            from zip_vlm_ros.tools.tiny_model_mini import write_mini_checkpoint
 
             write_mini_checkpoint(staging, spec, seed)
         marker = {"format": MARKER_FORMAT, "preset": preset, "seed": seed, "preset_spec": asdict(spec)}
@@ -309,7 +236,7 @@ def _write_llava_checkpoint(out_dir: pathlib.Path, spec: Preset, seed: int) -> N
     import torch
     from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    tokenizer = _train_tokenizer(spec.tokenizer_vocab_size)
+    tokenizer = train_tokenizer(spec.tokenizer_vocab_size)
     config = _llava_config(spec, tokenizer)
     # Weight init draws from torch's global generator: seed it, and leave it as it was.
     with torch.random.fork_rng(devices=[]):

@@ -1,13 +1,17 @@
-"""Device and dtype selection for the engine: ``auto`` picks CUDA (float16) when torch sees a GPU and
-CPU (float32) otherwise; explicit choices are checked against what this machine has."""
+"""Device and dtype selection for the engine, and its clock.
+
+``auto`` picks CUDA (float16) when torch sees a GPU and CPU (float32) otherwise; explicit choices are
+checked against what this machine has."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
 from zip_vlm_ros.errors import ModelLoadError
 
-__all__ = ["DEVICE_CHOICES", "DTYPES", "resolve_device", "resolve_dtype"]
+__all__ = ["DEVICE_CHOICES", "DTYPES", "DeviceClock", "resolve_device", "resolve_dtype"]
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -49,3 +53,19 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
         raise ModelLoadError(f"dtype 'bfloat16' is not supported by {torch.cuda.get_device_name(device)}; "
                              f"use float16 or auto")
     return DTYPES[spec]
+
+
+class DeviceClock:
+    """``perf_counter`` that waits for the device's queued work first (CUDA runs asynchronously), so that a
+    stage's time is the time its kernels took, not the time it took to queue them."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def ms_since(self, start: float) -> float:
+        return (self.now() - start) * 1000.0

@@ -3,9 +3,9 @@
 ``vlm_bench [--model DIR] [--budgets full,192,128,64,32] [--json FILE] [--repeats 3] [--quick]``
 ``vlm_bench --model DIR_OF_LLAVA_NEXT``: defaults to budgets full,640,320,160 at target 160 on a
 1280x720 frame (``coffee-720p``), with LLaVA-NeXT's targets.
-``vlm_bench --node [...]``: the node's own overhead instead (``zip_vlm_ros.node_bench``).
-``vlm_bench --multi-image [...]``: surround-view and history questions (``zip_vlm_ros.multi_image_bench``).
-``vlm_bench --mini [...]``: LLaVA-Mini against LLaVA-1.5 at 576 and 64 tokens (``zip_vlm_ros.bench_mini``).
+``vlm_bench --node [...]``: the node's own overhead instead (``zip_vlm_ros.bench.node_bench``).
+``vlm_bench --multi-image [...]``: surround-view and history questions (``zip_vlm_ros.bench.multi_image_bench``).
+``vlm_bench --mini [...]``: LLaVA-Mini against LLaVA-1.5 at 576 and 64 tokens (``zip_vlm_ros.bench.mini_bench``).
 
 Every measurement is taken ``--repeats`` times after one warm-up run, on one real photo from
 ``skimage.data``; the tables show the minimum of the runs (and the median where marked) and the ratios
@@ -32,7 +32,7 @@ use the minimum, the run least disturbed by other processes. The sections are:
 Without ``--model`` the ``bench`` preset of ``vlm_tiny_model`` is built (once) under
 ``$XDG_CACHE_HOME/zip_vlm_ros/bench`` and used.
 
-Memory: see ``zip_vlm_ros.bench_harness.PeakMemory``.
+Memory: see ``zip_vlm_ros.bench.harness.PeakMemory``.
 """
 
 from __future__ import annotations
@@ -41,22 +41,20 @@ import argparse
 import functools
 import itertools
 import os
-import pathlib
 import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import skimage.data
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from zip_vlm_ros.bench_harness import (PeakMemory, Target, add_run_arguments, device_clock, measure_interleaved,
+from zip_vlm_ros.bench.harness import (PeakMemory, Target, add_run_arguments, device_clock, measure_interleaved,
                                       memory_method, resolve_run_arguments, run_and_report)
+from zip_vlm_ros.bench.inputs import FRAME_QUESTIONS, IMAGES, bench_image, default_model_dir
 from zip_vlm_ros.engine import EngineConfig, VlmEngine
-from zip_vlm_ros.prefix_cache import cache_nbytes, fork_cache
-from zip_vlm_ros.tiny_model import build_checkpoint
-from zip_vlm_ros.visionzip import encode_for_visionzip, encode_reference_style
+from zip_vlm_ros.models.clip_features import encode_for_visionzip, encode_reference_style
+from zip_vlm_ros.models.kv_cache import cache_nbytes, fork_cache
+from zip_vlm_ros.tools.tiny_model import build_checkpoint
 
 FULL = "full"
 STOCK = "stock generate"
@@ -68,33 +66,6 @@ FAMILY_DEFAULTS = {
     "llava_next": {"budgets": "full,640,320,160", "target_budget": 160, "image": "coffee-720p"},
 }
 DEFAULT_PROMPT = "Describe the scene."
-# Issue 6: several questions about the same frame, as a robot's operator would ask them.
-FRAME_QUESTIONS = (
-    "Describe the scene.",
-    "Is there a person in front of the robot?",
-    "What is the person holding?",
-    "Is the path clear?",
-    "What color is the largest object?",
-)
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-IMAGES = PHOTOS + tuple(f"{name}-720p" for name in PHOTOS)
-
-
-def bench_image(name: str):
-    """``HxWx3 uint8`` image `name` of IMAGES: a skimage photo, or ``PHOTO-720p`` = that photo centre-
-    cropped to 16:9 and resized (bicubic) to a 1280x720 camera frame."""
-    from PIL import Image
-
-    photo = getattr(skimage.data, name.removesuffix("-720p"))()
-    if not name.endswith("-720p"):
-        return photo
-    height, width = photo.shape[:2]
-    crop_height, crop_width = min(height, width * 9 // 16), min(width, height * 16 // 9)
-    top, left = (height - crop_height) // 2, (width - crop_width) // 2
-    cropped = Image.fromarray(photo[top:top + crop_height, left:left + crop_width])
-    return np.asarray(cropped.resize((1280, 720), Image.Resampling.BICUBIC))
-
-
 # ---------------------------------------------------------------------------------------------- stages
 
 def measure_budget(engine, image, prompt: str, budget: int, max_new_tokens: int, *,
@@ -126,49 +97,19 @@ def measure_stock_generate(engine, image, prompt: str, max_new_tokens: int, *,
     Forward hooks time the vision tower + projector and the language model's first call (the prompt
     prefill) and read the prompt's KV-cache size; a streamer stamps the first generated token.
     """
-    device, llava = engine.device, engine.model.model
+    device = engine.device
     marks: dict[str, float] = {}
     prompt_kv_bytes: list[int] = []
-
-    def mark(name):
-        def hook(*_):
-            marks.setdefault(name, device_clock(device))
-        return hook
-
-    def keep_prompt_kv(module, args, output):
-        if not prompt_kv_bytes:
-            prompt_kv_bytes.append(cache_nbytes(output.past_key_values))
-
-    class FirstTokenClock(BaseStreamer):
-        """generate() puts the prompt ids first, then each new token: the second put is the first token."""
-
-        def __init__(self):
-            self.puts = 0
-
-        def put(self, value):
-            self.puts += 1
-            if self.puts == 2:
-                marks["first_token"] = device_clock(device)
-
-        def end(self):
-            pass
-
-    handles = [
-        llava.vision_tower.register_forward_pre_hook(mark("vision_start")),
-        llava.multi_modal_projector.register_forward_hook(mark("vision_end")),
-        llava.language_model.register_forward_pre_hook(mark("prefill_start")),
-        llava.language_model.register_forward_hook(mark("prefill_end")),
-        llava.language_model.register_forward_hook(keep_prompt_kv),
-    ]
+    handles = _stock_stage_hooks(engine, marks, prompt_kv_bytes)
     try:
         with PeakMemory(device, track_memory) as peak:
             start = device_clock(device)
-            inputs = engine.processor(images=image, text=engine._render_prompt(prompt), return_tensors="pt")
+            inputs = engine.processor(images=image, text=engine.prompts.render(prompt), return_tensors="pt")
             preprocess_end = device_clock(device)
             inputs = inputs.to(device)
             inputs["pixel_values"] = inputs["pixel_values"].to(engine.dtype)
             sequences = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                              streamer=FirstTokenClock())
+                                              streamer=_FirstTokenClock(marks, device))
             end = device_clock(device)
     finally:
         for handle in handles:
@@ -190,6 +131,44 @@ def measure_stock_generate(engine, image, prompt: str, max_new_tokens: int, *,
         "peak_extra_bytes": peak.extra_bytes,
         "text": engine.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
     }
+
+
+class _FirstTokenClock(BaseStreamer):
+    """generate() puts the prompt ids first, then each new token: the second put is the first token."""
+
+    def __init__(self, marks: dict[str, float], device):
+        self.marks, self.device, self.puts = marks, device, 0
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:
+            self.marks["first_token"] = device_clock(self.device)
+
+    def end(self):
+        pass
+
+
+def _stock_stage_hooks(engine, marks: dict[str, float], prompt_kv_bytes: list[int]) -> list:
+    """Forward hooks on the stock model that stamp `marks` (vision and prefill start/end) and keep the
+    prompt's KV-cache bytes; the caller removes the returned handles."""
+    device, llava = engine.device, engine.model.model
+
+    def mark(name):
+        def hook(*_):
+            marks.setdefault(name, device_clock(device))
+        return hook
+
+    def keep_prompt_kv(module, args, output):
+        if not prompt_kv_bytes:
+            prompt_kv_bytes.append(cache_nbytes(output.past_key_values))
+
+    return [
+        llava.vision_tower.register_forward_pre_hook(mark("vision_start")),
+        llava.multi_modal_projector.register_forward_hook(mark("vision_end")),
+        llava.language_model.register_forward_pre_hook(mark("prefill_start")),
+        llava.language_model.register_forward_hook(mark("prefill_end")),
+        llava.language_model.register_forward_hook(keep_prompt_kv),
+    ]
 
 
 @torch.inference_mode()
@@ -259,7 +238,7 @@ class FloorInputs:
 @torch.inference_mode()
 def prepare_floor_inputs(engine, image, question: str, budget: int) -> FloorInputs:
     visual_tokens = engine.family.visual_token_count(image.shape[:2], budget)
-    prefix_ids, suffix_ids = engine._tokenize_prompt(question, visual_tokens)
+    prefix_ids, suffix_ids = engine.prompts.tokenize(question, visual_tokens)
     features = engine.family.encode([image], budget).features
     input_ids = torch.tensor([prefix_ids + suffix_ids], dtype=torch.long, device=engine.device)
     prompt_embeds = engine.family.embed_with_image(input_ids, features)
@@ -520,11 +499,6 @@ def parse_budgets(text: str) -> list[str]:
     return normalized
 
 
-def default_model_dir() -> pathlib.Path:
-    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
-    return cache / "zip_vlm_ros" / "bench"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm_bench",
@@ -615,22 +589,8 @@ def run_benchmark(args) -> dict:
 
 
 def main(argv=None) -> int:
+    """``vlm_bench`` without --node, --multi-image or --mini (``zip_vlm_ros.bench.cli`` dispatches)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--node" in argv:  # the node's own overhead lives with the ROS code, not in this engine benchmark
-        from zip_vlm_ros import node_bench
-
-        argv.remove("--node")
-        return node_bench.main(argv)
-    if "--multi-image" in argv:  # surround-view and history questions (zip_vlm_ros.multi_image_bench)
-        from zip_vlm_ros import multi_image_bench
-
-        argv.remove("--multi-image")
-        return multi_image_bench.main(argv)
-    if "--mini" in argv:  # LLaVA-Mini against LLaVA-1.5: two engines side by side (zip_vlm_ros.bench_mini)
-        from zip_vlm_ros import bench_mini
-
-        argv.remove("--mini")
-        return bench_mini.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     resolve_run_arguments(args, quick_new_tokens=4)

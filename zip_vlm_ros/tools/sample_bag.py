@@ -90,10 +90,27 @@ def write_sample_bag(
     asked) sit a quarter period after the first good frame of each camera, so that a replay of the first
     two frames already meets them, between good ones.
     """
-    from rosbags.rosbag2 import StoragePlugin, Writer
-    from rosbags.typesys import Stores, get_typestore
-
     out = pathlib.Path(out)
+    _check_arguments(out, storage, frames_per_topic, rate_hz)
+    build = _MessageBuilder()
+    period_ns = round(1e9 / rate_hz)
+    messages, good_frame_stamps = _good_frames(build, start_ns, period_ns, frames_per_topic)
+    bad_frames: list[BadFrame] = []
+    if with_bad_frames:
+        messages += _bad_frames(build, start_ns, period_ns, bad_frames)
+    messages.sort(key=lambda item: item[0])  # the bag in time order
+    counts = _write(out, storage, build.typestore, messages)
+    return SampleBag(path=out, storage=storage, message_counts=counts,
+                     good_frame_stamps=good_frame_stamps, bad_frames=bad_frames)
+
+
+# (log time ns, topic, message, msgtype)
+Message = tuple[int, str, object, str]
+MESSAGE_TYPES = ((RAW_TOPIC, 'sensor_msgs/msg/Image'), (COMPRESSED_TOPIC, 'sensor_msgs/msg/CompressedImage'),
+                 (CAMERA_INFO_TOPIC, 'sensor_msgs/msg/CameraInfo'))
+
+
+def _check_arguments(out: pathlib.Path, storage: str, frames_per_topic: int, rate_hz: float) -> None:
     if storage not in STORAGE_FORMATS:
         raise SampleBagError(f'unknown storage {storage!r}: use one of {", ".join(STORAGE_FORMATS)}')
     if frames_per_topic < 1:
@@ -105,91 +122,99 @@ def write_sample_bag(
     if not out.parent.is_dir():
         raise SampleBagError(f'parent directory {out.parent} does not exist: create it first')
 
-    typestore = get_typestore(Stores.ROS2_KILTED)
-    Image = typestore.types['sensor_msgs/msg/Image']
-    CompressedImage = typestore.types['sensor_msgs/msg/CompressedImage']
-    CameraInfo = typestore.types['sensor_msgs/msg/CameraInfo']
-    RegionOfInterest = typestore.types['sensor_msgs/msg/RegionOfInterest']
-    Header = typestore.types['std_msgs/msg/Header']
-    Time = typestore.types['builtin_interfaces/msg/Time']
 
-    def header(stamp_ns: int, frame_id: str):
-        return Header(stamp=Time(sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9), frame_id=frame_id)
+class _MessageBuilder:
+    """The bag's messages as ``rosbags`` types of ROS 2 Kilted."""
 
-    def raw_image(stamp_ns: int, rgb: np.ndarray, encoding: str, data: np.ndarray | None = None):
+    def __init__(self):
+        from rosbags.typesys import Stores, get_typestore
+
+        self.typestore = get_typestore(Stores.ROS2_KILTED)
+        self.types = self.typestore.types
+
+    def header(self, stamp_ns: int, frame_id: str):
+        time = self.types['builtin_interfaces/msg/Time'](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9)
+        return self.types['std_msgs/msg/Header'](stamp=time, frame_id=frame_id)
+
+    def raw_image(self, stamp_ns: int, rgb: np.ndarray, encoding: str, data: np.ndarray | None = None):
         height, width, channels = rgb.shape
         pixels = rgb if encoding == 'rgb8' else rgb[:, :, ::-1]
         if data is None:
             data = np.ascontiguousarray(pixels).reshape(-1)
-        return Image(header=header(stamp_ns, 'front_camera_optical'), height=height, width=width,
-                     encoding=encoding, is_bigendian=0, step=width * channels, data=data)
+        return self.types['sensor_msgs/msg/Image'](
+            header=self.header(stamp_ns, 'front_camera_optical'), height=height, width=width, encoding=encoding,
+            is_bigendian=0, step=width * channels, data=data)
 
-    def compressed_image(stamp_ns: int, jpeg: bytes):
-        return CompressedImage(header=header(stamp_ns, 'rear_camera_optical'), format='jpeg',
-                               data=np.frombuffer(jpeg, dtype=np.uint8))
+    def compressed_image(self, stamp_ns: int, jpeg: bytes):
+        return self.types['sensor_msgs/msg/CompressedImage'](
+            header=self.header(stamp_ns, 'rear_camera_optical'), format='jpeg',
+            data=np.frombuffer(jpeg, dtype=np.uint8))
 
-    def camera_info(stamp_ns: int, height: int, width: int):
+    def camera_info(self, stamp_ns: int, height: int, width: int):
         focal = float(width)  # a plausible pinhole camera with a ~53 degree horizontal field of view
         k = np.array([focal, 0, width / 2, 0, focal, height / 2, 0, 0, 1], dtype=np.float64)
         p = np.array([focal, 0, width / 2, 0, 0, focal, height / 2, 0, 0, 0, 1, 0], dtype=np.float64)
-        return CameraInfo(header=header(stamp_ns, 'front_camera_optical'), height=height, width=width,
-                          distortion_model='plumb_bob', d=np.zeros(5), k=k, r=np.eye(3).reshape(-1),
-                          p=p, binning_x=0, binning_y=0,
-                          roi=RegionOfInterest(x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
+        roi = self.types['sensor_msgs/msg/RegionOfInterest'](x_offset=0, y_offset=0, height=0, width=0,
+                                                            do_rectify=False)
+        return self.types['sensor_msgs/msg/CameraInfo'](
+            header=self.header(stamp_ns, 'front_camera_optical'), height=height, width=width,
+            distortion_model='plumb_bob', d=np.zeros(5), k=k, r=np.eye(3).reshape(-1), p=p, binning_x=0,
+            binning_y=0, roi=roi)
 
-    period_ns = round(1e9 / rate_hz)
-    # (log time, topic, message, msgtype); sorted by time before writing so the bag is in time order.
-    messages: list[tuple[int, str, object, str]] = []
+
+def _good_frames(build: _MessageBuilder, start_ns: int, period_ns: int,
+                 frames_per_topic: int) -> tuple[list[Message], dict[str, list[int]]]:
+    """Both cameras' frames and the front camera's info, with the good frames' stamps per topic."""
+    messages: list[Message] = []
     good_frame_stamps: dict[str, list[int]] = {RAW_TOPIC: [], COMPRESSED_TOPIC: []}
-    bad_frames: list[BadFrame] = []
     for index in range(frames_per_topic):
         front_ns = start_ns + index * period_ns
         front_rgb = sample_image(index)
         encoding = 'rgb8' if index % 2 == 0 else 'bgr8'
-        messages.append((front_ns, RAW_TOPIC, raw_image(front_ns, front_rgb, encoding), 'sensor_msgs/msg/Image'))
-        messages.append((front_ns, CAMERA_INFO_TOPIC, camera_info(front_ns, *front_rgb.shape[:2]),
+        messages.append((front_ns, RAW_TOPIC, build.raw_image(front_ns, front_rgb, encoding), 'sensor_msgs/msg/Image'))
+        messages.append((front_ns, CAMERA_INFO_TOPIC, build.camera_info(front_ns, *front_rgb.shape[:2]),
                          'sensor_msgs/msg/CameraInfo'))
         good_frame_stamps[RAW_TOPIC].append(front_ns)
 
         rear_ns = front_ns + period_ns // 2
         # The rear camera sees the images in the opposite order, so the two topics differ frame by frame.
         rear_rgb = sample_image(len(SAMPLE_IMAGE_NAMES) - 1 - index)
-        messages.append((rear_ns, COMPRESSED_TOPIC, compressed_image(rear_ns, encode_jpeg(rear_rgb)),
+        messages.append((rear_ns, COMPRESSED_TOPIC, build.compressed_image(rear_ns, encode_jpeg(rear_rgb)),
                          'sensor_msgs/msg/CompressedImage'))
         good_frame_stamps[COMPRESSED_TOPIC].append(rear_ns)
+    return messages, good_frame_stamps
 
-    if with_bad_frames:
-        short_ns = start_ns + period_ns // 4
-        rgb = sample_image(1)
-        truncated = np.ascontiguousarray(rgb).reshape(-1)[: rgb.size // 2].copy()
-        messages.append((short_ns, RAW_TOPIC, raw_image(short_ns, rgb, 'rgb8', data=truncated),
-                         'sensor_msgs/msg/Image'))
-        bad_frames.append(BadFrame(RAW_TOPIC, short_ns, f'data has {truncated.size} bytes, step*height '
-                                                        f'needs {rgb.size}'))
 
-        corrupt_ns = short_ns + period_ns // 2
-        jpeg = encode_jpeg(sample_image(2))
-        # Keep the start-of-image marker and the first header bytes, then garbage: no decoder can use it.
-        corrupt = jpeg[:20] + bytes((7 * i) % 251 for i in range(2000))
-        messages.append((corrupt_ns, COMPRESSED_TOPIC, compressed_image(corrupt_ns, corrupt),
-                         'sensor_msgs/msg/CompressedImage'))
-        bad_frames.append(BadFrame(COMPRESSED_TOPIC, corrupt_ns, 'corrupt jpeg'))
+def _bad_frames(build: _MessageBuilder, start_ns: int, period_ns: int, bad_frames: list[BadFrame]) -> list[Message]:
+    """A raw frame with too little data and a corrupt jpeg; each is described in `bad_frames`."""
+    short_ns = start_ns + period_ns // 4
+    rgb = sample_image(1)
+    truncated = np.ascontiguousarray(rgb).reshape(-1)[: rgb.size // 2].copy()
+    bad_frames.append(BadFrame(RAW_TOPIC, short_ns, f'data has {truncated.size} bytes, step*height needs {rgb.size}'))
 
-    messages.sort(key=lambda item: item[0])
+    corrupt_ns = short_ns + period_ns // 2
+    jpeg = encode_jpeg(sample_image(2))
+    # Keep the start-of-image marker and the first header bytes, then garbage: no decoder can use it.
+    corrupt = jpeg[:20] + bytes((7 * i) % 251 for i in range(2000))
+    bad_frames.append(BadFrame(COMPRESSED_TOPIC, corrupt_ns, 'corrupt jpeg'))
+    return [(short_ns, RAW_TOPIC, build.raw_image(short_ns, rgb, 'rgb8', data=truncated), 'sensor_msgs/msg/Image'),
+            (corrupt_ns, COMPRESSED_TOPIC, build.compressed_image(corrupt_ns, corrupt),
+             'sensor_msgs/msg/CompressedImage')]
+
+
+def _write(out: pathlib.Path, storage: str, typestore, messages: list[Message]) -> dict[str, int]:
+    """Write `messages` (in time order) as a rosbag2 at `out`; returns the messages per topic."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
     plugin = StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
     counts: dict[str, int] = {}
     with Writer(out, version=9, storage_plugin=plugin) as writer:
-        connections = {
-            topic: writer.add_connection(topic, msgtype, typestore=typestore)
-            for topic, msgtype in ((RAW_TOPIC, 'sensor_msgs/msg/Image'),
-                                   (COMPRESSED_TOPIC, 'sensor_msgs/msg/CompressedImage'),
-                                   (CAMERA_INFO_TOPIC, 'sensor_msgs/msg/CameraInfo'))
-        }
+        connections = {topic: writer.add_connection(topic, msgtype, typestore=typestore)
+                       for topic, msgtype in MESSAGE_TYPES}
         for log_ns, topic, message, msgtype in messages:
             writer.write(connections[topic], log_ns, typestore.serialize_cdr(message, msgtype))
             counts[topic] = counts.get(topic, 0) + 1
-    return SampleBag(path=out, storage=storage, message_counts=counts,
-                     good_frame_stamps=good_frame_stamps, bad_frames=bad_frames)
+    return counts
 
 
 def main(argv=None) -> int:

@@ -20,8 +20,8 @@ from rclpy.action.server import ServerGoalHandle
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
 from zip_vlm_ros.action import Ask as AskAction
-from zip_vlm_ros.jobs import Job, RequestRejected
-from zip_vlm_ros.streaming import StreamedText
+from zip_vlm_ros.node.jobs import Job, RequestRejected
+from zip_vlm_ros.engine.streaming import StreamedText
 
 ACTION_NAME = '~/ask_action'
 # An action client holds a client of each of these services; none left means its callers are gone.

@@ -25,10 +25,10 @@ import itertools
 import numpy as np
 import skimage.data
 
-from zip_vlm_ros.bench import default_model_dir
-from zip_vlm_ros.bench_harness import add_run_arguments, measure_interleaved, resolve_run_arguments, run_and_report
+from zip_vlm_ros.bench.inputs import default_model_dir
+from zip_vlm_ros.bench.harness import add_run_arguments, measure_interleaved, resolve_run_arguments, run_and_report
 from zip_vlm_ros.engine import EngineConfig, ImageInput, VlmEngine
-from zip_vlm_ros.tiny_model import build_checkpoint
+from zip_vlm_ros.tools.tiny_model import build_checkpoint
 
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'retina', 'hubble_deep_field', 'motorcycle_left',
           'motorcycle_right')

@@ -1,17 +1,15 @@
 """The engine's per-frame prefix cache: a frame's prompt prefix as key/value views of its first prompt's
-cache, an LRU bounded by entries and bytes, and the fork that lets a question continue from shared
-views without writing them (see the engine's module docstring for the exactness contract)."""
+cache, and an LRU bounded by entries and bytes. A question continues from shared views through
+``zip_vlm_ros.models.kv_cache.fork_cache`` without writing them (see the engine's module docstring for
+the exactness contract)."""
 
 from __future__ import annotations
 
 import collections
-import copy
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-import torch
-
-__all__ = ["Prefix", "PrefixCache", "cache_nbytes", "fork_cache"]
+__all__ = ["Prefix", "PrefixCache"]
 
 
 @dataclass
@@ -68,41 +66,3 @@ class PrefixCache:
     def clear(self) -> None:
         self._entries.clear()
         self.nbytes = 0
-
-
-def fork_cache(kv_cache, length: int | None = None):
-    """A cache that continues from the first `length` positions of `kv_cache` (all when None) and
-    leaves its key/value tensors untouched.
-
-    ``DynamicLayer.update`` grows a layer with ``torch.cat`` into new tensors, so copying the cache and
-    its layer objects, not their tensors, is enough: the fork's keys and values are views
-    (``[batch, kv_heads, :length, head_dim]`` slices) of the original's. A question does not pay for
-    copying the frame's prefix (72 MiB for a full-token LLaVA-1.5 prefix on the bench preset). Any
-    other cache or layer kind might write in place, so it is deep-copied (and cropped).
-    """
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    if type(kv_cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in kv_cache.layers):
-        fork = copy.deepcopy(kv_cache)
-        if length is not None:
-            fork.crop(length)
-        return fork
-    fork = copy.copy(kv_cache)
-    fork.layers = [copy.copy(layer) for layer in kv_cache.layers]
-    if length is not None:
-        for layer in fork.layers:
-            if layer.is_initialized:
-                layer.keys = layer.keys[..., :length, :]
-                layer.values = layer.values[..., :length, :]
-    return fork
-
-
-def cache_nbytes(kv_cache, positions: int | None = None) -> int:
-    """Bytes of the key/value tensors of a transformers Cache, or of their first `positions` positions."""
-    total = 0
-    for layer in kv_cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                kept = tensor[..., :positions, :] if positions is not None and tensor.ndim >= 2 else tensor
-                total += kept.numel() * kept.element_size()
-    return total

@@ -13,7 +13,7 @@ from typing import Any
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
-from zip_vlm_ros.devices import DEVICE_CHOICES, DTYPES
+from zip_vlm_ros.engine.devices import DEVICE_CHOICES, DTYPES
 from zip_vlm_ros.engine import DEFAULT_DESCRIBE_PROMPT
 
 IMAGE_TYPES = {'sensor_msgs/Image': Image, 'sensor_msgs/CompressedImage': CompressedImage}
@@ -149,64 +149,81 @@ def parameter_problem(name: str, value: Any, *, visual_tokens_full: int | None =
     max_new_tokens: the loaded model's limit (``max_new_tokens_limit``), None before load.
     question_max_chars: bounds describe_prompt.
     """
-    if name == 'cameras' and value is None:
-        value = []
     if name == 'token_budget':
         upper = visual_tokens_full
         if value < 1 or (upper is not None and value > upper):
             valid = f'1..{upper} (this model has {upper} visual tokens)' if upper else 'at least 1'
             return f'token_budget {value} is out of range: use {valid}'
-    elif name == 'max_new_tokens' and value < 1:
-        return f'max_new_tokens {value} is out of range: use at least 1'
     elif name == 'max_new_tokens' and max_new_tokens is not None and value > max_new_tokens:
         return (f'max_new_tokens {value} is more than the model\'s context holds after the image: '
                 f'use 1..{max_new_tokens}')
     elif name == 'describe_prompt' and question_max_chars is not None and len(value.strip()) > question_max_chars:
         return (f'describe_prompt is {len(value.strip())} characters, more than question_max_chars = '
                 f'{question_max_chars}: shorten it, or raise question_max_chars (read-only: restart)')
-    elif name == 'describe_period_s' and not (math.isfinite(value) and value >= 0):
-        return f'describe_period_s {value} is invalid: use 0 (off) or a period in seconds'
-    elif name == 'describe_prompt' and not value.strip():
-        return 'describe_prompt is empty: give the prompt text used for scene descriptions'
-    elif name == 'dominant_ratio' and not 0 < value <= 1:
-        return f'dominant_ratio {value} is out of range: use 0 < dominant_ratio <= 1 (default 54/64)'
-    elif name == 'image_qos' and value not in IMAGE_QOS_CHOICES:
-        return f'image_qos {value!r} is not known: use {" or ".join(IMAGE_QOS_CHOICES)}'
-    elif name == 'max_image_age_s' and not (math.isfinite(value) and value >= 0):
-        return f'max_image_age_s {value} is invalid: use 0 (no limit) or an age in seconds'
-    elif name == 'max_clock_skew_s' and not (math.isfinite(value) and value >= 0):
-        return f'max_clock_skew_s {value} is invalid: use a tolerance in seconds (0 or more)'
-    elif name == 'service_history_depth' and value < 1:
-        return (f'service_history_depth {value} is out of range: use at least the number of callers '
-                f'that may call at once (default 100)')
-    elif name == 'max_pending_requests' and value < 0:
-        return f'max_pending_requests {value} is negative: use 0 or more'
-    elif name == 'request_timeout_s' and not (math.isfinite(value) and value > 0):
-        return f'request_timeout_s {value} is invalid: use a positive number of seconds'
-    elif name == 'frame_history_length' and value < 1:
-        return f'frame_history_length {value} is out of range: use at least 1 (1 keeps the latest frame only)'
-    elif name == 'frame_history_bytes' and value < 0:
-        return f'frame_history_bytes {value} is negative: use a byte count (0 keeps the latest frame only)'
-    elif name == 'question_max_chars' and value < 1:
-        return f'question_max_chars {value} is out of range: use at least 1'
-    elif name == 'model' and not value.strip():
-        return 'model is empty: set it to a LLaVA checkpoint directory or hub id'
-    elif name == 'dtype' and value.strip().lower() not in ('auto', *DTYPES):
-        return f'dtype {value!r} is not supported: use auto, {", ".join(DTYPES)}'
-    elif name == 'device' and not _DEVICE.match(value.strip().lower()):
-        return f'device {value!r} is not valid: use one of {DEVICE_CHOICES}'
     elif name == 'cameras':
-        if not value:
-            return 'cameras is empty: list at least one camera name, e.g. [front]'
-        bad = [camera for camera in value if not _CAMERA_NAME.match(camera)]
-        if bad:
-            return (f'cameras has invalid name(s) {", ".join(map(repr, bad))}: use letters, digits '
-                    f'and underscores, starting with a letter')
-        if len(set(value)) != len(value):
-            return f'cameras lists a name twice ({list(value)}): give each camera once'
-    elif name.startswith('camera.') and name.endswith('.type') and value not in IMAGE_TYPES:
+        return _cameras_problem(value or [])
+    elif name.startswith('camera.'):
+        return _camera_problem(name, value)
+    elif name in _VALUE_CHECKS:
+        is_valid, problem = _VALUE_CHECKS[name]
+        return None if is_valid(value) else problem.format(value=value)
+    return None
+
+
+def _is_time(value) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+# name -> (is the value valid, what to say when it is not; {value} is the value)
+_VALUE_CHECKS = {
+    'max_new_tokens': (lambda value: value >= 1, 'max_new_tokens {value} is out of range: use at least 1'),
+    'describe_period_s': (_is_time, 'describe_period_s {value} is invalid: use 0 (off) or a period in seconds'),
+    'describe_prompt': (lambda value: bool(value.strip()),
+                        'describe_prompt is empty: give the prompt text used for scene descriptions'),
+    'dominant_ratio': (lambda value: 0 < value <= 1,
+                       'dominant_ratio {value} is out of range: use 0 < dominant_ratio <= 1 (default 54/64)'),
+    'image_qos': (lambda value: value in IMAGE_QOS_CHOICES,
+                  'image_qos {value!r} is not known: use ' + ' or '.join(IMAGE_QOS_CHOICES)),
+    'max_image_age_s': (_is_time, 'max_image_age_s {value} is invalid: use 0 (no limit) or an age in seconds'),
+    'max_clock_skew_s': (_is_time, 'max_clock_skew_s {value} is invalid: use a tolerance in seconds (0 or more)'),
+    'service_history_depth': (lambda value: value >= 1,
+                              'service_history_depth {value} is out of range: use at least the number of callers '
+                              'that may call at once (default 100)'),
+    'max_pending_requests': (lambda value: value >= 0, 'max_pending_requests {value} is negative: use 0 or more'),
+    'request_timeout_s': (lambda value: math.isfinite(value) and value > 0,
+                          'request_timeout_s {value} is invalid: use a positive number of seconds'),
+    'frame_history_length': (lambda value: value >= 1,
+                             'frame_history_length {value} is out of range: use at least 1 (1 keeps the latest '
+                             'frame only)'),
+    'frame_history_bytes': (lambda value: value >= 0,
+                            'frame_history_bytes {value} is negative: use a byte count (0 keeps the latest frame '
+                            'only)'),
+    'question_max_chars': (lambda value: value >= 1, 'question_max_chars {value} is out of range: use at least 1'),
+    'model': (lambda value: bool(value.strip()), 'model is empty: set it to a LLaVA checkpoint directory or hub id'),
+    'dtype': (lambda value: value.strip().lower() in ('auto', *DTYPES),
+              'dtype {value!r} is not supported: use auto, ' + ', '.join(DTYPES)),
+    'device': (lambda value: bool(_DEVICE.match(value.strip().lower())),
+               'device {value!r} is not valid: use one of ' + DEVICE_CHOICES),
+}
+
+
+def _cameras_problem(cameras: list[str]) -> str | None:
+    if not cameras:
+        return 'cameras is empty: list at least one camera name, e.g. [front]'
+    bad = [camera for camera in cameras if not _CAMERA_NAME.match(camera)]
+    if bad:
+        return (f'cameras has invalid name(s) {", ".join(map(repr, bad))}: use letters, digits '
+                f'and underscores, starting with a letter')
+    if len(set(cameras)) != len(cameras):
+        return f'cameras lists a name twice ({list(cameras)}): give each camera once'
+    return None
+
+
+def _camera_problem(name: str, value) -> str | None:
+    """camera.<name>.type and camera.<name>.topic."""
+    if name.endswith('.type') and value not in IMAGE_TYPES:
         return f'{name} {value!r} is not supported: use {" or ".join(IMAGE_TYPES)}'
-    elif name.startswith('camera.') and name.endswith('.topic') and not value.strip():
+    if name.endswith('.topic') and not value.strip():
         return f'{name} is empty: give the image topic of this camera'
     return None
 

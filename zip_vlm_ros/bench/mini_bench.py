@@ -33,11 +33,11 @@ import time
 
 import torch
 
-from zip_vlm_ros.bench import FRAME_QUESTIONS, bench_image, default_model_dir
-from zip_vlm_ros.bench_harness import (Target, add_run_arguments, measure_interleaved, resolve_run_arguments,
+from zip_vlm_ros.bench.inputs import FRAME_QUESTIONS, bench_image, default_model_dir
+from zip_vlm_ros.bench.harness import (Target, add_run_arguments, measure_interleaved, resolve_run_arguments,
                                       run_and_report)
 from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
-from zip_vlm_ros.tiny_model import build_checkpoint
+from zip_vlm_ros.tools.tiny_model import build_checkpoint
 
 LLAVA_BUDGETS = (("LLaVA-1.5 full", None), ("LLaVA-1.5 64", 64))
 MINI_ROW = "LLaVA-Mini"
@@ -71,7 +71,7 @@ def frame_memory(engine: VlmEngine, image, question: str, budget: int) -> dict:
     prefix cache holds for it."""
     engine.clear_prefix_cache()
     output = engine.generate(image, question, token_budget=budget, max_new_tokens=1, frame_key=("bench_mini", "mem"))
-    prefix_length = len(engine._tokenize_prompt(question, output.visual_tokens)[0])
+    prefix_length = len(engine.prompts.tokenize(question, output.visual_tokens)[0])
     held = engine.prefix_cache_bytes
     engine.clear_prefix_cache()
     # Every position of a layer's cache has the same size, so the visual tokens' share is proportional.
@@ -84,7 +84,7 @@ def frame_memory(engine: VlmEngine, image, question: str, budget: int) -> dict:
 def measure_prefusion_share(engine: VlmEngine, image, question: str) -> dict:
     """LLaVA-Mini's first-question prefill split: pre-fusion (``embed_prompt``) and the LLM forward."""
     family = engine.family
-    prefix_ids, suffix_ids = engine._tokenize_prompt(question, family.visual_tokens_full)
+    prefix_ids, suffix_ids = engine.prompts.tokenize(question, family.visual_tokens_full)
     visual = family.encode([image], 1)
     start = _clock(engine.device)
     embedded = family.embed_prompt(prefix_ids + suffix_ids, len(prefix_ids), visual)

@@ -39,47 +39,23 @@ the numbers.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from zip_vlm_ros.engine.outputs import ImageTokens, OnToken, ShouldStop, VlmOutput
+from zip_vlm_ros.engine.prefix_cache import Prefix, PrefixCache
+from zip_vlm_ros.engine.requests import ImageInput, check_image, check_prompts
+from zip_vlm_ros.engine.sampling import SamplingOptions, check_sampling
 from zip_vlm_ros.errors import RequestError
-from zip_vlm_ros.models.base import VisualTokens
-from zip_vlm_ros.prefix_cache import Prefix, PrefixCache
-from zip_vlm_ros.sampling import SamplingOptions, check_sampling
+from zip_vlm_ros.models import VisualTokens
 
-if TYPE_CHECKING:
-    from zip_vlm_ros.engine import OnToken, ShouldStop, VlmEngine, VlmOutput
-
-__all__ = ["SINGLE_IMAGE_ONLY", "ImageInput", "ImageTokens", "MultiImageAnswerer", "image_block",
-           "split_total_budget"]
+__all__ = ["SINGLE_IMAGE_ONLY", "MultiImageAnswerer", "split_total_budget"]
 
 # In the refusal of a family that answers about one image per prompt (``several_images = False``).
 SINGLE_IMAGE_ONLY = "answer about one image at a time"
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """One image of a multi-image request."""
-
-    image: np.ndarray                   # HxWx3 uint8 RGB
-    label: str                          # how the prompt introduces it: "rear", "front 3.0 s ago"
-    key: Hashable | None = None         # names the pixels (same key => same pixels); None: never cached
-
-
-@dataclass(frozen=True)
-class ImageTokens:
-    """What one image of a multi-image answer cost (``VlmOutput.images``)."""
-
-    label: str
-    token_budget: int                   # this image's share of the request's total
-    visual_tokens: int                  # read by the LLM: min(share, visual_tokens_full)
-    visual_tokens_full: int             # the image's count without reduction (base image only for AnyRes)
-    reduction: str                      # "visionzip", "none" or "llava-mini"
-    cached: bool                        # its visual tokens came from the per-image cache
 
 
 @dataclass
@@ -126,23 +102,14 @@ def split_total_budget(total: int, count: int) -> list[int]:
     return [share + 1 if index < remainder else share for index in range(count)]
 
 
-def image_block(labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:
-    """The prompt text that replaces the template's image placeholder: one labelled line per image.
-
-    ``image_block(["rear", "front"], [2, 1], "<image>") == "rear: <image><image>\\nfront: <image>\\n"``;
-    an empty label gives the image's placeholders alone.
-    """
-    lines = [(f"{label}: " if label else "") + image_token * count for label, count in zip(labels, counts)]
-    return "\n".join(lines) + "\n"
-
-
 class MultiImageAnswerer:
     """Multi-image requests of one engine (see the module docstring); its per-image visual-token cache.
 
     Thread-compatible like the engine: called from the engine's thread only.
     """
 
-    def __init__(self, engine: VlmEngine, max_entries: int, max_bytes: int):
+    def __init__(self, engine, max_entries: int, max_bytes: int):
+        """`engine`: the ``VlmEngine`` whose family, prompts, generator and clock this uses."""
         self.engine = engine
         # An LRU bounded by entries and bytes: the prefix cache's, holding CachedImage records.
         self.visual_cache = PrefixCache(max_entries, max_bytes)
@@ -151,15 +118,13 @@ class MultiImageAnswerer:
 
     def check_images(self, images) -> list[ImageInput]:
         """RequestError unless `images` is a non-empty list of ImageInput with valid pixels and labels."""
-        from zip_vlm_ros.engine import _check_image
-
         if isinstance(images, (str, np.ndarray)) or not isinstance(images, Sequence) or not images:
             raise RequestError(f"images must be a non-empty list of ImageInput; got {type(images).__name__}")
         for index, item in enumerate(images):
             if not isinstance(item, ImageInput):
                 raise RequestError(f"images[{index}] must be an ImageInput(image, label, key); "
                                    f"got {type(item).__name__}")
-            _check_image(item.image, f"images[{index}].image")
+            check_image(item.image, f"images[{index}].image")
             if not isinstance(item.label, str) or self.engine.image_token in item.label or "\n" in item.label:
                 raise RequestError(f"images[{index}].label must be one line of text without "
                                    f"{self.engine.image_token!r}; got {item.label!r}")
@@ -205,16 +170,16 @@ class MultiImageAnswerer:
             raise RequestError(f"{engine.family.label} checkpoints {SINGLE_IMAGE_ONLY} here: ask each camera or "
                                f"frame separately")
         images = self.check_images(images)
-        prompts = engine._check_prompts(prompts)
+        prompts = check_prompts(prompts, engine.image_token)
         total = self.check_total_budget(token_budget, len(images))
-        max_new = engine._check_max_new_tokens(max_new_tokens)
+        max_new = engine.check_max_new_tokens(max_new_tokens)
         if engine.token_budget_applies:
             shares = split_total_budget(total, len(images))
             counts = [min(share, self.base_tokens_full) for share in shares]
         else:  # C^2 tokens per image, fixed by training (LLaVA-Mini)
             shares = counts = [self.base_tokens_full] * len(images)
         block = engine.family.multi_image_text([item.label for item in images], counts, engine.image_token)
-        tokenized = [engine._tokenize_prompt(prompt, sum(counts), image_text=block) for prompt in prompts]
+        tokenized = [engine.prompts.tokenize(prompt, sum(counts), image_text=block) for prompt in prompts]
         for prefix_ids, suffix_ids in tokenized:
             self._check_context(len(prefix_ids) + len(suffix_ids), sum(counts), max_new, len(images))
         keyed = all(item.key is not None for item in images)
@@ -229,7 +194,7 @@ class MultiImageAnswerer:
                  should_stop: ShouldStop | None = None, on_token: OnToken | None = None) -> list[VlmOutput]:
         """Answer each of `prompts` about all of `images` together (``VlmEngine.generate_images``)."""
         engine = self.engine
-        engine._check_open()
+        engine.check_open()
         request = self._request(images, prompts, token_budget, max_new_tokens, sampling)
         images, shares, counts = request.images, request.shares, request.counts
         encoded: list[_EncodedImages] = []
@@ -242,15 +207,16 @@ class MultiImageAnswerer:
 
         prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
         outputs: list[VlmOutput] = []
-        check_stop = engine._stop_checker(should_stop, completed=outputs)
+        check_stop = engine.generator.stop_checker(should_stop, completed=outputs)
         for prompt_index, (prompt, (prefix_ids, suffix_ids)) in enumerate(zip(request.prompts, request.tokenized)):
             check_stop()
-            start = engine._clock()
+            start = engine.clock.now()
             cache_key = None if request.prefix_key_base is None else request.prefix_key_base + (prefix_ids,)
-            step = engine._prefill_step(prefix_ids, suffix_ids, cache_key, prefixes_this_call, encode, check_stop)
-            tokens, first_token_time, end_time = engine._decode(
+            step = engine.generator.prefill_step(prefix_ids, suffix_ids, cache_key, prefixes_this_call, encode,
+                                                 check_stop)
+            tokens, first_token_time, end_time = engine.generator.decode(
                 step.logits, step.kv_cache, request.max_new_tokens, request.sampling, check_stop,
-                on_step=engine._text_stream(on_token, prompt_index, start))
+                on_step=engine.generator.text_stream(on_token, prompt_index, start))
             image_tokens = encoded[0].images if encoded else self._described(images, shares, counts)
             outputs.append(self._output(prompt, tokens[0], image_tokens, start=start, vision_ms=step.vision_ms,
                                         reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms,
@@ -311,21 +277,19 @@ class MultiImageAnswerer:
     def _output(self, prompt: str, tokens: list[int], images: list[ImageTokens], *, start: float,
                 vision_ms: float, reduction_ms: float, prefill_ms: float, first_token_time: float,
                 end_time: float, prefix_reused: bool, kv_cache_bytes: int) -> VlmOutput:
-        from zip_vlm_ros.engine import VlmOutput
-
         engine = self.engine
         visual_tokens = sum(image.visual_tokens for image in images)
         reductions = [image.reduction for image in images]
         reduction = "visionzip" if "visionzip" in reductions else next(
             (name for name in reductions if name != "none"), "none")  # "llava-mini" for LLaVA-Mini
-        text = engine._decode_text(tokens)
+        text = engine.generator.decode_text(tokens)
         return VlmOutput(
             prompt=prompt, text=text, model=engine.model_name, reduction=reduction,
             token_budget=visual_tokens, visual_tokens=visual_tokens,
             visual_tokens_full=sum(image.visual_tokens_full for image in images), generated_tokens=len(tokens),
             vision_ms=vision_ms, reduction_ms=reduction_ms, prefill_ms=prefill_ms,
             ttft_ms=(first_token_time - start) * 1000.0, decode_ms=(end_time - first_token_time) * 1000.0,
-            total_ms=engine._ms_since(start), prefix_reused=prefix_reused, kv_cache_bytes=kv_cache_bytes,
+            total_ms=engine.clock.ms_since(start), prefix_reused=prefix_reused, kv_cache_bytes=kv_cache_bytes,
             images=list(images))
 
     def clear(self) -> None:

@@ -3,7 +3,7 @@
 Callers in one Python process share its interpreter lock and its executors' threads: with 40 of them,
 a bare rclpy service that refuses at once showed a 643 ms p95 round trip, the time the callers' own
 process took to hand out responses, not the server's. Here the callers live in several processes
-(``python -m zip_vlm_ros.burst_callers``), a few service clients on one node each: one DDS participant
+(``python -m zip_vlm_ros.bench.burst_callers``), a few service clients on one node each: one DDS participant
 per caller is more than localhost discovery managed here (with 40 caller participants in separate
 processes some never discovered the node; with 28 all did). Each process waits for a start time the
 parent gives, calls once from every client at that moment and reports each client's own round trip,
@@ -38,7 +38,7 @@ def _ask_request():
     import numpy as np
     import skimage.data
 
-    from zip_vlm_ros.conversions import rgb_to_image
+    from zip_vlm_ros.node.conversions import rgb_to_image
     from zip_vlm_ros.srv import Ask
 
     thumbnail = np.ascontiguousarray(skimage.data.coffee()[::THUMBNAIL_STRIDE, ::THUMBNAIL_STRIDE])
@@ -138,7 +138,7 @@ class BurstCallers:
             for index, first in enumerate(range(0, count, CLIENTS_PER_PROCESS)):
                 clients = min(CLIENTS_PER_PROCESS, count - first)
                 process = subprocess.Popen(
-                    [sys.executable, '-m', 'zip_vlm_ros.burst_callers', target, f'bench_caller_{index}',
+                    [sys.executable, '-m', 'zip_vlm_ros.bench.burst_callers', target, f'bench_caller_{index}',
                      str(clients)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
                 process.stdin.write(json.dumps({'services': services, 'wait_s': wait_s}) + '\n')

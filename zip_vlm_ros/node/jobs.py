@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from zip_vlm_ros.conversions import message_to_rgb
-from zip_vlm_ros.frame_history import FrameHistory, message_nbytes
+from zip_vlm_ros.node.conversions import message_to_rgb
+from zip_vlm_ros.node.frame_history import FrameHistory, message_nbytes
 from zip_vlm_ros.msg import VlmResult
 
 # The same kind of bad input is logged at most once per this period (with a count of the rest).

@@ -1,0 +1,32 @@
+"""``vlm_bench``: one command for every benchmark; the first flag picks which.
+
+``vlm_bench [...]``                the engine: budgets against stock generate (``engine_bench``)
+``vlm_bench --node [...]``         the node's own overhead over DDS (``node_bench``)
+``vlm_bench --multi-image [...]``  surround-view and history questions (``multi_image_bench``)
+``vlm_bench --mini [...]``         LLaVA-Mini against LLaVA-1.5 (``mini_bench``)
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+__all__ = ["main"]
+
+# flag -> module of zip_vlm_ros.bench with a main(argv); imported on demand (the node bench needs rclpy)
+MODES = {"--node": "node_bench", "--multi-image": "multi_image_bench", "--mini": "mini_bench"}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    module = "engine_bench"
+    for flag, name in MODES.items():
+        if flag in argv:
+            argv.remove(flag)
+            module = name
+            break
+    return importlib.import_module(f"zip_vlm_ros.bench.{module}").main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
