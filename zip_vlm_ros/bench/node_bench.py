@@ -305,7 +305,12 @@ def _cancel_latency(client: Any, model_dir: str, cancels: int, timeout_s: float)
     diagnostics = client.collect(DiagnosticArray, '/diagnostics')
     client.wait_for_service(AskMany, '~/ask_many', timeout_s)
     coffee = rgb_to_image(skimage.data.coffee())
-    step = client.ask('Describe it.', image=coffee, max_new_tokens=32, timeout_s=timeout_s).result
+    # A short answer, so that it ends well within the node's deadline even on a loaded machine.
+    response = client.ask('Describe it.', image=coffee, max_new_tokens=8, timeout_s=timeout_s)
+    if not response.success or response.result.generated_tokens < 2:
+        raise RuntimeError(f'the decode-step request did not decode two tokens within the node\'s '
+                           f'{CANCEL_DEADLINE_S} s deadline: {response.message or response.result.generated_tokens}')
+    step = response.result
     longest = _longest_answer(model_dir, step.visual_tokens_full)
     for _ in range(cancels):
         client.ask_many(LONG_QUESTIONS, image=coffee, max_new_tokens=longest, timeout_s=timeout_s)
