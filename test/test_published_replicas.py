@@ -4,6 +4,7 @@ the published names, and the engine loads them, renders the prompt the checkpoin
 renders (token for token, up to the deviations in DEVIATIONS) and stops at the checkpoint's own stop tokens."""
 import json
 import re
+import shutil
 
 import pytest
 import skimage.data
@@ -164,3 +165,39 @@ def _first_token(engine, image) -> tuple[int, float]:
         handle.remove()
     assert int(logits[0].argmax()) == first
     return first, float(logits[0][first])
+
+
+def test_the_engine_reads_the_published_fields_that_shape_the_model(engines):
+    """The fields a replica keeps reach the loaded model: Llama-3.1's rope scaling, AnyRes pinpoints."""
+    rope = engines[MINI].family.hf_config.rope_parameters
+    assert (rope['rope_type'], rope['factor'], rope['original_max_position_embeddings']) == ('llama3', 8.0, 8192)
+    assert engines[MINI].context_tokens == 131072
+    for checkpoint in LLAVA_HF[1:]:
+        published = json.loads((published_files(checkpoint) / 'config.json').read_text())
+        assert engines[checkpoint].family.hf_config.image_grid_pinpoints == published['image_grid_pinpoints']
+
+
+def test_a_llava_mini_checkpoint_without_tokenizer_config_is_refused_by_name(published_replicas, tmp_path):
+    from zip_vlm_ros.errors import ModelLoadError
+
+    broken = tmp_path / 'llava-mini'
+    shutil.copytree(published_replicas[MINI], broken)
+    (broken / 'tokenizer_config.json').unlink()
+    with pytest.raises(ModelLoadError, match='cannot read tokenizer_config.json'):
+        VlmEngine(EngineConfig(model=str(broken), device='cpu',
+                               vision_tower=str(published_replicas[PUBLISHED_CLIP_TOWER])))
+
+
+def test_vlm_published_replica_refuses_a_used_directory_and_an_unknown_family(tmp_path, capsys):
+    from zip_vlm_ros.tools.published_replica import main
+
+    used = tmp_path / 'used'
+    used.mkdir()
+    (used / 'something').write_text('kept')
+    assert main([str(published_files(LLAVA_HF[0])), str(used)]) == 2
+    assert 'is not empty' in capsys.readouterr().err and (used / 'something').read_text() == 'kept'
+    qwen = tmp_path / 'qwen'
+    qwen.mkdir()
+    (qwen / 'config.json').write_text(json.dumps({'model_type': 'qwen2_5_vl'}))
+    assert main([str(qwen), str(tmp_path / 'out')]) == 2
+    assert "no replica for model_type 'qwen2_5_vl'" in capsys.readouterr().err

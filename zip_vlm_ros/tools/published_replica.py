@@ -218,9 +218,12 @@ def _mini_tensors(published: dict, config: dict, seed: int):
     from zip_vlm_ros.tools.tiny_model_mini import mini_tensors
 
     def llm_config(fields: dict):
-        return LlamaConfig(**{key: value for key, value in fields.items() if key not in ("model_type", "architectures")})
+        return LlamaConfig(**{key: value for key, value in fields.items()
+                              if key not in ("model_type", "architectures")})
 
-    layout = dict(compressor_size=config.get("compressor_size", 2), prefusion_layers=config.get("prefusion_layer_num", 4))
+    # The reference's defaults when the fields are absent.
+    layout = dict(compressor_size=config.get("compressor_size", 2),
+                  prefusion_layers=config.get("prefusion_layer_num", 4))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tensors = mini_tensors(llm_config(config), config["mm_hidden_size"], **layout)

@@ -104,7 +104,8 @@ def _random_tensors(spec, llm_config, vision_config) -> dict:
     from zip_vlm_ros.models.llava_mini_checkpoint import published_tower_state
 
     tensors = mini_tensors(llm_config, spec.vision_hidden_size, spec.compressor_size, spec.prefusion_layers)
-    tensors.update({name: tensor.detach() for name, tensor in published_tower_state(CLIPVisionModel(vision_config)).items()})
+    tower = CLIPVisionModel(vision_config)
+    tensors.update({name: tensor.detach() for name, tensor in published_tower_state(tower).items()})
     return tensors
 
 
