@@ -1,5 +1,7 @@
 """vlm_node configures with each published checkpoint's replica (test/fixtures/published) in its own process
 and answers a question through a real service call: the published files load through the node's configure."""
+import shutil
+
 import pytest
 import skimage.data
 from conftest import PUBLISHED_CHECKPOINTS, PUBLISHED_CLIP_TOWER
@@ -31,3 +33,19 @@ def test_the_node_configures_with_a_published_replica_and_answers(published_repl
         result = answer.result
         assert (result.visual_tokens_full, result.visual_tokens) == (FULL_TOKENS[checkpoint], BUDGET_TOKENS[checkpoint])
         assert 1 <= result.generated_tokens <= 3 and result.text
+
+
+def test_the_llava_mini_replica_finds_its_tower_by_hub_id_in_the_hugging_face_cache(published_replicas, tmp_path):
+    """As published, without vision_tower: mm_vision_tower's hub id resolved in the local cache (offline)."""
+    snapshot = '0' * 40  # any commit hash; refs/main names it, as huggingface-cli download writes it
+    repository = tmp_path / 'hub' / f"models--{PUBLISHED_CLIP_TOWER.replace('/', '--')}"
+    shutil.copytree(published_replicas[PUBLISHED_CLIP_TOWER], repository / 'snapshots' / snapshot)
+    (repository / 'refs').mkdir()
+    (repository / 'refs' / 'main').write_text(snapshot)
+    parameters = {'model': str(published_replicas[MINI]), 'max_new_tokens': 2, 'max_image_age_s': 0.0,
+                  'request_timeout_s': 120.0}
+    env = {'HF_HUB_CACHE': str(tmp_path / 'hub'), 'HF_HUB_OFFLINE': '1'}
+    with running_node(parameters, tmp_path / 'node.log', namespace='/published', env=env) as (_, client):
+        answer = client.ask('Is the path clear?', image=rgb_to_image(skimage.data.coffee()))
+        assert answer.success, answer.message
+        assert (answer.result.visual_tokens, answer.result.reduction) == (1, 'llava-mini')
