@@ -52,6 +52,9 @@ LONG_QUESTIONS = ['Tell me everything.', 'Describe every object in detail.', 'An
                   'Describe the colours.', 'Describe the light.', 'What is on the left?',
                   'What is on the right?', 'What is behind it?', 'Describe it again.']
 FRAME_SHAPE = (1080, 1920, 3)
+# Text tokens of the chat template and a short question, left beside the longest answers (the tiny
+# checkpoint's template around LONG_QUESTIONS takes 14-23).
+QUESTION_ROOM_TOKENS = 32
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:
@@ -181,12 +184,13 @@ def _full_hd_intake(client, diagnostics: list, stream_s: float) -> dict:
 
 
 def _longest_answer(model_dir: str, visual_tokens_full: int) -> int:
-    """The most new tokens a request may ask of this checkpoint (what its context holds after the image)."""
+    """The most new tokens a request with one of LONG_QUESTIONS may ask of this checkpoint: its context
+    after a full image and the prompt's text (the engine refuses a request that does not fit)."""
     from transformers import AutoConfig
 
     from zip_vlm_ros.node.parameters import max_new_tokens_limit
     context = AutoConfig.from_pretrained(model_dir).text_config.max_position_embeddings
-    return max_new_tokens_limit(context, visual_tokens_full)
+    return max_new_tokens_limit(context, visual_tokens_full) - QUESTION_ROOM_TOKENS
 
 
 def measure_streaming(client: Any, *, goals: int, longest: int, timeout_s: float) -> dict[str, float]:
