@@ -93,13 +93,14 @@ class VlmNode(LifecycleNode):
 
         # What may run in parallel (MultiThreadedExecutor):
         # - requests (Reentrant): service callbacks (coroutines); many callers await their jobs at once.
-        # - images (MutuallyExclusive): image callbacks, one at a time; each only swaps a reference,
-        #   so they keep up with every camera while requests wait or the worker infers.
+        # - images (one MutuallyExclusive group per camera, made on activate): a camera's frames are
+        #   stored one at a time and in order, different cameras' in parallel. With one group for all,
+        #   six cameras at 10 Hz queued behind each other while the worker held the interpreter, and
+        #   depth-1 subscriptions lost frames (5 of 100 per camera at 11 asks/s; vlm_bench --node).
         # - timers (MutuallyExclusive): diagnostics, deadlines and the periodic describer; never block.
         # - the default group: parameter and lifecycle services (configure loads the model there).
         # The engine itself runs only on the worker thread (it is not thread-safe).
         self._requests_group = ReentrantCallbackGroup()
-        self._images_group = MutuallyExclusiveCallbackGroup()
         self._timers_group = MutuallyExclusiveCallbackGroup()
 
         self._warnings = ThrottledWarnings(self.get_logger())
@@ -313,7 +314,7 @@ class VlmNode(LifecycleNode):
         for feed in self._feeds.values():
             self._subscriptions_made.append(self.create_subscription(
                 IMAGE_TYPES[feed.type_name], feed.topic, functools.partial(self._on_image, feed), qos,
-                callback_group=self._images_group))
+                callback_group=MutuallyExclusiveCallbackGroup()))
         if not self._services_made:
             self._create_services()
         self._worker_stop.clear()
