@@ -31,7 +31,8 @@ def test_the_ask_action_has_the_ask_request_as_goal():
 
     assert AskAction.Goal.get_fields_and_field_types() == Ask.Request.get_fields_and_field_types()
     assert AskAction.Result.get_fields_and_field_types() == {
-        'success': 'boolean', 'message': 'string', 'partial_text': 'string', 'result': 'zip_vlm_ros/VlmResult'}
+        'success': 'boolean', 'message': 'string', 'partial_text': 'string', 'partial_generated_tokens': 'int32',
+        'partial_elapsed_ms': 'float', 'result': 'zip_vlm_ros/VlmResult'}
     assert AskAction.Feedback.get_fields_and_field_types() == {
         'text': 'string', 'delta': 'string', 'generated_tokens': 'int32', 'elapsed_ms': 'float'}
 

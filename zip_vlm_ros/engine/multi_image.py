@@ -47,7 +47,7 @@ import torch
 
 from zip_vlm_ros.engine.outputs import ImageTokens, OnToken, ShouldStop, VlmOutput
 from zip_vlm_ros.engine.prefix_cache import Prefix, PrefixCache
-from zip_vlm_ros.engine.requests import ImageInput, check_image, check_prompts
+from zip_vlm_ros.engine.requests import ImageInput, check_context, check_image, check_prompts
 from zip_vlm_ros.engine.sampling import SamplingOptions, check_sampling
 from zip_vlm_ros.errors import RequestError
 from zip_vlm_ros.models import VisualTokens
@@ -153,14 +153,6 @@ class MultiImageAnswerer:
     def base_tokens_full(self) -> int:
         return self.engine.family.base_tokens_full
 
-    def _check_context(self, prompt_tokens: int, visual_tokens: int, max_new: int, count: int) -> None:
-        context = self.engine.context_tokens
-        if prompt_tokens + max_new > context:
-            raise RequestError(
-                f"{count} images need {visual_tokens} visual tokens; with the prompt's {prompt_tokens - visual_tokens} "
-                f"text tokens and max_new_tokens {max_new} that is {prompt_tokens + max_new} tokens, more than the "
-                f"model's context of {context}: lower token_budget, ask about fewer images or lower max_new_tokens")
-
     # ------------------------------------------------------------------ generation
 
     def _request(self, images, prompts, token_budget, max_new_tokens, sampling) -> _Request:
@@ -181,7 +173,7 @@ class MultiImageAnswerer:
         block = engine.family.multi_image_text([item.label for item in images], counts, engine.image_token)
         tokenized = [engine.prompts.tokenize(prompt, sum(counts), image_text=block) for prompt in prompts]
         for prefix_ids, suffix_ids in tokenized:
-            self._check_context(len(prefix_ids) + len(suffix_ids), sum(counts), max_new, len(images))
+            check_context(len(prefix_ids) + len(suffix_ids), sum(counts), max_new, engine.context_tokens, len(images))
         keyed = all(item.key is not None for item in images)
         prefix_key_base = (engine.model_name, "images", tuple(
             (item.key, count, self._settings(count)) for item, count in zip(images, counts))) if keyed else None

@@ -13,8 +13,8 @@ import numpy as np
 
 from zip_vlm_ros.errors import RequestError
 
-__all__ = ["ImageInput", "check_budget", "check_frame_key", "check_image", "check_max_new_tokens", "check_prompt",
-           "check_prompts"]
+__all__ = ["ImageInput", "check_budget", "check_context", "check_frame_key", "check_image", "check_max_new_tokens",
+           "check_prompt", "check_prompts"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,23 @@ def check_max_new_tokens(max_new_tokens, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise RequestError(f"max_new_tokens must be a whole number >= 1 (e.g. 64); got {value!r}")
     return int(value)
+
+
+def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, context_tokens: int,
+                  images: int = 1) -> None:
+    """RequestError unless a prompt of `prompt_tokens` (its `visual_tokens` included) plus `max_new_tokens`
+    fits the model's context of `context_tokens`. One check for one image and for several, so both
+    refuse the same overflow with the same numbers."""
+    total = prompt_tokens + max_new_tokens
+    if total <= context_tokens:
+        return
+    room = context_tokens - prompt_tokens
+    fix = (f"use max_new_tokens <= {room}, or lower token_budget" if room >= 1 else "lower token_budget")
+    need = "images need" if images != 1 else "image needs"
+    raise RequestError(
+        f"{images} {need} {visual_tokens} visual tokens; with the prompt's {prompt_tokens - visual_tokens} "
+        f"text tokens and max_new_tokens {max_new_tokens} that is {total} tokens, more than the model's context "
+        f"of {context_tokens}: {fix}{' or ask about fewer images' if images != 1 else ''}")
 
 
 def check_prompt(prompt, image_token: str) -> str:

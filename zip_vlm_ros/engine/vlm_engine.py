@@ -66,8 +66,8 @@ from zip_vlm_ros.engine.outputs import OnToken, ShouldStop, VlmOutput
 from zip_vlm_ros.engine.prefix_cache import Prefix, PrefixCache
 from zip_vlm_ros.models.kv_cache import cache_nbytes
 from zip_vlm_ros.engine.prompts import PromptFormat
-from zip_vlm_ros.engine.requests import (ImageInput, check_budget, check_frame_key, check_image, check_max_new_tokens,
-                                         check_prompts)
+from zip_vlm_ros.engine.requests import (ImageInput, check_budget, check_context, check_frame_key, check_image,
+                                         check_max_new_tokens, check_prompts)
 from zip_vlm_ros.engine.sampling import SamplingOptions, check_sampling
 from zip_vlm_ros.errors import EngineError, RequestError
 from zip_vlm_ros.models import VisualTokens, load_family
@@ -176,6 +176,9 @@ class VlmEngine:
                               self.family.reduction_settings(image.shape[:2], budget))
 
         visual_tokens = self.family.visual_token_count(image.shape[:2], budget)
+        tokenized = [self.prompts.tokenize(prompt, visual_tokens) for prompt in prompts]
+        for prefix_ids, suffix_ids in tokenized:  # refuse before any prompt runs
+            check_context(len(prefix_ids) + len(suffix_ids), visual_tokens, max_new, self.context_tokens)
         encoded: list[VisualTokens] = []
 
         def encode() -> tuple[VisualTokens, float, float]:
@@ -190,7 +193,7 @@ class VlmEngine:
         for prompt_index, prompt in enumerate(prompts):
             check_stop()
             start = self.clock.now()
-            prefix_ids, suffix_ids = self.prompts.tokenize(prompt, visual_tokens)
+            prefix_ids, suffix_ids = tokenized[prompt_index]
             cache_key = None if cache_key_base is None else cache_key_base + (prefix_ids,)
             step = self.generator.prefill_step(prefix_ids, suffix_ids, cache_key, prefixes_this_call, encode,
                                                check_stop)
@@ -251,6 +254,8 @@ class VlmEngine:
         counts = [self.family.visual_token_count(image.shape[:2], budget) for image in images]
         rows = [prefix + suffix for prefix, suffix in (self.prompts.tokenize(prompt, count)
                                                        for prompt, count in zip(prompts, counts))]
+        for row, count in zip(rows, counts):
+            check_context(len(row), count, max_new, self.context_tokens)
         visual = self.family.encode(list(images), budget)
         check_stop()
         prefill_start = self.clock.now()

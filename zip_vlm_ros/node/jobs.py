@@ -20,6 +20,7 @@ from zip_vlm_ros.msg import VlmResult
 DECODED_FRAMES_KEPT = 8
 WARN_THROTTLE_S = 5.0
 INACTIVE_MESSAGE = 'the node is not active: activate it with the lifecycle service ~/change_state'
+SHUTTING_DOWN_MESSAGE = 'the node is shutting down: retry when it is back'
 
 
 class RequestRejected(Exception):
@@ -258,16 +259,18 @@ class RequestQueue:
         self._jobs: collections.deque[Job] = collections.deque()
         self.running: Job | None = None  # the job the worker holds (from `next` until `done`)
         self._open = False  # accepting jobs (the node is active)
+        self._refusal = INACTIVE_MESSAGE  # the answer to a job submitted while closed
         self._ready = threading.Condition()
 
     def open(self) -> None:
         with self._ready:
             self._open = True
 
-    def close(self, reason: str) -> None:
-        """Stop accepting jobs and cancel the waiting and running ones with `reason`."""
+    def close(self, reason: str, refuse_with: str = INACTIVE_MESSAGE) -> None:
+        """Stop accepting jobs (later ones are refused with `refuse_with`) and cancel the waiting and
+        running ones with `reason`."""
         with self._ready:
-            self._open = False
+            self._open, self._refusal = False, refuse_with
             jobs = list(self._jobs) + ([self.running] if self.running is not None else [])
             self._jobs.clear()
             self._ready.notify_all()
@@ -278,7 +281,7 @@ class RequestQueue:
         """Queue `job`, or raise RequestRejected at once: inactive, or max_pending already waiting."""
         with self._ready:
             if not self._open:
-                raise RequestRejected('inactive', INACTIVE_MESSAGE)
+                raise RequestRejected('inactive', self._refusal)
             self._prune()
             ahead = len(self._jobs) + int(self.running is not None)
             if ahead >= self.max_pending + 1:

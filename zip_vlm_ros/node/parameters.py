@@ -258,7 +258,9 @@ def service_qos_profile(depth: int) -> QoSProfile:
 
 
 def image_qos_profile(name: str) -> QoSProfile:
-    """Depth 1: only the latest frame matters, and each queued raw frame can be megabytes."""
+    """Depth 2: every frame goes into the history buffer, and one frame of slack keeps a frame the
+    executor takes a moment late from being overwritten by the next; each queued raw frame can be
+    megabytes, so no more."""
     reliability = ReliabilityPolicy.BEST_EFFORT if name == 'sensor_data' else ReliabilityPolicy.RELIABLE
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=reliability)
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2, reliability=reliability)
 

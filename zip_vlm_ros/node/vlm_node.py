@@ -56,8 +56,8 @@ from zip_vlm_ros.node.conversions import (
 from zip_vlm_ros.engine import EngineConfig, EngineError, GenerationStopped, VlmEngine
 from zip_vlm_ros.node.image_sets import image_set_request, resolve_total_budget, run_image_set
 from zip_vlm_ros.node.jobs import (
-    INACTIVE_MESSAGE, CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, RequestStats,
-    ThrottledWarnings, check_frame_age, check_prompt)
+    INACTIVE_MESSAGE, SHUTTING_DOWN_MESSAGE, CameraFeed, InlineImage, Job, RequestQueue, RequestRejected,
+    RequestStats, ThrottledWarnings, check_frame_age, check_prompt)
 from zip_vlm_ros.msg import VlmResult
 from zip_vlm_ros.node.diagnostics import diagnostic_status
 from zip_vlm_ros.node.parameters import (
@@ -93,13 +93,14 @@ class VlmNode(LifecycleNode):
 
         # What may run in parallel (MultiThreadedExecutor):
         # - requests (Reentrant): service callbacks (coroutines); many callers await their jobs at once.
-        # - images (MutuallyExclusive): image callbacks, one at a time; each only swaps a reference,
-        #   so they keep up with every camera while requests wait or the worker infers.
+        # - images (one MutuallyExclusive group per camera, made on activate): a camera's frames are
+        #   stored one at a time and in order, different cameras' in parallel. With one group for all,
+        #   six cameras at 10 Hz queued behind each other while the worker held the interpreter, and
+        #   depth-1 subscriptions lost frames (5 of 100 per camera at 11 asks/s; vlm_bench --node).
         # - timers (MutuallyExclusive): diagnostics, deadlines and the periodic describer; never block.
         # - the default group: parameter and lifecycle services (configure loads the model there).
         # The engine itself runs only on the worker thread (it is not thread-safe).
         self._requests_group = ReentrantCallbackGroup()
-        self._images_group = MutuallyExclusiveCallbackGroup()
         self._timers_group = MutuallyExclusiveCallbackGroup()
 
         self._warnings = ThrottledWarnings(self.get_logger())
@@ -111,6 +112,9 @@ class VlmNode(LifecycleNode):
         self._worker: threading.Thread | None = None
         self._worker_stop = threading.Event()
         self._active = False
+        # Why a request is refused while not active: not activated yet / deactivated, or the process
+        # is going down (set before _active turns False, so a request racing the signal reads it).
+        self._inactive_message = INACTIVE_MESSAGE
         self._activated_s = time.monotonic()
         self._subscriptions_made: list[Any] = []
         # Service callbacks between receiving a request and returning its response (see close()).
@@ -310,7 +314,7 @@ class VlmNode(LifecycleNode):
         for feed in self._feeds.values():
             self._subscriptions_made.append(self.create_subscription(
                 IMAGE_TYPES[feed.type_name], feed.topic, functools.partial(self._on_image, feed), qos,
-                callback_group=self._images_group))
+                callback_group=MutuallyExclusiveCallbackGroup()))
         if not self._services_made:
             self._create_services()
         self._worker_stop.clear()
@@ -371,7 +375,7 @@ class VlmNode(LifecycleNode):
         self._active = False
         self._worker_stop.set()
         if self._queue is not None:
-            self._queue.close(reason)
+            self._queue.close(reason, refuse_with=self._inactive_message)
 
     def _join_worker(self, timeout_s: float | None = None) -> None:
         if self._worker is not None:
@@ -409,7 +413,8 @@ class VlmNode(LifecycleNode):
     def close(self) -> None:
         """Process exit: answer every caller, stop the worker, free the model. The executor must still
         spin (it sends the responses); entities go with destroy_node() afterwards."""
-        self._stop_serving('the node is shutting down: retry when it is back')
+        self._inactive_message = SHUTTING_DOWN_MESSAGE
+        self._stop_serving(SHUTTING_DOWN_MESSAGE)
         self._join_worker(timeout_s=ANSWER_GRACE_S)
         with self._in_flight_changed:
             self._in_flight_changed.wait_for(lambda: self._callbacks_in_flight == 0, ANSWER_GRACE_S)
@@ -537,7 +542,7 @@ class VlmNode(LifecycleNode):
         try:
             try:
                 if not self._active or self._engine is None:
-                    raise RequestRejected('inactive', INACTIVE_MESSAGE)
+                    raise RequestRejected('inactive', self._inactive_message)
                 job = make_job()
                 self._queue.submit(job)
             except RequestRejected as rejected:
