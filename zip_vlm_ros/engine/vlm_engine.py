@@ -50,8 +50,6 @@ The engine is thread-compatible, not thread-safe: call it from one thread (the n
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import gc
 from collections.abc import Hashable, Sequence
 
@@ -67,7 +65,7 @@ from zip_vlm_ros.engine.prefix_cache import Prefix, PrefixCache
 from zip_vlm_ros.models.kv_cache import cache_nbytes
 from zip_vlm_ros.engine.prompts import PromptFormat
 from zip_vlm_ros.engine.requests import (ImageInput, check_budget, check_frame_key, check_image, check_max_new_tokens,
-                                         check_prompts)
+                                         check_prompts, check_reducer)
 from zip_vlm_ros.engine.sampling import SamplingOptions, check_sampling
 from zip_vlm_ros.errors import EngineError, RequestError
 from zip_vlm_ros.models import VisualTokens, load_family
@@ -122,6 +120,10 @@ class VlmEngine:
         """
         return check_budget(token_budget, self.config.token_budget, self.visual_tokens_full)
 
+    def check_reducer(self, reducer: str | None) -> str:
+        """The request's reducer (None or "": ``config.reducer``), or RequestError listing the choices."""
+        return check_reducer(reducer, self.config.reducer)
+
     def check_max_new_tokens(self, max_new_tokens: int | None) -> int:
         """`max_new_tokens` (None: ``config.max_new_tokens``), or RequestError."""
         return check_max_new_tokens(max_new_tokens, self.config.max_new_tokens)
@@ -136,9 +138,10 @@ class VlmEngine:
     def generate(self, image: np.ndarray, prompt: str, *, token_budget: int | None = None,
                  max_new_tokens: int | None = None, frame_key: Hashable | None = None,
                  sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None,
-                 on_token: OnToken | None = None) -> VlmOutput:
+                 on_token: OnToken | None = None, reducer: str | None = None) -> VlmOutput:
         """Answer `prompt` about `image` (``HxWx3 uint8 RGB``).
 
+        `reducer` picks the visual-token reducer (``zip_vlm_ros.reducers.REDUCERS``; None: ``config.reducer``).
         `frame_key` names the image's pixels (same key => same pixels) so that later prompts on the
         frame reuse its prefix; None disables reuse. `should_stop` is asked between stages and before
         each decode step; a reason it returns raises GenerationStopped. `on_token(StreamedText)` is
@@ -147,13 +150,14 @@ class VlmEngine:
         """
         return self.generate_many(image, [prompt], token_budget=token_budget, max_new_tokens=max_new_tokens,
                                   frame_key=frame_key, sampling=sampling, should_stop=should_stop,
-                                  on_token=on_token)[0]
+                                  on_token=on_token, reducer=reducer)[0]
 
     @torch.inference_mode()
     def generate_many(self, image: np.ndarray, prompts: Sequence[str], *, token_budget: int | None = None,
                       max_new_tokens: int | None = None, frame_key: Hashable | None = None,
                       sampling: SamplingOptions | None = None,
-                      should_stop: ShouldStop | None = None, on_token: OnToken | None = None) -> list[VlmOutput]:
+                      should_stop: ShouldStop | None = None, on_token: OnToken | None = None,
+                      reducer: str | None = None) -> list[VlmOutput]:
         """Answer several prompts about one image, in order, computing the image prefix once.
 
         The first prompt pays for vision, reduction and one forward over the prefix and its own tokens
@@ -167,21 +171,22 @@ class VlmEngine:
         check_image(image)
         prompts = check_prompts(prompts, self.image_token)
         budget = self.check_budget(token_budget)
+        reducer = self.check_reducer(reducer)
         max_new = self.check_max_new_tokens(max_new_tokens)
         sampling = check_sampling(sampling)
         cache_key_base = None
         if frame_key is not None:
             check_frame_key(frame_key)
             cache_key_base = (self.model_name, frame_key, budget,
-                              self.family.reduction_settings(image.shape[:2], budget))
+                              self.family.reduction_settings(image.shape[:2], budget, reducer))
 
-        visual_tokens = self.family.visual_token_count(image.shape[:2], budget)
+        visual_tokens = self.family.visual_token_count(image.shape[:2], budget, reducer)
         encoded: list[VisualTokens] = []
 
         def encode() -> tuple[VisualTokens, float, float]:
             if encoded:
                 return encoded[0], 0.0, 0.0
-            encoded.append(self.family.encode([image], budget))
+            encoded.append(self.family.encode([image], budget, reducer))
             return encoded[0], encoded[0].vision_ms, encoded[0].reduction_ms
 
         prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
@@ -198,7 +203,7 @@ class VlmEngine:
             tokens, first_token_time, end_time = self.generator.decode(step.logits, step.kv_cache, max_new, sampling,
                                                               check_stop, on_step=stream)
             outputs.append(self._output(
-                prompt, tokens[0], budget, image.shape[:2], visual_tokens, vision_ms=step.vision_ms,
+                prompt, tokens[0], budget, reducer, image.shape[:2], visual_tokens, vision_ms=step.vision_ms,
                 reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms, start=start,
                 first_token_time=first_token_time, end_time=end_time, prefix_reused=step.reused,
                 kv_cache_bytes=step.prefix.nbytes))
@@ -207,23 +212,24 @@ class VlmEngine:
     def generate_images(self, images: Sequence[ImageInput], prompts: Sequence[str], *,
                         token_budget: int | None = None, max_new_tokens: int | None = None,
                         sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None,
-                        on_token: OnToken | None = None) -> list[VlmOutput]:
+                        on_token: OnToken | None = None, reducer: str | None = None) -> list[VlmOutput]:
         """Answer each of `prompts` about all of `images` (surround cameras, a camera's recent frames) at once.
 
         `token_budget` is the request's total, split evenly over the images (None: ``config.token_budget``
         per image); each image is introduced in the prompt by its ``label``; AnyRes checkpoints read each
         image's base image only. Images with a ``key`` keep their visual tokens in a per-image cache and
         the prompt prefix in the prefix cache. See ``zip_vlm_ros.engine.multi_image``. Outputs list each image's
-        share and tokens in ``VlmOutput.images``. `should_stop`, `on_token` as in ``generate_many``.
+        share and tokens in ``VlmOutput.images``. `should_stop`, `on_token`, `reducer` as in ``generate_many``.
         """
         return self._multi_image.generate(images, prompts, token_budget=token_budget, max_new_tokens=max_new_tokens,
-                                          sampling=sampling, should_stop=should_stop, on_token=on_token)
+                                          sampling=sampling, should_stop=should_stop, on_token=on_token,
+                                          reducer=reducer)
 
     @torch.inference_mode()
     def generate_batch(self, images: Sequence[np.ndarray], prompts: Sequence[str], *,
                        token_budget: int | None = None, max_new_tokens: int | None = None,
                        sampling: SamplingOptions | None = None,
-                       should_stop: ShouldStop | None = None) -> list[VlmOutput]:
+                       should_stop: ShouldStop | None = None, reducer: str | None = None) -> list[VlmOutput]:
         """Answer ``prompts[i]`` about ``images[i]`` for several cameras in one batched forward.
 
         As a frame's first question in ``generate_many``, each row's prefix and question are read in
@@ -242,16 +248,17 @@ class VlmEngine:
         for index, image in enumerate(images):
             check_image(image, f"images[{index}]")
         budget = self.check_budget(token_budget)
+        reducer = self.check_reducer(reducer)
         max_new = self.check_max_new_tokens(max_new_tokens)
         sampling = check_sampling(sampling)
 
         check_stop = self.generator.stop_checker(should_stop)
         check_stop()
         start = self.clock.now()
-        counts = [self.family.visual_token_count(image.shape[:2], budget) for image in images]
+        counts = [self.family.visual_token_count(image.shape[:2], budget, reducer) for image in images]
         rows = [prefix + suffix for prefix, suffix in (self.prompts.tokenize(prompt, count)
                                                        for prompt, count in zip(prompts, counts))]
-        visual = self.family.encode(list(images), budget)
+        visual = self.family.encode(list(images), budget, reducer)
         check_stop()
         prefill_start = self.clock.now()
         length = max(len(row) for row in rows)
@@ -273,7 +280,7 @@ class VlmEngine:
         tokens, first_token_time, end_time = self.generator.decode(logits, kv_cache, max_new, sampling, check_stop,
                                                           attention_mask=attention_mask, position_ids=position_ids)
         return [
-            self._output(prompt, row_tokens, budget, image.shape[:2], count, vision_ms=visual.vision_ms,
+            self._output(prompt, row_tokens, budget, reducer, image.shape[:2], count, vision_ms=visual.vision_ms,
                          reduction_ms=visual.reduction_ms, prefill_ms=prefill_ms, start=start,
                          first_token_time=first_token_time, end_time=end_time, prefix_reused=False,
                          kv_cache_bytes=kv_bytes_per_row)
@@ -313,7 +320,8 @@ class VlmEngine:
 
     # ------------------------------------------------------------------ outputs
 
-    def _output(self, prompt: str, tokens: list[int], budget: int, image_size: tuple[int, int], visual_tokens: int,
+    def _output(self, prompt: str, tokens: list[int], budget: int, reducer: str, image_size: tuple[int, int],
+                visual_tokens: int,
                 *, vision_ms: float, reduction_ms: float, prefill_ms: float, start: float, first_token_time: float,
                 end_time: float, prefix_reused: bool, kv_cache_bytes: int) -> VlmOutput:
         text = self.generator.decode_text(tokens)
@@ -321,7 +329,7 @@ class VlmEngine:
         full = self.family.full_token_count(image_size)
         reduced = self.family.reduced(image_size, budget)
         return VlmOutput(
-            prompt=prompt, text=text, model=self.model_name, reduction=self.family.reduction_name(image_size, budget),
+            prompt=prompt, text=text, model=self.model_name, reduction=self.family.reduction_name(image_size, budget, reducer),
             token_budget=budget if reduced else full, visual_tokens=visual_tokens, visual_tokens_full=full,
             generated_tokens=len(tokens),
             vision_ms=vision_ms, reduction_ms=reduction_ms, prefill_ms=prefill_ms,
