@@ -71,12 +71,15 @@ def vispruner_select(features: torch.Tensor, cls_attention: torch.Tensor, keep: 
     residual = order[important_count:]  # descending attention: the order the parity split reads
     vectors = features.float()
     normalized = vectors / vectors.norm(dim=-1, keepdim=True)  # no eps, as the official code
+    # All cosines once ([N, N]) instead of a [R/2, R/2] matmul per round as the official code does: about
+    # (N - T) / 8 rounds of those cost ~16x more at N = 576, T = 64. Same values up to float rounding.
+    similarity = normalized @ normalized.T if diverse_count > 0 else None
     while diverse_count > 0:
         dropped = min(DROPPED_PER_ROUND, residual.shape[0] - diverse_count)
         if dropped <= 0:
             break
         evens, odds = residual[0::2], residual[1::2]
-        redundancy = (normalized[evens] @ normalized[odds].T).max(dim=-1).values  # [ceil(R/2)]
+        redundancy = similarity[evens][:, odds].max(dim=-1).values  # [ceil(R/2)] best cosine to an odd
         survivors = torch.sort(redundancy, descending=True, stable=True).indices[dropped:]
         residual = torch.cat([evens[survivors], odds])
     selected = order[:important_count] if diverse_count == 0 else torch.cat([order[:important_count], residual])
