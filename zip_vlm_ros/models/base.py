@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from zip_vlm_ros.errors import ModelLoadError, first_line
-from zip_vlm_ros.models.clip_features import encode_for_visionzip
+from zip_vlm_ros.models.clip_features import encode_for_visionzip, encode_to_feature_layer
 from zip_vlm_ros.reducers import (DEFAULT_IMPORTANT_RATIO, VisionZipFeatures, divprune_reduce, split_budget, vispruner_reduce,
                                   visionzip_compress)
 
@@ -277,6 +277,13 @@ class FamilyAdapter:
             tokens, kept = visionzip_compress(*encoded, dominant, contextual)  # [crops, per_crop, hidden]
         reduction_ms = (self.clock() - reduction_start) * 1000.0
         return CropTokens(llava.multi_modal_projector(tokens), kept, contextual, reduction_ms)
+
+    def projected_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The stock projected features of ``pixel_values [crops, 3, H, W]``: ``[crops, tokens, text_hidden]``
+        (CLS dropped under the "default" strategy), with the tower run only up to the feature layer."""
+        llava = self.model.model
+        hidden = encode_to_feature_layer(llava.vision_tower, pixel_values, self.feature_layer)
+        return llava.multi_modal_projector(hidden[:, 1:] if self.select_strategy == "default" else hidden)
 
     def divprune_tokens(self, features: torch.Tensor, budget: int) -> tuple[torch.Tensor, float]:
         """DivPrune on one image's projected tokens ``features [N, text_hidden]`` (the stock LLM input):

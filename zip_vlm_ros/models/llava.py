@@ -57,16 +57,17 @@ class LlavaAdapter(FamilyAdapter):
         count = self.visual_token_count(image_sizes[0], budget, reducer)
         reduction = self.reduction_name(image_sizes[0], budget, reducer)
         reduction_ms = 0.0
-        if reduction in ("none", "divprune"):
+        if reduction == "none":
             image_outputs = self.model.model.get_image_features(
                 pixel_values=pixels["pixel_values"], vision_feature_layer=self.feature_layer,
                 vision_feature_select_strategy=self.select_strategy)
-            per_image = list(image_outputs.pooler_output)  # each [visual_tokens_full, text_hidden]
-            if reduction == "divprune":
-                reduced = [self.divprune_tokens(image_features, budget) for image_features in per_image]
-                per_image = [tokens for tokens, _ in reduced]
-                reduction_ms = sum(ms for _, ms in reduced)
-            features = torch.cat(per_image)  # [batch * count, text_hidden]
+            features = torch.cat(list(image_outputs.pooler_output))  # [batch * visual_tokens_full, text_hidden]
+        elif reduction == "divprune":
+            # the stock features (tower run to the feature layer only), then a selection per image
+            reduced = [self.divprune_tokens(image_features, budget)
+                       for image_features in self.projected_features(pixels["pixel_values"])]
+            features = torch.cat([tokens for tokens, _ in reduced])  # [batch * count, text_hidden]
+            reduction_ms = sum(ms for _, ms in reduced)
         else:
             crops = self.compress_crops(pixels["pixel_values"], budget, encoder, reducer)
             features = crops.tokens.flatten(0, 1)  # [batch * count, text_hidden]

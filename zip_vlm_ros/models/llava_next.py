@@ -115,16 +115,22 @@ class LlavaNextAdapter(FamilyAdapter):
                     features.append(anyres_visionzip_layout(compressed.tokens, compressed.kept_indices,
                                                             compressed.contextual, grid_shape, self.patches_per_side))
                 reduction_ms += compressed.reduction_ms
+            elif reduction == "divprune":
+                # the stock sequence (base, unpadded grid, newlines) from the tower run to the feature layer
+                # only, then one selection over all of it, as the official NeXT code does
+                crops = pixels["pixel_values"][index, :self.num_crops(image_size)]  # [num_crops, 3, H, W]
+                packed, _ = self.model.model.pack_image_features(
+                    [self.projected_features(crops)], pixels["image_sizes"][index:index + 1], self.select_strategy,
+                    image_newline=self.model.model.image_newline)
+                image_features, divprune_ms = self.divprune_tokens(packed[0], budget)  # packed[0]: [full, hidden]
+                reduction_ms += divprune_ms
+                features.append(image_features)
             else:
                 image_outputs = self.model.model.get_image_features(
                     pixel_values=pixels["pixel_values"][index:index + 1],
                     image_sizes=pixels["image_sizes"][index:index + 1],
                     vision_feature_layer=self.feature_layer, vision_feature_select_strategy=self.select_strategy)
-                image_features = image_outputs.pooler_output[0]  # [full count, text_hidden]
-                if reduction == "divprune":
-                    image_features, divprune_ms = self.divprune_tokens(image_features, budget)
-                    reduction_ms += divprune_ms
-                features.append(image_features)
+                features.append(image_outputs.pooler_output[0])  # [full count, text_hidden]
             reductions.append(reduction)
         return torch.cat(features), [len(image_features) for image_features in features], reductions, reduction_ms
 
