@@ -6,14 +6,15 @@ and get ``VlmOutput`` records back.
 One request runs in four stages, each timed:
 
 1. vision     the checkpoint's image processor and vision tower (+ multimodal projector);
-2. reduction  VisionZip (``zip_vlm_ros.reducers``) keeps ``token_budget`` of the visual tokens when the
+2. reduction  the request's reducer (``reducer=``, default ``EngineConfig.reducer``: visionzip, divprune
+              or vispruner, ``zip_vlm_ros.reducers``) keeps ``token_budget`` of the visual tokens when the
               budget is below the image's full count (576 for LLaVA-1.5; for LLaVA-NeXT it depends on
               the aspect ratio, 1948 for 1280x720); otherwise the stock features are used unchanged;
 3. prefill    the language model reads the prompt: the *prefix* (the prompt up to and including the
               visual tokens) and the question's own tokens (the *suffix*);
 4. decode     greedy or sampled tokens until EOS or ``max_new_tokens``.
 
-VisionZip's selection does not depend on the question, so the prefix - vision, reduction, projection
+No reducer's selection depends on the question, so the prefix - vision, reduction, projection
 and its LLM key/value cache - is the same for every question about one frame. A frame's first question
 runs prefix and suffix in ONE forward, the least work any prompt can cost; the first ``len(prefix)``
 positions of that forward's key/value cache are kept for the frame (``frame_key``) in a small LRU cache

@@ -50,7 +50,7 @@ NODE_PARAMETERS = (
                   'image subscription QoS: sensor_data (best effort: reliable and best-effort '
                   'publishers both reach the node) or reliable (reliable publishers only)'),
     ParameterSpec('token_budget', 64,
-                  'visual tokens the LLM reads per image, kept by VisionZip (1..the model\'s largest '
+                  'visual tokens the LLM reads per image, kept by the reducer (1..the model\'s largest '
                   'full count: 576 for LLaVA-1.5, 2928 for LLaVA-NeXT-7B, whose crops share it evenly); '
                   'requests may override it. LLaVA-Mini: does not apply (any value >= 1 is accepted, '
                   'its trained token count is used)', runtime=True),
