@@ -164,7 +164,7 @@ class MultiImageAnswerer:
 
     # ------------------------------------------------------------------ generation
 
-    def _request(self, images, prompts, token_budget, max_new_tokens, sampling, reducer) -> _Request:
+    def _request(self, images, prompts, token_budget, max_new_tokens, sampling, reducer=None) -> _Request:
         """Check a request and tokenize its prompts (RequestError on bad input or a context overflow)."""
         engine = self.engine
         if not engine.family.several_images:
@@ -205,7 +205,7 @@ class MultiImageAnswerer:
         def encode() -> tuple[VisualTokens, float, float]:
             if encoded:
                 return encoded[0].visual, 0.0, 0.0
-            encoded.append(self._encode(images, shares, counts, reducer, check_stop))
+            encoded.append(self._encode(images, shares, counts, check_stop, reducer))
             return encoded[0].visual, encoded[0].vision_ms, encoded[0].reduction_ms
 
         prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
@@ -240,8 +240,8 @@ class MultiImageAnswerer:
             return family.reduction_name((0, 0), count)
         return reducer if count < self.base_tokens_full else "none"
 
-    def _encode(self, images: list[ImageInput], shares: list[int], counts: list[int], reducer: str,
-                check_stop) -> _EncodedImages:
+    def _encode(self, images: list[ImageInput], shares: list[int], counts: list[int], check_stop,
+                reducer: str = "visionzip") -> _EncodedImages:
         """Every image's visual tokens, from the per-image cache or encoded alone (and then cached)."""
         engine = self.engine
         features, patch_features, described, vision_ms, reduction_ms = [], [], [], 0.0, 0.0
