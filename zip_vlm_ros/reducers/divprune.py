@@ -62,17 +62,17 @@ def divprune_select(tokens: torch.Tensor, keep: int) -> torch.Tensor:
     normalized = vectors / torch.where(norms == 0, torch.ones_like(norms), norms)
     distance = 1.0 - normalized @ normalized.T  # [N, N]
     nearest_other = torch.topk(distance, 2, dim=0, largest=False).values[1]  # [N] 2nd smallest per column
-    chosen = torch.zeros(num_tokens, dtype=torch.bool, device=device)
     picks = [int(torch.argmax(nearest_other))]
-    chosen[picks[0]] = True
-    # distance from each token to the chosen set: a running minimum over the chosen rows (min is exact,
-    # so this equals the official recomputation over all chosen rows)
+    # Distance from each token to the chosen set: a running minimum over the chosen rows (min is exact,
+    # so this equals the official recomputation over all chosen rows). Chosen tokens hold -inf, which
+    # the minimum keeps, so they are never picked again.
     to_chosen = distance[picks[0]].clone()
+    to_chosen[picks[0]] = float("-inf")
     for _ in range(keep - 1):
-        pick = int(torch.argmax(to_chosen.masked_fill(chosen, float("-inf"))))
+        pick = int(torch.argmax(to_chosen))
         picks.append(pick)
-        chosen[pick] = True
-        to_chosen = torch.minimum(to_chosen, distance[pick])
+        torch.minimum(to_chosen, distance[pick], out=to_chosen)
+        to_chosen[pick] = float("-inf")
     return torch.sort(torch.tensor(picks, device=device)).values
 
 
