@@ -153,14 +153,9 @@ def plot_budgets(summaries: list[dict], out_dir: pathlib.Path) -> None:
         if not np.all(np.isnan(values)):
             axes.plot(positions, values, marker=marker, label=name)
             drawn += 1
-    if not drawn:
-        axes.text(0.5, 0.5, 'no full-budget reference, keywords or labels:\nadd "full" to --budgets',
-                  ha='center', va='center', transform=axes.transAxes)
-    axes.set_ylim(-0.05, 1.05)
+    _agreement_axes(axes, drawn, 'no full-budget reference, keywords or labels')
     _finish_axes(axes, positions, labels, 'rate', 'Agreement with the full budget and the labels')
-    figure.tight_layout()
-    figure.savefig(out_dir / AGREEMENT_PLOT, dpi=100)
-    plt.close(figure)
+    _write_figure(figure, out_dir / AGREEMENT_PLOT)
 
 
 def plot_agreement_per_reducer(summaries: list[dict], out_dir: pathlib.Path) -> None:
@@ -181,13 +176,24 @@ def plot_agreement_per_reducer(summaries: list[dict], out_dir: pathlib.Path) -> 
             if not np.all(np.isnan(values)):
                 axes.plot(positions, values, marker='o', linestyle=style, label=f'{reducer}: {name}')
                 drawn += 1
-    if not drawn:
-        axes.text(0.5, 0.5, 'no full-budget reference or labels:\nadd "full" to --budgets',
-                  ha='center', va='center', transform=axes.transAxes)
-    axes.set_ylim(-0.05, 1.05)
+    _agreement_axes(axes, drawn, 'no full-budget reference or labels')
     _finish_axes(axes, positions, budgets, 'token F1', 'Agreement vs budget, one line per reducer')
+    _write_figure(figure, out_dir / AGREEMENT_PLOT)
+
+
+def _agreement_axes(axes, drawn: int, missing: str) -> None:
+    """The agreement axes' shared parts: a 0..1 rate scale, and a note instead of lines when none was drawn."""
+    if not drawn:
+        axes.text(0.5, 0.5, f'{missing}:\nadd "full" to --budgets', ha='center', va='center',
+                  transform=axes.transAxes)
+    axes.set_ylim(-0.05, 1.05)
+
+
+def _write_figure(figure, path: pathlib.Path) -> None:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
-    figure.savefig(out_dir / AGREEMENT_PLOT, dpi=100)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
