@@ -1,12 +1,13 @@
 """vlm_replay --reducers on the sample bag with the tiny model: every (reducer, budget) pair on every frame,
-"full" once, rows carrying the reducer, a summary row per pair, the per-reducer plot, and --resume checking
-the reducer list."""
+"full" once, rows carrying the reducer, a summary row per pair, the per-reducer plot, --resume checking
+the reducer list, and --live sending each pair's reducer to a running node."""
 import csv
 import json
 
 import pytest
 
-from test_replay import MAX_NEW_TOKENS, check_outputs_match_results, one_line_error, read_jsonl, run_replay
+from test_replay import (MAX_NEW_TOKENS, check_outputs_match_results, live_replay, one_line_error, read_jsonl,
+                         run_replay)
 from zip_vlm_ros.replay import inputs
 from zip_vlm_ros.replay.inputs import ReplayError
 from zip_vlm_ros.tools import sample_bag
@@ -58,3 +59,27 @@ def test_replay_compares_the_reducers_side_by_side(tmp_path, capsys, bag, tiny_m
     assert 'reducers was ["visionzip", "divprune", "vispruner"] and is now ["divprune"]' in one_line_error(capsys)
     assert run_replay(*common, '--reducers', 'visionzip,divprune,vispruner', '--resume') == 0
     assert '0 new answers' in capsys.readouterr().err
+
+
+def test_live_replay_sends_each_pairs_reducer(tmp_path, tiny_model_dir):
+    from zip_vlm_ros.client import NodeProcess
+
+    node = NodeProcess({
+        'model': str(tiny_model_dir), 'cameras': ['front'], 'camera.front.topic': '/robot/front/image',
+        'use_sim_time': True, 'image_qos': 'reliable', 'token_budget': 8, 'max_new_tokens': int(MAX_NEW_TOKENS),
+    }, tmp_path / 'node.log')
+    bag = sample_bag.write_sample_bag(tmp_path / 'bag', storage='mcap', frames_per_topic=2)
+    out = tmp_path / 'live'
+    try:
+        run = live_replay(bag.path, out, '--remap', f'{RAW_TOPIC}:=/robot/front/image', '--camera', 'front',
+                          '--topics', RAW_TOPIC, '--period', '0.1', '--budgets', 'full,4',
+                          '--reducers', 'divprune,vispruner')
+    finally:
+        node_status = node.stop()
+    assert run.returncode == 0, run.stderr + node.log()
+    assert node_status == 0, node.log()
+    answered = [row for row in read_jsonl(out / 'results.jsonl') if row['status'] == 'ok']
+    assert {row['budget'] for row in answered} == {'full', 'divprune@4', 'vispruner@4'}
+    for row in answered:
+        expected = 'none' if row['budget'] == 'full' else row['budget'].split('@')[0]
+        assert (row['reducer'], row['reduction']) == (expected, expected), row
