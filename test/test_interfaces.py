@@ -44,13 +44,13 @@ def test_generated_interfaces_have_the_public_fields():
     assert VlmResult.get_fields_and_field_types() == VLM_RESULT_FIELDS
     assert DescribeScene.Request.get_fields_and_field_types() == {
         'camera': 'string', **IMAGE_SET_FIELDS, 'token_budget': 'int32', 'max_new_tokens': 'int32',
-        'prompt': 'string'}
+        'prompt': 'string', 'reducer': 'string'}
     assert Ask.Request.get_fields_and_field_types() == {
         'question': 'string', 'camera': 'string', 'image': 'sensor_msgs/Image', **IMAGE_SET_FIELDS,
-        'token_budget': 'int32', 'max_new_tokens': 'int32'}
+        'token_budget': 'int32', 'max_new_tokens': 'int32', 'reducer': 'string'}
     assert AskMany.Request.get_fields_and_field_types() == {
         'questions': 'sequence<string>', 'camera': 'string', 'image': 'sensor_msgs/Image', **IMAGE_SET_FIELDS,
-        'token_budget': 'int32', 'max_new_tokens': 'int32'}
+        'token_budget': 'int32', 'max_new_tokens': 'int32', 'reducer': 'string'}
     for response in (Ask.Response, DescribeScene.Response):
         assert response.get_fields_and_field_types() == {
             'success': 'boolean', 'message': 'string', 'result': 'zip_vlm_ros/VlmResult'}

@@ -227,28 +227,29 @@ class VlmClient:
     # `camera` (see srv/Ask.srv). token_budget is then the request's total over its images.
     def describe(self, camera: str = '', *, token_budget: int = 0, max_new_tokens: int = 0,
                  prompt: str = '', cameras: Sequence[str] = (), history_frames: int = 0, history_s: float = 0.0,
-                 timeout_s: float = 60.0) -> DescribeScene.Response:
+                 reducer: str = '', timeout_s: float = 60.0) -> DescribeScene.Response:
         request = DescribeScene.Request(camera=camera, token_budget=token_budget, max_new_tokens=max_new_tokens,
                                         prompt=prompt, cameras=list(cameras), history_frames=history_frames,
-                                        history_s=float(history_s))
+                                        history_s=float(history_s), reducer=reducer)
         return self.call(DescribeScene, '~/describe_scene', request, timeout_s)
 
     def ask(self, question: str, camera: str = '', *, image: Any = None, token_budget: int = 0,
             max_new_tokens: int = 0, cameras: Sequence[str] = (), history_frames: int = 0,
-            history_s: float = 0.0, timeout_s: float = 60.0) -> Ask.Response:
+            history_s: float = 0.0, reducer: str = '', timeout_s: float = 60.0) -> Ask.Response:
         request = Ask.Request(question=question, camera=camera, token_budget=token_budget,
                               max_new_tokens=max_new_tokens, cameras=list(cameras), history_frames=history_frames,
-                              history_s=float(history_s))
+                              history_s=float(history_s), reducer=reducer)
         if image is not None:
             request.image = image
         return self.call(Ask, '~/ask', request, timeout_s)
 
     def ask_many(self, questions: list[str], camera: str = '', *, image: Any = None,
                  token_budget: int = 0, max_new_tokens: int = 0, cameras: Sequence[str] = (),
-                 history_frames: int = 0, history_s: float = 0.0, timeout_s: float = 60.0) -> AskMany.Response:
+                 history_frames: int = 0, history_s: float = 0.0, reducer: str = '',
+                 timeout_s: float = 60.0) -> AskMany.Response:
         request = AskMany.Request(questions=questions, camera=camera, token_budget=token_budget,
                                   max_new_tokens=max_new_tokens, cameras=list(cameras),
-                                  history_frames=history_frames, history_s=float(history_s))
+                                  history_frames=history_frames, history_s=float(history_s), reducer=reducer)
         if image is not None:
             request.image = image
         return self.call(AskMany, '~/ask_many', request, timeout_s)
@@ -277,7 +278,8 @@ class VlmClient:
 
     def send_ask_goal(self, question: str, camera: str = '', *, image: Any = None, token_budget: int = 0,
                       max_new_tokens: int = 0, on_feedback: Any = None, cameras: Sequence[str] = (),
-                      history_frames: int = 0, history_s: float = 0.0, timeout_s: float = 60.0) -> AskGoal:
+                      history_frames: int = 0, history_s: float = 0.0, reducer: str = '',
+                      timeout_s: float = 60.0) -> AskGoal:
         """Send an Ask goal and return at once; the AskGoal collects feedback, cancels, waits for the result.
 
         on_feedback(feedback), if given, runs in this client's executor thread for every feedback.
@@ -286,19 +288,20 @@ class VlmClient:
             raise TimeoutError(f'action ~/ask_action of {self.target} is not available after {timeout_s} s')
         goal = AskAction.Goal(question=question, camera=camera, token_budget=token_budget,
                               max_new_tokens=max_new_tokens, cameras=list(cameras), history_frames=history_frames,
-                              history_s=float(history_s))
+                              history_s=float(history_s), reducer=reducer)
         if image is not None:
             goal.image = image
         return AskGoal(self.action_client(), goal, on_feedback)
 
     def ask_streamed(self, question: str, camera: str = '', *, image: Any = None, token_budget: int = 0,
                      max_new_tokens: int = 0, on_feedback: Any = None, cameras: Sequence[str] = (),
-                     history_frames: int = 0, history_s: float = 0.0,
+                     history_frames: int = 0, history_s: float = 0.0, reducer: str = '',
                      timeout_s: float = 60.0) -> tuple[int, AskAction.Result, AskGoal]:
         """Ask through the action and wait for the answer: (GoalStatus status, result, the goal)."""
         goal = self.send_ask_goal(question, camera, image=image, token_budget=token_budget,
                                   max_new_tokens=max_new_tokens, on_feedback=on_feedback, cameras=cameras,
-                                  history_frames=history_frames, history_s=history_s, timeout_s=timeout_s)
+                                  history_frames=history_frames, history_s=history_s, reducer=reducer,
+                                  timeout_s=timeout_s)
         status, result = goal.result(timeout_s)
         return status, result, goal
 

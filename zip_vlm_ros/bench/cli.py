@@ -4,6 +4,7 @@
 ``vlm_bench --node [...]``         the node's own overhead over DDS (``node_bench``)
 ``vlm_bench --multi-image [...]``  surround-view and history questions (``multi_image_bench``)
 ``vlm_bench --mini [...]``         LLaVA-Mini against LLaVA-1.5 (``mini_bench``)
+``vlm_bench --reducers A,B [...]`` the visual-token reducers side by side at 64 tokens (``reducer_bench``)
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 __all__ = ["main"]
 
 # flag -> module of zip_vlm_ros.bench with a main(argv); imported on demand (the node bench needs rclpy)
-MODES = {"--node": "node_bench", "--multi-image": "multi_image_bench", "--mini": "mini_bench"}
+MODES = {"--node": "node_bench", "--multi-image": "multi_image_bench", "--mini": "mini_bench",
+         "--reducers": "reducer_bench"}
 
 
 def main(argv=None) -> int:

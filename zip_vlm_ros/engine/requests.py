@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from zip_vlm_ros.errors import RequestError
+from zip_vlm_ros.reducers import REDUCERS
 
 __all__ = ["ImageInput", "check_budget", "check_context", "check_frame_key", "check_image", "check_max_new_tokens",
-           "check_prompt", "check_prompts"]
+           "check_prompt", "check_prompts", "check_reducer"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,16 @@ def check_image(image, name: str = "image") -> None:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or image.size == 0:
         raise RequestError(f"{name} must be an HxWx3 uint8 RGB array with H, W >= 1; got shape {image.shape} "
                            f"dtype {image.dtype}")
+
+
+def check_reducer(reducer, default: str) -> str:
+    """The request's reducer: `reducer` (None or "": `default`), or RequestError listing the choices."""
+    if reducer is None or reducer == "":
+        return default
+    if not isinstance(reducer, str) or reducer not in REDUCERS:
+        raise RequestError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)} "
+                           f"(or leave it empty for the default, {default})")
+    return reducer
 
 
 def check_budget(token_budget, default: int, visual_tokens_full: int) -> int:

@@ -114,11 +114,11 @@ class Job:
 
     def __init__(self, kind: str, prompts: list[str], *, camera: str, inline: Any,
                  token_budget: int, max_new_tokens: int, timeout_s: float, periodic: bool = False,
-                 images: Any = None):
+                 images: Any = None, reducer: str = 'visionzip'):
         self.kind, self.prompts, self.camera, self.inline = kind, prompts, camera, inline
         # Several images (image_sets.ImageSetRequest: surround cameras or a history); None: one image.
         self.images = images
-        self.token_budget, self.max_new_tokens = token_budget, max_new_tokens
+        self.token_budget, self.max_new_tokens, self.reducer = token_budget, max_new_tokens, reducer
         self.timeout_s, self.periodic = timeout_s, periodic
         self.submitted_s = time.monotonic()
         self.deadline_s = self.submitted_s + timeout_s

@@ -65,6 +65,7 @@ from zip_vlm_ros.node.parameters import (
     ParameterSpec, Settings, camera_parameter_specs, declared_parameter_names, image_qos_profile,
     max_new_tokens_limit, parameter_problem, service_qos_profile, type_problem)
 from zip_vlm_ros.node.spinning import BackgroundSpinner
+from zip_vlm_ros.reducers import REDUCERS
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
 NODE_NAME = 'zip_vlm'
@@ -260,7 +261,7 @@ class VlmNode(LifecycleNode):
             engine = VlmEngine(EngineConfig(
                 model=settings.model, vision_tower=settings.vision_tower, device=settings.device,
                 dtype=settings.dtype,
-                token_budget=int(self._param('token_budget')),
+                token_budget=int(self._param('token_budget')), reducer=self._param('reducer'),
                 contextual_ratio=1.0 - settings.dominant_ratio,
                 max_new_tokens=int(self._param('max_new_tokens'))))
             limits = {'visual_tokens_full': engine.visual_tokens_full if engine.token_budget_applies else None,
@@ -463,6 +464,13 @@ class VlmNode(LifecycleNode):
                 f'context holds after the image), or 0 = node default ({self._param("max_new_tokens")})'))
         return token_budget, max_new_tokens
 
+    def _resolve_reducer(self, reducer: str) -> str:
+        reducer = reducer.strip() or self._param('reducer')
+        if reducer not in REDUCERS:
+            raise RequestRejected('reducer', (f'unknown reducer {reducer!r}: use {", ".join(REDUCERS)}, or leave '
+                                              f'reducer empty for the node\'s ({self._param("reducer")})'))
+        return reducer
+
     def _resolve_camera(self, camera: str) -> str:
         camera = camera.strip() or self._settings.cameras[0]
         feed = self._feeds.get(camera)
@@ -493,15 +501,17 @@ class VlmNode(LifecycleNode):
         images = image_set_request(
             request, feeds=self._feeds, default_camera=self._settings.cameras[0], has_inline=inline is not None,
             history_limit=self._settings.frame_history_length, no_frame_message=self._no_frame_message)
+        reducer = self._resolve_reducer(request.reducer)
         if images is not None:  # surround view or history: token_budget is the total (see image_sets)
             _, max_new_tokens = self._resolve_limits(0, request.max_new_tokens)
             token_budget = resolve_total_budget(request.token_budget, images.count, int(self._param('token_budget')))
             return Job(kind, prompts, camera=images.camera_field, inline=None, token_budget=token_budget,
-                       max_new_tokens=max_new_tokens, timeout_s=self._settings.request_timeout_s, images=images)
+                       max_new_tokens=max_new_tokens, timeout_s=self._settings.request_timeout_s, images=images,
+                       reducer=reducer)
         token_budget, max_new_tokens = self._resolve_limits(request.token_budget, request.max_new_tokens)
         camera = INLINE_CAMERA if inline is not None else self._resolve_camera(request.camera)
         return Job(kind, prompts, camera=camera, inline=inline, token_budget=token_budget,
-                   max_new_tokens=max_new_tokens, timeout_s=self._settings.request_timeout_s)
+                   max_new_tokens=max_new_tokens, timeout_s=self._settings.request_timeout_s, reducer=reducer)
 
     async def _on_describe_scene(self, request: DescribeScene.Request,
                                  response: DescribeScene.Response) -> DescribeScene.Response:
@@ -674,7 +684,7 @@ class VlmNode(LifecycleNode):
         # generate is generate_many with one prompt: one call serves every kind of job.
         outputs = self._engine.generate_many(
             rgb, job.prompts, token_budget=job.token_budget, max_new_tokens=job.max_new_tokens,
-            frame_key=frame_key, should_stop=job.should_stop, on_token=job.on_token)
+            frame_key=frame_key, should_stop=job.should_stop, on_token=job.on_token, reducer=job.reducer)
         # An inline image without a stamp has no age; report 0 rather than the time since 1970.
         # A stamp slightly ahead of the node's clock (within max_clock_skew_s) reports 0, never < 0.
         image_age_ms = self._image_age_ms(header.stamp)
@@ -718,7 +728,7 @@ class VlmNode(LifecycleNode):
             job = Job('describe', [prompt], camera=feed.name, inline=None,
                       token_budget=int(self._param('token_budget')),
                       max_new_tokens=int(self._param('max_new_tokens')),
-                      timeout_s=self._settings.request_timeout_s, periodic=True)
+                      timeout_s=self._settings.request_timeout_s, periodic=True, reducer=self._param('reducer'))
             try:
                 self._queue.submit(job)
             except RequestRejected as rejected:
