@@ -94,7 +94,7 @@ class VlmEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.clock = DeviceClock(self.device)
         self.family = load_family(config.model, self.dtype, self.device, config.contextual_ratio, self.clock.now,
-                                  config.vision_tower)
+                                  config.vision_tower, config.max_pixels)
         self.model, self.processor = self.family.model, self.family.processor
         self.tokenizer = self.processor.tokenizer
         self.image_processor = self.processor.image_processor
@@ -102,7 +102,7 @@ class VlmEngine:
         self.token_budget_applies = self.family.token_budget_applies
         self.context_tokens = self.family.context_tokens
         self.image_token_id = self.family.image_token_id
-        self.prompts = PromptFormat(self.processor, self.image_token_id, self.model_name)
+        self.prompts = PromptFormat(self.processor, self.image_token_id, self.model_name, self.family.image_slot)
         self.image_token = self.prompts.image_token
         self.generator = Generator(self.family, self.tokenizer, self.clock,
                                    PrefixCache(config.prefix_cache_entries, config.prefix_cache_bytes))
@@ -205,7 +205,8 @@ class VlmEngine:
                                                check_stop)
             stream = self.generator.text_stream(on_token, prompt_index, start)
             tokens, first_token_time, end_time = self.generator.decode(step.logits, step.kv_cache, max_new, sampling,
-                                                              check_stop, on_step=stream)
+                                                              check_stop, on_step=stream,
+                                                              family_state=step.prefix.family_state)
             outputs.append(self._output(
                 prompt, tokens[0], budget, reducer, image.shape[:2], visual_tokens, vision_ms=step.vision_ms,
                 reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms, start=start,
@@ -243,6 +244,10 @@ class VlmEngine:
         prefix cache is not used. `should_stop` as in ``generate``.
         """
         self.check_open()
+        if not self.family.batches_prompts:
+            raise RequestError(f"{self.family.label} checkpoints do not answer a batch of cameras in one forward "
+                               f"(their prompts carry M-RoPE positions); ask each camera with generate, or all "
+                               f"of them together with generate_images")
         if not isinstance(images, Sequence) or isinstance(images, np.ndarray):
             raise RequestError(f"images must be a list of HxWx3 uint8 arrays; got {type(images).__name__}")
         prompts = check_prompts(prompts, self.image_token)
