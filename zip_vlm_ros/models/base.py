@@ -108,6 +108,10 @@ class FamilyAdapter:
         self.contextual_ratio = contextual_ratio
         self.important_ratio = DEFAULT_IMPORTANT_RATIO  # VisPruner's T_imp = int(T * ratio), the official default
         self.clock = clock  # perf_counter after the device's queued work (the engine's)
+        self.read_tower_geometry(hf_config)
+
+    def read_tower_geometry(self, hf_config) -> None:
+        """The vision tower's token geometry from the checkpoint's config (a CLIP tower's here)."""
         self.feature_layer = hf_config.vision_feature_layer
         self.select_strategy = hf_config.vision_feature_select_strategy
         vision_config = hf_config.vision_config

@@ -29,6 +29,7 @@ from zip_vlm_ros.errors import first_line
 from zip_vlm_ros.models.base import (Encoder, FamilyAdapter, ImageSize, PromptEmbeddings, VisualTokens,
                                      load_weights_and_processor)
 from zip_vlm_ros.models.clip_features import encode_for_visionzip
+from zip_vlm_ros.reducers import divprune_reduce
 
 __all__ = ["QwenVLAdapter", "mrope_positions"]
 
@@ -41,23 +42,15 @@ class QwenVLAdapter(FamilyAdapter):
     model_type = "qwen2_5_vl"
     label = "Qwen2.5-VL"
     batches_prompts = False
+    image_slot = "<|vision_start|>{image}<|vision_end|>"
 
-    def __init__(self, name: str, hf_config, model, processor, contextual_ratio: float, clock):
-        # Not FamilyAdapter.__init__: it reads the CLIP tower's geometry, which this family does not have.
-        self.name = name
-        self.hf_config = hf_config
-        self.model = model
-        self.processor = processor
-        self.image_processor = processor.image_processor
-        self.contextual_ratio = contextual_ratio
-        self.clock = clock
+    def read_tower_geometry(self, hf_config) -> None:
+        # no CLIP feature layer or square crops: merged 2x2 patches of a dynamically resized image
         vision_config = hf_config.vision_config
         self.merge_size = vision_config.spatial_merge_size
         self.factor = vision_config.patch_size * self.merge_size  # pixels per side of one LLM token
         self.min_pixels = self.image_processor.size["shortest_edge"]
         self.max_pixels = self.image_processor.size["longest_edge"]
-
-    image_slot = "<|vision_start|>{image}<|vision_end|>"
 
     @staticmethod
     def model_class():
@@ -185,8 +178,6 @@ class QwenVLAdapter(FamilyAdapter):
             else:
                 self.check_reducer(reducer)
                 reduction_start = self.clock()
-                from zip_vlm_ros.reducers import divprune_reduce
-
                 reduced = divprune_reduce(image_features[None], budget)
                 reduction_ms += (self.clock() - reduction_start) * 1000.0
                 features.append(reduced.tokens[0])
