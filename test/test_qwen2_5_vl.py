@@ -182,3 +182,10 @@ def test_max_pixels_bounds_the_full_count(tiny_qwen_model_dir):
         engine.close()
     with pytest.raises(ModelLoadError, match="min_pixels"):
         VlmEngine(EngineConfig(model=str(tiny_qwen_model_dir), device="cpu", max_pixels=100))
+
+
+def test_several_images_refuse_a_reducer_that_needs_cls_attention(engine):
+    images = [ImageInput(IMAGES["odd"], "rear"), ImageInput(IMAGES["coffee"], "front")]
+    with pytest.raises(RequestError, match="divprune"):
+        engine.generate_images(images, [PROMPTS[0]], token_budget=10, reducer="vispruner")
+    assert engine.generate_images(images, [PROMPTS[0]], token_budget=10, max_new_tokens=2)[0].generated_tokens >= 1

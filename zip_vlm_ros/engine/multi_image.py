@@ -171,7 +171,8 @@ class MultiImageAnswerer:
         max_new = engine.check_max_new_tokens(max_new_tokens)
         if engine.token_budget_applies:
             shares = split_total_budget(total, len(images))
-            counts = [engine.family.visual_token_count(item.image.shape[:2], min(share, self.base_tokens_full), reducer)
+            # each image's own full count caps its share (Qwen2.5-VL's depends on the image's size)
+            counts = [min(share, engine.family.base_token_count(item.image.shape[:2]))
                       for item, share in zip(images, shares)]
         else:  # C^2 tokens per image, fixed by training (LLaVA-Mini)
             shares = counts = [self.base_tokens_full] * len(images)
