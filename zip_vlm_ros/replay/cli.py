@@ -44,9 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine = parser.add_argument_group(
         'engine (offline): the node\'s parameters of the same names; defaults are the node\'s defaults')
     engine.add_argument('--params-file', metavar='YAML',
-                        help='read model, max_pixels, device, dtype, dominant_ratio, max_new_tokens and '
-                             'describe_prompt from '
-                             'the node\'s params file (e.g. config/vlm.yaml); the options below override it')
+                        help='read model, max_pixels, device, dtype, dominant_ratio, max_new_tokens, describe_prompt '
+                             'from the node\'s params file (e.g. config/vlm.yaml); the options below override it')
     engine.add_argument('--model', help='LLaVA checkpoint directory or hub id (required offline)')
     engine.add_argument('--vision-tower', dest='vision_tower',
                         help='LLaVA-Mini only: local CLIP directory when the checkpoint names its tower by hub id')
