@@ -29,13 +29,14 @@ differ only in how the prompt is split into forwards, so their logits differ by 
 any change of batch shape.
 
 Stages 1-2 and the LLM's input embeddings belong to the checkpoint's model family
-(``zip_vlm_ros.models``: LLaVA-1.5, LLaVA-NeXT, LLaVA-Mini): the adapter turns a tokenized prompt and the
-image's visual tokens into input embeddings (``embed_prompt``; ``embed_suffix`` for a later question on a
+(``zip_vlm_ros.models``: LLaVA-1.5, LLaVA-NeXT, LLaVA-Mini, Qwen2.5-VL): the adapter turns a tokenized
+prompt and the image's visual tokens into input embeddings (``embed_prompt``; ``embed_suffix`` for a later question on a
 cached prefix, from the state the adapter kept for that prefix), so prefill, decode, sampling and the
 cache never learn the family. For LLaVA-1.5 and LLaVA-NeXT that is the token embeddings with the visual
 tokens at the image placeholders; LLaVA-Mini first runs its pre-fusion layers over the prompt, and its
-prefix state is their key/value cache. ``token_budget`` means the same for every family that applies
-it: the visual tokens the LLM reads per image. LLaVA-Mini's count is fixed by training
+prefix state is their key/value cache; Qwen2.5-VL's prompt carries its own M-RoPE positions, and its prefix
+state is the position offset that later questions and decode steps add (``family.text_positions``).
+``token_budget`` means the same for every family that applies it: the visual tokens the LLM reads per image. LLaVA-Mini's count is fixed by training
 (``family.token_budget_applies`` is False): budgets are accepted and ignored.
 
 Several images, one question (surround cameras, a camera's recent frames): ``generate_images``, in

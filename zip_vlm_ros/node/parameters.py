@@ -35,8 +35,8 @@ class ParameterSpec:
 NODE_PARAMETERS = (
     ParameterSpec('model', 'llava-hf/llava-1.5-7b-hf',
                   'LLaVA-1.5 or LLaVA-NeXT checkpoint (LlavaForConditionalGeneration, '
-                  'LlavaNextForConditionalGeneration): a local directory or a hub id; LLaVA-Mini '
-                  '(model_type llava_mini_llama): a local directory'),
+                  'LlavaNextForConditionalGeneration) or Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration): a '
+                  'local directory or a hub id; LLaVA-Mini (model_type llava_mini_llama): a local directory'),
     ParameterSpec('vision_tower', '',
                   'LLaVA-Mini only: local CLIP directory (config.json, preprocessor_config.json, and '
                   'weights unless the checkpoint holds the tower) for a checkpoint whose mm_vision_tower '
