@@ -191,3 +191,18 @@ def test_bad_requests_are_refused_before_any_model_work(engine):
         engine.open_request(IMAGES["coffee"], ["Hi?"], max_new_tokens=0)
     with pytest.raises(RequestError, match="image"):
         engine.open_request(np.zeros((4, 4), np.uint8), ["Hi?"])
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_next_model_dir", "tiny_mini_model_dir"])
+def test_other_families_batch_exactly(request, model_dir):
+    """LLaVA-NeXT (AnyRes prompts of different lengths per image) and LLaVA-Mini (pre-fused prompts)."""
+    engine = VlmEngine(EngineConfig(model=str(request.getfixturevalue(model_dir)), device="cpu", max_new_tokens=8))
+    try:
+        cases = [("astronaut", "What is in the image?", 6), ("coffee", "Describe the table in detail.", 8),
+                 ("rocket", "Is the path clear?", 3)]
+        alone = [engine.generate(IMAGES[name], prompt, max_new_tokens=new).text for name, prompt, new in cases]
+        requests = [engine.open_request(IMAGES[name], [prompt], max_new_tokens=new) for name, prompt, new in cases]
+        assert run_batch(engine, requests, join_at=[0, 0, 1]) == 3
+        assert [r.outputs[0].text for r in requests] == alone
+    finally:
+        engine.close()
