@@ -23,6 +23,7 @@ def test_json_reports_both_modes_side_by_side(quick_run):
     assert concurrent["tokens_per_s_serial"] == concurrent["serial"]["tokens_per_s"] > 0
     for mode in ("batched", "serial"):
         row = concurrent[mode]
+        assert row["tokens_per_s"] == pytest.approx(row["generated_tokens"] / (row["wall_ms"] / 1e3))
         assert row["requests"] == 3 and 3 <= row["generated_tokens"] <= 3 * 4
         assert 0 < row["ttft_p50_ms"] <= row["ttft_p95_ms"] <= row["total_p95_ms"] <= row["wall_ms"]
     # The same requests: greedy answers of the same lengths in both modes.
