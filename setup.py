@@ -32,6 +32,7 @@ setup(
             'vlm_bench = zip_vlm_ros.bench.cli:main',
             'vlm_replay = zip_vlm_ros.replay:main',
             'vlm_tiny_model = zip_vlm_ros.tools.tiny_model:main',
+            'vlm_published_replica = zip_vlm_ros.tools.published_replica:main',
             'vlm_make_sample_bag = zip_vlm_ros.tools.sample_bag:main',
             'vlm_demo = zip_vlm_ros.tools.demo:main',
         ],

@@ -75,6 +75,20 @@ else
   say "zip_vlm_ros installed (editable)"
 fi
 
+# 4. Fast DDS's `fastdds` tool (`fastdds shm clean` after a crash). The wheel's wrapper runs `python3`
+# from PATH, which lacks the psutil (pinned in requirements-ml.txt) the tool imports: it exited 1 and
+# cleaned nothing. Point it at this venv's interpreter, relative to itself so the venv can move.
+fastdds_tool=$venv/tools/fastdds/fastdds.py
+if [ -f "$fastdds_tool" ]; then
+  cat > "$venv/bin/fastdds" <<'SH'
+#!/bin/sh
+# Written by zip_vlm_ros scripts/setup.sh: Fast DDS's tool, run by this venv's interpreter.
+dir=$(dirname "$0")
+exec "$dir/python" "$dir/../tools/fastdds/fastdds.py" "$@"
+SH
+  chmod +x "$venv/bin/fastdds"
+fi
+
 "$py" - <<'PY'
 import zip_vlm_ros
 from zip_vlm_ros.msg import VlmResult

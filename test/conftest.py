@@ -53,3 +53,28 @@ def mini_c2_dir(tmp_path_factory) -> pathlib.Path:
     out.mkdir()
     write_mini_checkpoint(out, dataclasses.replace(PRESETS['tiny-mini'], compressor_size=2), seed=3)
     return out
+
+
+PUBLISHED_DIR = REPO_ROOT / 'test' / 'fixtures' / 'published'
+# The supported checkpoints whose published files test/fixtures/published holds (see its README).
+PUBLISHED_CHECKPOINTS = ('llava-hf/llava-1.5-7b-hf', 'llava-hf/llava-v1.6-mistral-7b-hf',
+                         'llava-hf/llava-v1.6-vicuna-7b-hf', 'ICTNLP/llava-mini-llama-3.1-8b')
+PUBLISHED_CLIP_TOWER = 'openai/clip-vit-large-patch14-336'
+
+
+def published_files(checkpoint: str) -> pathlib.Path:
+    """The directory of `checkpoint`'s published files (hub id `org/name` -> `org__name`)."""
+    return PUBLISHED_DIR / checkpoint.replace('/', '__')
+
+
+@pytest.fixture(scope='session')
+def published_replicas(tmp_path_factory) -> dict:
+    """``{hub id: replica directory}`` for every published checkpoint, and ``PUBLISHED_CLIP_TOWER``: the
+    CLIP directory LLaVA-Mini's replica reads its tower from. Built offline once per session."""
+    from zip_vlm_ros.tools.published_replica import build_clip_replica, build_replica
+
+    root = tmp_path_factory.mktemp('published_replicas')
+    replicas = {checkpoint: build_replica(published_files(checkpoint), root / checkpoint.replace('/', '__'))
+                for checkpoint in PUBLISHED_CHECKPOINTS}
+    replicas[PUBLISHED_CLIP_TOWER] = build_clip_replica(published_files(PUBLISHED_CLIP_TOWER), root / 'clip')
+    return replicas

@@ -13,7 +13,7 @@ import skimage.data
 
 from zip_vlm_ros.client import NodeProcess, VlmClient, use_large_frames_profile, wait_until
 from zip_vlm_ros.node.conversions import rgb_to_image
-from zip_vlm_ros.bench.node_bench import LONG_QUESTIONS  # noqa: F401  (the tests import it from here)
+from zip_vlm_ros.bench.node_bench import LONG_QUESTIONS, QUESTION_ROOM_TOKENS  # noqa: F401  (tests import LONG_QUESTIONS here)
 from diagnostic_msgs.msg import DiagnosticArray
 
 from zip_vlm_ros.srv import DescribeScene
@@ -79,7 +79,7 @@ def status_values(diagnostics: list) -> dict[str, str]:
 # With the longest answers the context allows, LONG_QUESTIONS keep the tiny checkpoint decoding far
 # longer than any test waits: the job is certainly still running when the test deactivates, signals
 # or times it out.
-LONGEST_ANSWER = 1024 - 16  # tiny preset: context 1024 minus 16 visual tokens
+LONGEST_ANSWER = 1024 - 16 - QUESTION_ROOM_TOKENS  # tiny preset: context 1024 minus 16 visual tokens and the text
 
 
 class LoadedNode:

@@ -31,7 +31,8 @@ def test_the_ask_action_has_the_ask_request_as_goal():
 
     assert AskAction.Goal.get_fields_and_field_types() == Ask.Request.get_fields_and_field_types()
     assert AskAction.Result.get_fields_and_field_types() == {
-        'success': 'boolean', 'message': 'string', 'partial_text': 'string', 'result': 'zip_vlm_ros/VlmResult'}
+        'success': 'boolean', 'message': 'string', 'partial_text': 'string', 'partial_generated_tokens': 'int32',
+        'partial_elapsed_ms': 'float', 'result': 'zip_vlm_ros/VlmResult'}
     assert AskAction.Feedback.get_fields_and_field_types() == {
         'text': 'string', 'delta': 'string', 'generated_tokens': 'int32', 'elapsed_ms': 'float'}
 
@@ -43,13 +44,13 @@ def test_generated_interfaces_have_the_public_fields():
     assert VlmResult.get_fields_and_field_types() == VLM_RESULT_FIELDS
     assert DescribeScene.Request.get_fields_and_field_types() == {
         'camera': 'string', **IMAGE_SET_FIELDS, 'token_budget': 'int32', 'max_new_tokens': 'int32',
-        'prompt': 'string'}
+        'prompt': 'string', 'reducer': 'string'}
     assert Ask.Request.get_fields_and_field_types() == {
         'question': 'string', 'camera': 'string', 'image': 'sensor_msgs/Image', **IMAGE_SET_FIELDS,
-        'token_budget': 'int32', 'max_new_tokens': 'int32'}
+        'token_budget': 'int32', 'max_new_tokens': 'int32', 'reducer': 'string'}
     assert AskMany.Request.get_fields_and_field_types() == {
         'questions': 'sequence<string>', 'camera': 'string', 'image': 'sensor_msgs/Image', **IMAGE_SET_FIELDS,
-        'token_budget': 'int32', 'max_new_tokens': 'int32'}
+        'token_budget': 'int32', 'max_new_tokens': 'int32', 'reducer': 'string'}
     for response in (Ask.Response, DescribeScene.Response):
         assert response.get_fields_and_field_types() == {
             'success': 'boolean', 'message': 'string', 'result': 'zip_vlm_ros/VlmResult'}

@@ -1,6 +1,8 @@
 """One question over several images (zip_vlm_ros.engine.multi_image) on the offline tiny LLaVA-1.5 and LLaVA-NeXT
 checkpoints: the budget split, token accounting, labels, stock equivalence, the per-image visual-token
 cache, prefix reuse and its exactness, the context limit."""
+import re
+
 import numpy as np
 import pytest
 import skimage.data
@@ -8,6 +10,7 @@ import torch
 
 from zip_vlm_ros.engine import EngineConfig, ImageInput, RequestError, VlmEngine
 from zip_vlm_ros.engine.multi_image import split_total_budget
+from zip_vlm_ros.engine.requests import check_context
 from zip_vlm_ros.models.base import image_block
 
 FRAMES = [getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "camera", "cat")]
@@ -182,6 +185,39 @@ def test_context_overflow_is_refused_with_the_numbers(engine):
     message = str(error.value)
     assert "6 images need 96 visual tokens" in message and "context of 1024" in message
     assert "max_new_tokens 1000" in message
+
+
+OVERFLOW = re.compile(r"^(\d+) images? needs? (\d+) visual tokens; with the prompt's (\d+) text tokens and "
+                      r"max_new_tokens (\d+) that is (\d+) tokens, more than the model's context of 1024: "
+                      r"use max_new_tokens <= (\d+), or lower token_budget")
+
+
+def test_one_image_and_several_refuse_a_context_overflow_with_the_same_check(engine):
+    """max_new_tokens = context - one full image (what the node's parameter allows) leaves no room for
+    the question's text: one image and several are refused alike, with numbers that add up."""
+    max_new = 1024 - FULL
+    single = OVERFLOW.match(_request_error(lambda: engine.generate(FRAMES[0], QUESTION, token_budget=FULL,
+                                                                   max_new_tokens=max_new)))
+    several = OVERFLOW.match(_request_error(lambda: engine.generate_images(
+        surround_inputs()[:2], [QUESTION], token_budget=2 * FULL, max_new_tokens=max_new)))
+    batch = OVERFLOW.match(_request_error(lambda: engine.generate_batch(
+        [FRAMES[0], FRAMES[1]], [QUESTION, QUESTION], token_budget=FULL, max_new_tokens=max_new)))
+    for match, images in ((single, 1), (several, 2), (batch, 1)):
+        count, visual, text, asked, total, room = map(int, match.groups())
+        assert (count, visual, asked) == (images, images * FULL, max_new)
+        assert total == visual + text + asked and room == 1024 - visual - text
+        # the largest answer the message names fits: the boundary is exact
+        check_context(visual + text, visual, room, 1024)
+        with pytest.raises(RequestError):
+            check_context(visual + text, visual, room + 1, 1024)
+    # the multi-image prompt adds its labels to the text tokens
+    assert int(several.group(3)) > int(single.group(3))
+
+
+def _request_error(call) -> str:
+    with pytest.raises(RequestError) as error:
+        call()
+    return str(error.value)
 
 
 @pytest.mark.parametrize("kwargs, expected", [

@@ -6,7 +6,7 @@ from zip_vlm_ros.bench.node_bench import format_report, run_node_bench
 
 def test_node_bench_quick_run(tiny_model_dir, tmp_path):
     results = run_node_bench(tiny_model_dir, requests=5, callback_frames=10, stream_s=1.5, bursts=1, cancels=2,
-                             streamed_goals=3,
+                             streamed_goals=3, intake_s=2.0,
                              log_path=tmp_path / 'node.log')
     for key in ('round_trip_ms_p50', 'engine_ms_p50', 'callback_us_p50', 'deserialize_ms_p50',
                 'dds_callback_us_p50'):
@@ -24,8 +24,15 @@ def test_node_bench_quick_run(tiny_model_dir, tmp_path):
     assert 0 < results['goal_cancel_ms_p50'] <= results['goal_cancel_ms_p95']
     assert set(results['passed']) == set(results['targets']) == {
         'overhead_ms_p50', 'callback_us_p50', 'refusal_ms_p95', 'cancel_ms_p95',
-        'first_feedback_overhead_ms_p50', 'goal_cancel_ms_p95'}
+        'first_feedback_overhead_ms_p50', 'goal_cancel_ms_p95', 'intake_ratio_min'}
+    # frame intake: every load ran, the callers' requests were answered, the ratios are fractions
+    assert set(results['intake']) == {'idle', 'refusals', 'asks'}
+    for load, intake in results['intake'].items():
+        assert 0 < intake['ratio_min'] <= intake['ratio_mean'] <= 1.0, (load, intake)
+        assert intake['published_per_camera'] >= 10
+        assert (intake['requests_per_s'] > 0) == (load != 'idle'), (load, intake)
     report = format_report(results)
     assert 'node overhead = round trip - engine' in report and 'cancel latency' in report
     assert 'first feedback - engine TTFT' in report and 'cancel sent to result received' in report
-    assert report.count('PASS') + report.count('MISS') == 6
+    assert 'frames received / published, 6 cameras at 10 Hz, refusals' in report
+    assert report.count('PASS') + report.count('MISS') == 8

@@ -95,6 +95,11 @@ def test_all_fresh_cameras_give_one_answer_listing_them(client, frames):
     # token_budget 0: the node's token_budget (8) per image.
     default = client.ask('What is around the car?', cameras=CAMERAS[:2], timeout_s=120)
     assert default.success and default.result.visual_tokens == 16
+    # A total above every image's full count reports what was used, the capped sum (msg/VlmResult.msg).
+    capped = client.ask('What is around the car?', cameras=CAMERAS, token_budget=100, max_new_tokens=2,
+                        timeout_s=120)
+    assert capped.success, capped.message
+    assert capped.result.token_budget == capped.result.visual_tokens == 6 * FULL == 96
 
 
 def test_single_camera_results_list_their_one_image(client, frames):
@@ -125,6 +130,12 @@ def test_bad_several_image_requests_are_refused(client, frames):
                           timeout_s=120)
     assert not overflow.success
     assert '6 images need 96 visual tokens' in overflow.message and 'context of 1024' in overflow.message
+    # One image: the same check and numbers. The node's max_new_tokens limit (context minus a full
+    # image, 1008) leaves no room for the question's text tokens.
+    single = client.ask('What is around the car?', 'back', max_new_tokens=1024 - FULL, timeout_s=120)
+    assert not single.success
+    assert single.message.startswith("1 image needs 8 visual tokens; with the prompt's "), single.message
+    assert 'max_new_tokens 1008 that is' in single.message and 'context of 1024' in single.message
 
 
 def test_history_of_a_10hz_stream_picks_frames_near_evenly_spaced_targets(client, frames):

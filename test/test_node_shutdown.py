@@ -5,12 +5,19 @@ node restarted after SIGKILL serves. (Deactivate and the shutdown transition: te
 import signal
 
 import pytest
+import rclpy
 import skimage.data
+from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.context import Context
+from rclpy.executors import MultiThreadedExecutor
 
 from node_helpers import LoadedNode
 from zip_vlm_ros.client import NodeProcess, VlmClient, wait_until
 from zip_vlm_ros.node.conversions import rgb_to_image
+from zip_vlm_ros.node.jobs import SHUTTING_DOWN_MESSAGE
+from zip_vlm_ros.node.spinning import BackgroundSpinner
+from zip_vlm_ros.node.vlm_node import VlmNode
 from zip_vlm_ros.srv import Ask, AskMany
 
 # Lines that must never appear in the log of a node going down (issue 9: aborts, destroyed handles).
@@ -49,6 +56,35 @@ def test_signal_with_requests_running_and_queued_answers_everyone_and_exits_0(ti
         assert not response.success and 'the node is shutting down' in response.message, response.message
     assert exit_code == 0, log
     assert not [line for line in log.splitlines() if any(alarm in line for alarm in ALARMS)], log
+
+
+def test_requests_arriving_after_the_signal_hear_that_the_node_is_shutting_down(tiny_model_dir):
+    """Between the signal and the exit the executor still spins and answers: a request or goal that
+    arrives then (after main() called close()) is refused with the shutdown reason, not 'not active'.
+    In process, so the request certainly arrives after close(), as a goal racing SIGINT can."""
+    coffee = rgb_to_image(skimage.data.coffee())
+    context = Context()
+    rclpy.init(args=['--ros-args', '-r', '__ns:=/closing', '-p', f'model:={tiny_model_dir}',
+                     '-p', 'token_budget:=8', '-p', 'max_new_tokens:=2'], context=context)
+    node = VlmNode(context=context)
+    executor = MultiThreadedExecutor(num_threads=node.executor_threads, context=context)
+    executor.add_node(node)
+    spinner = BackgroundSpinner(executor)
+    try:
+        assert node.start()
+        with VlmClient('/closing/zip_vlm', client_name='late_caller') as client:
+            assert client.ask('What is this?', image=coffee, timeout_s=60).success
+            assert client.wait_for_action(60)
+            node.close()  # what main() does when SIGINT or SIGTERM arrives
+            response = client.ask('What is this?', image=coffee, timeout_s=30)
+            status, result, _ = client.ask_streamed('What is this?', image=coffee, timeout_s=30)
+    finally:
+        spinner.stop()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+        context.destroy()
+    assert not response.success and response.message == SHUTTING_DOWN_MESSAGE
+    assert status == GoalStatus.STATUS_ABORTED and result.message == SHUTTING_DOWN_MESSAGE
 
 
 def test_a_node_restarted_after_sigkill_serves(tiny_model_dir, tmp_path):

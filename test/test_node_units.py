@@ -12,7 +12,8 @@ from rclpy.context import Context
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
-from zip_vlm_ros.node.jobs import CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, ThrottledWarnings
+from zip_vlm_ros.node.jobs import (
+    SHUTTING_DOWN_MESSAGE, CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, ThrottledWarnings)
 from zip_vlm_ros.node.vlm_node import VlmNode
 from zip_vlm_ros.node.parameters import parameter_problem, type_problem
 
@@ -172,6 +173,11 @@ def test_closing_the_queue_cancels_running_and_waiting_jobs():
     assert running.should_stop() == 'the node is shutting down'
     assert queue.next(0) is None
     with pytest.raises(RequestRejected, match='not active'):
+        queue.submit(make_job())
+    # closed for the process's exit: a request that comes after is told so, not to activate the node
+    queue.open()
+    queue.close(SHUTTING_DOWN_MESSAGE, refuse_with=SHUTTING_DOWN_MESSAGE)
+    with pytest.raises(RequestRejected, match='^the node is shutting down: retry when it is back$'):
         queue.submit(make_job())
 
 

@@ -11,7 +11,8 @@ from conftest import REPO_ROOT
 
 PACKAGE_FILES = ['CMakeLists.txt', 'package.xml', 'resource', 'msg', 'srv', 'action', 'bin', 'zip_vlm_ros',
                  'launch', 'config']
-EXECUTABLES = ['vlm_node', 'vlm_bench', 'vlm_replay', 'vlm_tiny_model', 'vlm_make_sample_bag', 'vlm_demo']
+EXECUTABLES = ['vlm_node', 'vlm_bench', 'vlm_replay', 'vlm_tiny_model', 'vlm_published_replica', 'vlm_make_sample_bag',
+               'vlm_demo']
 
 
 def test_cmake_install_layout_matches_a_colcon_install(tmp_path):

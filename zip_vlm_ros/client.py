@@ -153,14 +153,18 @@ class VlmClient:
         response_depth: response history of its service clients (RESPONSE_HISTORY_DEPTH: deep
             enough for 100 concurrent callers of one service).
         threads: executor threads (responses and subscriptions).
+        feedback_depth: feedback history of its action clients; a reader slower than the node's
+            feedback loses the oldest (AskGoal.gap_seen), never the answer.
     """
 
     def __init__(self, node_name: str = '/' + NODE_NAME, *, client_name: str = 'vlm_client',
-                 response_depth: int = RESPONSE_HISTORY_DEPTH, threads: int = 4):
+                 response_depth: int = RESPONSE_HISTORY_DEPTH, threads: int = 4,
+                 feedback_depth: int = RESPONSE_HISTORY_DEPTH):
         self.target = node_name.rstrip('/')
         self.context = Context()
         rclpy.init(context=self.context)
         self.node = Node(client_name, context=self.context)
+        self._feedback_depth = feedback_depth
         self._service_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=response_depth,
                                        reliability=ReliabilityPolicy.RELIABLE)
         self._executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
@@ -223,28 +227,29 @@ class VlmClient:
     # `camera` (see srv/Ask.srv). token_budget is then the request's total over its images.
     def describe(self, camera: str = '', *, token_budget: int = 0, max_new_tokens: int = 0,
                  prompt: str = '', cameras: Sequence[str] = (), history_frames: int = 0, history_s: float = 0.0,
-                 timeout_s: float = 60.0) -> DescribeScene.Response:
+                 reducer: str = '', timeout_s: float = 60.0) -> DescribeScene.Response:
         request = DescribeScene.Request(camera=camera, token_budget=token_budget, max_new_tokens=max_new_tokens,
                                         prompt=prompt, cameras=list(cameras), history_frames=history_frames,
-                                        history_s=float(history_s))
+                                        history_s=float(history_s), reducer=reducer)
         return self.call(DescribeScene, '~/describe_scene', request, timeout_s)
 
     def ask(self, question: str, camera: str = '', *, image: Any = None, token_budget: int = 0,
             max_new_tokens: int = 0, cameras: Sequence[str] = (), history_frames: int = 0,
-            history_s: float = 0.0, timeout_s: float = 60.0) -> Ask.Response:
+            history_s: float = 0.0, reducer: str = '', timeout_s: float = 60.0) -> Ask.Response:
         request = Ask.Request(question=question, camera=camera, token_budget=token_budget,
                               max_new_tokens=max_new_tokens, cameras=list(cameras), history_frames=history_frames,
-                              history_s=float(history_s))
+                              history_s=float(history_s), reducer=reducer)
         if image is not None:
             request.image = image
         return self.call(Ask, '~/ask', request, timeout_s)
 
     def ask_many(self, questions: list[str], camera: str = '', *, image: Any = None,
                  token_budget: int = 0, max_new_tokens: int = 0, cameras: Sequence[str] = (),
-                 history_frames: int = 0, history_s: float = 0.0, timeout_s: float = 60.0) -> AskMany.Response:
+                 history_frames: int = 0, history_s: float = 0.0, reducer: str = '',
+                 timeout_s: float = 60.0) -> AskMany.Response:
         request = AskMany.Request(questions=questions, camera=camera, token_budget=token_budget,
                                   max_new_tokens=max_new_tokens, cameras=list(cameras),
-                                  history_frames=history_frames, history_s=float(history_s))
+                                  history_frames=history_frames, history_s=float(history_s), reducer=reducer)
         if image is not None:
             request.image = image
         return self.call(AskMany, '~/ask_many', request, timeout_s)
@@ -257,7 +262,7 @@ class VlmClient:
             self._action_clients[full] = _LockedActionClient(
                 self.node, AskAction, full, goal_service_qos_profile=self._service_qos,
                 result_service_qos_profile=self._service_qos, cancel_service_qos_profile=self._service_qos,
-                feedback_sub_qos_profile=QoSProfile(depth=RESPONSE_HISTORY_DEPTH,
+                feedback_sub_qos_profile=QoSProfile(depth=self._feedback_depth,
                                                     reliability=ReliabilityPolicy.RELIABLE))
         return self._action_clients[full]
 
@@ -273,7 +278,8 @@ class VlmClient:
 
     def send_ask_goal(self, question: str, camera: str = '', *, image: Any = None, token_budget: int = 0,
                       max_new_tokens: int = 0, on_feedback: Any = None, cameras: Sequence[str] = (),
-                      history_frames: int = 0, history_s: float = 0.0, timeout_s: float = 60.0) -> AskGoal:
+                      history_frames: int = 0, history_s: float = 0.0, reducer: str = '',
+                      timeout_s: float = 60.0) -> AskGoal:
         """Send an Ask goal and return at once; the AskGoal collects feedback, cancels, waits for the result.
 
         on_feedback(feedback), if given, runs in this client's executor thread for every feedback.
@@ -282,19 +288,20 @@ class VlmClient:
             raise TimeoutError(f'action ~/ask_action of {self.target} is not available after {timeout_s} s')
         goal = AskAction.Goal(question=question, camera=camera, token_budget=token_budget,
                               max_new_tokens=max_new_tokens, cameras=list(cameras), history_frames=history_frames,
-                              history_s=float(history_s))
+                              history_s=float(history_s), reducer=reducer)
         if image is not None:
             goal.image = image
         return AskGoal(self.action_client(), goal, on_feedback)
 
     def ask_streamed(self, question: str, camera: str = '', *, image: Any = None, token_budget: int = 0,
                      max_new_tokens: int = 0, on_feedback: Any = None, cameras: Sequence[str] = (),
-                     history_frames: int = 0, history_s: float = 0.0,
+                     history_frames: int = 0, history_s: float = 0.0, reducer: str = '',
                      timeout_s: float = 60.0) -> tuple[int, AskAction.Result, AskGoal]:
         """Ask through the action and wait for the answer: (GoalStatus status, result, the goal)."""
         goal = self.send_ask_goal(question, camera, image=image, token_budget=token_budget,
                                   max_new_tokens=max_new_tokens, on_feedback=on_feedback, cameras=cameras,
-                                  history_frames=history_frames, history_s=history_s, timeout_s=timeout_s)
+                                  history_frames=history_frames, history_s=history_s, reducer=reducer,
+                                  timeout_s=timeout_s)
         status, result = goal.result(timeout_s)
         return status, result, goal
 
@@ -335,6 +342,13 @@ class AskGoal:
 
     Attributes: sent_s and result_s (time.monotonic() when sent and when the result arrived),
     feedback (list of (arrival monotonic s, AskAction.Feedback)).
+
+    The feedback topic is reliable but keep-last: a reader that falls behind the writer's history
+    loses the oldest samples, and rclpy's ActionClient drops feedback that arrives after the result.
+    So the answer is read from what every message carries in full: `text` is the newest feedback's
+    text (by generated_tokens) until the result arrives, then the result's (which holds everything
+    the last feedback did). `deltas` concatenates the received deltas; it equals `text` whenever
+    `gap_seen` is False.
     """
 
     def __init__(self, action_client: ActionClient, goal: AskAction.Goal, on_feedback: Any = None):
@@ -342,6 +356,7 @@ class AskGoal:
         self._on_feedback = on_feedback
         self._accepted = threading.Event()
         self._done = threading.Event()
+        self._lock = threading.Lock()
         self._goal_handle = None
         self._result = None
         self.result_s: float | None = None
@@ -350,7 +365,8 @@ class AskGoal:
         future.add_done_callback(self._goal_answered)
 
     def _feedback(self, message: Any) -> None:
-        self.feedback.append((time.monotonic(), message.feedback))
+        with self._lock:
+            self.feedback.append((time.monotonic(), message.feedback))
         if self._on_feedback is not None:
             self._on_feedback(message.feedback)
 
@@ -363,14 +379,52 @@ class AskGoal:
             self._done.set()
 
     def _result_arrived(self, future: Any) -> None:
-        self.result_s = time.monotonic()
-        self._result = future.result()
+        with self._lock:
+            self.result_s = time.monotonic()
+            self._result = future.result()
         self._done.set()
+
+    def _received_in_order(self) -> list[Any]:
+        """The received feedback ordered by generated_tokens (the order the node published it in)."""
+        with self._lock:
+            received = [feedback for _, feedback in self.feedback]
+        return sorted(received, key=lambda feedback: feedback.generated_tokens)
+
+    def _result_text(self) -> str | None:
+        """The answer the result carries (the whole answer, or the partial text of a stopped goal);
+        None before the result or when the goal was rejected."""
+        with self._lock:
+            result = self._result
+        if result is None:
+            return None
+        answer = result.result
+        return answer.result.text if answer.success else answer.partial_text
 
     @property
     def text(self) -> str:
-        """The concatenated feedback deltas: the answer as streamed so far."""
-        return ''.join(feedback.delta for _, feedback in list(self.feedback))
+        """The answer so far: the result's text once it arrived, else the newest feedback's text."""
+        result_text = self._result_text()
+        if result_text is not None:
+            return result_text
+        received = self._received_in_order()
+        return received[-1].text if received else ''
+
+    @property
+    def deltas(self) -> str:
+        """The received deltas concatenated in generated_tokens order: equals `text` unless gap_seen."""
+        return ''.join(feedback.delta for feedback in self._received_in_order())
+
+    @property
+    def gap_seen(self) -> bool:
+        """True when a feedback that changed the text was not received: a received one does not extend
+        the one before it, or the result's text is not where the received feedback ended."""
+        streamed = ''
+        for feedback in self._received_in_order():
+            if feedback.text != streamed + feedback.delta:
+                return True
+            streamed = feedback.text
+        result_text = self._result_text()
+        return result_text is not None and result_text != streamed
 
     def wait_accepted(self, timeout_s: float) -> bool:
         return self._accepted.wait(timeout_s) and self._goal_handle.accepted

@@ -173,13 +173,13 @@ def _stock_stage_hooks(engine, marks: dict[str, float], prompt_kv_bytes: list[in
 
 @torch.inference_mode()
 def measure_vision_stage(engine, pixels: dict, image_size: tuple[int, int], variant: str, token_budget: int, *,
-                         track_memory: bool = False) -> dict:
+                         track_memory: bool = False, reducer: str = "visionzip") -> dict:
     """Image features for the LLM from one image's preprocessed `pixels` (``family.preprocess``), one way.
 
     variant "stock": the model's ``get_image_features`` (all encoder layers, every feature token,
     projector; LLaVA-NeXT: every crop, unpadding and newlines); "visionzip": ``encode_for_visionzip`` +
-    ``visionzip_compress`` + projector (+ per-crop layout); "reference": the same with
-    ``encode_reference_style``.
+    `reducer` (``visionzip_compress`` by default) + projector (+ per-crop layout); "reference": the same
+    with ``encode_reference_style``.
     """
     family = engine.family
     with PeakMemory(engine.device, track_memory) as peak:
@@ -188,7 +188,7 @@ def measure_vision_stage(engine, pixels: dict, image_size: tuple[int, int], vari
             features = family.encode_pixels(pixels, [image_size], family.full_token_count(image_size))[0]
         else:
             encoder = encode_for_visionzip if variant == "visionzip" else encode_reference_style
-            features = family.encode_pixels(pixels, [image_size], token_budget, encoder=encoder)[0]
+            features = family.encode_pixels(pixels, [image_size], token_budget, reducer, encoder=encoder)[0]
         elapsed_ms = (device_clock(engine.device) - start) * 1000.0
         del features
     return {"ms": elapsed_ms, "peak_extra_bytes": peak.extra_bytes}
@@ -236,10 +236,10 @@ class FloorInputs:
 
 
 @torch.inference_mode()
-def prepare_floor_inputs(engine, image, question: str, budget: int) -> FloorInputs:
-    visual_tokens = engine.family.visual_token_count(image.shape[:2], budget)
+def prepare_floor_inputs(engine, image, question: str, budget: int, reducer: str = "visionzip") -> FloorInputs:
+    visual_tokens = engine.family.visual_token_count(image.shape[:2], budget, reducer)
     prefix_ids, suffix_ids = engine.prompts.tokenize(question, visual_tokens)
-    features = engine.family.encode([image], budget).features
+    features = engine.family.encode([image], budget, reducer).features
     input_ids = torch.tensor([prefix_ids + suffix_ids], dtype=torch.long, device=engine.device)
     prompt_embeds = engine.family.embed_with_image(input_ids, features)
     prefix_cache = engine.model(inputs_embeds=prompt_embeds[:, :len(prefix_ids)], use_cache=True,
@@ -254,9 +254,11 @@ def measure_engine_first_question(engine, image, question: str, budget: int) -> 
     return {"ms": output.prefill_ms}
 
 
-def measure_engine_later_question(engine, image, question: str, budget: int, frame_key) -> dict:
+def measure_engine_later_question(engine, image, question: str, budget: int, frame_key,
+                                  reducer: str = "visionzip") -> dict:
     """A later question on a frame whose prefix is cached: the engine's time to first token in ms."""
-    output = engine.generate(image, question, token_budget=budget, max_new_tokens=1, frame_key=frame_key)
+    output = engine.generate(image, question, token_budget=budget, max_new_tokens=1, frame_key=frame_key,
+                             reducer=reducer)
     if not output.prefix_reused:
         raise RuntimeError(f"vlm_bench: the prefix of frame {frame_key} was not cached; the later-question row "
                            f"would time a first question")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zip_vlm_ros.errors import ModelLoadError
+from zip_vlm_ros.reducers import REDUCERS
 
 __all__ = ["EngineConfig", "check_engine_config"]
 
@@ -15,6 +16,7 @@ class EngineConfig:
     device: str = "auto"                # auto|cpu|cuda|cuda:N   (auto: CUDA when available)
     dtype: str = "auto"                 # auto|float16|bfloat16|float32 (auto: fp16 on CUDA, fp32 on CPU)
     token_budget: int = 64              # default budget; >= visual_tokens_full means no reduction
+    reducer: str = "visionzip"          # default reducer: one of zip_vlm_ros.reducers.REDUCERS
     contextual_ratio: float = 10 / 64   # contextual = round(T * ratio), dominant = T - contextual
     max_new_tokens: int = 64
     prefix_cache_entries: int = 8       # 0 disables the per-frame prefix cache
@@ -42,6 +44,8 @@ def check_engine_config(config: EngineConfig) -> None:
     for name, value, minimum, note in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ModelLoadError(f"{name} must be a whole number >= {minimum}{note}; got {value!r}")
+    if config.reducer not in REDUCERS:
+        raise ModelLoadError(f"reducer {config.reducer!r} is unknown; choose one of {', '.join(REDUCERS)}")
     ratio = config.contextual_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ModelLoadError(f"contextual_ratio must be in [0, 1) (VisionZip uses 10/64); got {ratio!r}")

@@ -47,7 +47,7 @@ import torch
 
 from zip_vlm_ros.engine.outputs import ImageTokens, OnToken, ShouldStop, VlmOutput
 from zip_vlm_ros.engine.prefix_cache import Prefix, PrefixCache
-from zip_vlm_ros.engine.requests import ImageInput, check_image, check_prompts
+from zip_vlm_ros.engine.requests import ImageInput, check_context, check_image, check_prompts
 from zip_vlm_ros.engine.sampling import SamplingOptions, check_sampling
 from zip_vlm_ros.errors import RequestError
 from zip_vlm_ros.models import VisualTokens
@@ -75,6 +75,7 @@ class _Request:
     images: list[ImageInput]
     prompts: list[str]
     shares: list[int]                   # each image's share of the total budget (its count for LLaVA-Mini)
+    reducer: str                        # the reducer the images below their full count go through
     counts: list[int]                   # visual tokens each image feeds: min(share, full); C^2 for LLaVA-Mini
     tokenized: list[tuple[tuple[int, ...], tuple[int, ...]]]  # (prefix, suffix) ids per prompt
     max_new_tokens: int
@@ -153,17 +154,9 @@ class MultiImageAnswerer:
     def base_tokens_full(self) -> int:
         return self.engine.family.base_tokens_full
 
-    def _check_context(self, prompt_tokens: int, visual_tokens: int, max_new: int, count: int) -> None:
-        context = self.engine.context_tokens
-        if prompt_tokens + max_new > context:
-            raise RequestError(
-                f"{count} images need {visual_tokens} visual tokens; with the prompt's {prompt_tokens - visual_tokens} "
-                f"text tokens and max_new_tokens {max_new} that is {prompt_tokens + max_new} tokens, more than the "
-                f"model's context of {context}: lower token_budget, ask about fewer images or lower max_new_tokens")
-
     # ------------------------------------------------------------------ generation
 
-    def _request(self, images, prompts, token_budget, max_new_tokens, sampling) -> _Request:
+    def _request(self, images, prompts, token_budget, max_new_tokens, sampling, reducer=None) -> _Request:
         """Check a request and tokenize its prompts (RequestError on bad input or a context overflow)."""
         engine = self.engine
         if not engine.family.several_images:
@@ -172,6 +165,7 @@ class MultiImageAnswerer:
         images = self.check_images(images)
         prompts = check_prompts(prompts, engine.image_token)
         total = self.check_total_budget(token_budget, len(images))
+        reducer = engine.check_reducer(reducer)
         max_new = engine.check_max_new_tokens(max_new_tokens)
         if engine.token_budget_applies:
             shares = split_total_budget(total, len(images))
@@ -181,28 +175,29 @@ class MultiImageAnswerer:
         block = engine.family.multi_image_text([item.label for item in images], counts, engine.image_token)
         tokenized = [engine.prompts.tokenize(prompt, sum(counts), image_text=block) for prompt in prompts]
         for prefix_ids, suffix_ids in tokenized:
-            self._check_context(len(prefix_ids) + len(suffix_ids), sum(counts), max_new, len(images))
+            check_context(len(prefix_ids) + len(suffix_ids), sum(counts), max_new, engine.context_tokens, len(images))
         keyed = all(item.key is not None for item in images)
         prefix_key_base = (engine.model_name, "images", tuple(
-            (item.key, count, self._settings(count)) for item, count in zip(images, counts))) if keyed else None
-        return _Request(images, prompts, shares, counts, tokenized, max_new, check_sampling(sampling),
+            (item.key, count, self._settings(count, reducer)) for item, count in zip(images, counts))) if keyed else None
+        return _Request(images, prompts, shares, reducer, counts, tokenized, max_new, check_sampling(sampling),
                         prefix_key_base)
 
     @torch.inference_mode()
     def generate(self, images: Sequence[ImageInput], prompts: Sequence[str], *, token_budget: int | None = None,
                  max_new_tokens: int | None = None, sampling: SamplingOptions | None = None,
-                 should_stop: ShouldStop | None = None, on_token: OnToken | None = None) -> list[VlmOutput]:
+                 should_stop: ShouldStop | None = None, on_token: OnToken | None = None,
+                 reducer: str | None = None) -> list[VlmOutput]:
         """Answer each of `prompts` about all of `images` together (``VlmEngine.generate_images``)."""
         engine = self.engine
         engine.check_open()
-        request = self._request(images, prompts, token_budget, max_new_tokens, sampling)
-        images, shares, counts = request.images, request.shares, request.counts
+        request = self._request(images, prompts, token_budget, max_new_tokens, sampling, reducer)
+        images, shares, counts, reducer = request.images, request.shares, request.counts, request.reducer
         encoded: list[_EncodedImages] = []
 
         def encode() -> tuple[VisualTokens, float, float]:
             if encoded:
                 return encoded[0].visual, 0.0, 0.0
-            encoded.append(self._encode(images, shares, counts, check_stop))
+            encoded.append(self._encode(images, shares, counts, check_stop, reducer))
             return encoded[0].visual, encoded[0].vision_ms, encoded[0].reduction_ms
 
         prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
@@ -217,7 +212,7 @@ class MultiImageAnswerer:
             tokens, first_token_time, end_time = engine.generator.decode(
                 step.logits, step.kv_cache, request.max_new_tokens, request.sampling, check_stop,
                 on_step=engine.generator.text_stream(on_token, prompt_index, start))
-            image_tokens = encoded[0].images if encoded else self._described(images, shares, counts)
+            image_tokens = encoded[0].images if encoded else self._described(images, shares, counts, reducer)
             outputs.append(self._output(prompt, tokens[0], image_tokens, start=start, vision_ms=step.vision_ms,
                                         reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms,
                                         first_token_time=first_token_time, end_time=end_time,
@@ -226,27 +221,28 @@ class MultiImageAnswerer:
 
     # ------------------------------------------------------------------ visual tokens
 
-    def _settings(self, count: int) -> tuple:
+    def _settings(self, count: int, reducer: str) -> tuple:
         """Everything besides the pixels that decides one image's visual tokens at `count` tokens."""
-        return self.engine.family.multi_image_settings(count)
+        return self.engine.family.multi_image_settings(count, reducer)
 
-    def _reduction(self, count: int) -> str:
+    def _reduction(self, count: int, reducer: str) -> str:
         """What an image read at `count` visual tokens reports as its reduction."""
         family = self.engine.family
         if not family.token_budget_applies:
             return family.reduction_name((0, 0), count)
-        return "visionzip" if count < self.base_tokens_full else "none"
+        return reducer if count < self.base_tokens_full else "none"
 
-    def _encode(self, images: list[ImageInput], shares: list[int], counts: list[int], check_stop) -> _EncodedImages:
+    def _encode(self, images: list[ImageInput], shares: list[int], counts: list[int], check_stop,
+                reducer: str = "visionzip") -> _EncodedImages:
         """Every image's visual tokens, from the per-image cache or encoded alone (and then cached)."""
         engine = self.engine
         features, patch_features, described, vision_ms, reduction_ms = [], [], [], 0.0, 0.0
         for item, share, count in zip(images, shares, counts):
-            key = None if item.key is None else (engine.model_name, item.key, self._settings(count))
+            key = None if item.key is None else (engine.model_name, item.key, self._settings(count, reducer))
             cached = self.visual_cache.get(key) if key is not None else None
             if cached is None:
                 check_stop()
-                visual = engine.family.encode_base(item.image, count)
+                visual = engine.family.encode_base(item.image, count, reducer)
                 if visual.counts != [count]:
                     raise RequestError(f"{engine.family.label} encoded {visual.counts} visual tokens for an image "
                                        f"of a multi-image request instead of {count}")
@@ -269,9 +265,11 @@ class MultiImageAnswerer:
                               patch_features=patch_features if all(p is not None for p in patch_features) else None)
         return _EncodedImages(visual, described, vision_ms, reduction_ms)
 
-    def _described(self, images: list[ImageInput], shares: list[int], counts: list[int]) -> list[ImageTokens]:
+    def _described(self, images: list[ImageInput], shares: list[int], counts: list[int],
+                   reducer: str) -> list[ImageTokens]:
         """ImageTokens of images whose prefix came from the cache (nothing was encoded for them)."""
-        return [ImageTokens(item.label, share, count, self.base_tokens_full, self._reduction(count), cached=True)
+        return [ImageTokens(item.label, share, count, self.base_tokens_full, self._reduction(count, reducer),
+                            cached=True)
                 for item, share, count in zip(images, shares, counts)]
 
     def _output(self, prompt: str, tokens: list[int], images: list[ImageTokens], *, start: float,
@@ -280,8 +278,8 @@ class MultiImageAnswerer:
         engine = self.engine
         visual_tokens = sum(image.visual_tokens for image in images)
         reductions = [image.reduction for image in images]
-        reduction = "visionzip" if "visionzip" in reductions else next(
-            (name for name in reductions if name != "none"), "none")  # "llava-mini" for LLaVA-Mini
+        # the request's reducer if any image went through it ("llava-mini" for LLaVA-Mini), else "none"
+        reduction = next((name for name in reductions if name != "none"), "none")
         text = engine.generator.decode_text(tokens)
         return VlmOutput(
             prompt=prompt, text=text, model=engine.model_name, reduction=reduction,

@@ -28,7 +28,7 @@ class ImageTokens:
     token_budget: int                   # this image's share of the request's total
     visual_tokens: int                  # read by the LLM: min(share, visual_tokens_full)
     visual_tokens_full: int             # the image's count without reduction (base image only for AnyRes)
-    reduction: str                      # "visionzip", "none" or "llava-mini"
+    reduction: str                      # the reducer ("visionzip", "divprune", "vispruner"), "none" or "llava-mini"
     cached: bool                        # its visual tokens came from the per-image cache
 
 
@@ -39,13 +39,13 @@ class VlmOutput:
     prompt: str
     text: str
     model: str
-    reduction: str                      # "visionzip", "none" or "llava-mini"
+    reduction: str                      # the reducer ("visionzip", "divprune", "vispruner"), "none" or "llava-mini"
     token_budget: int                   # effective budget (visual_tokens_full when no reduction)
     visual_tokens: int                  # fed to the LLM (AnyRes: crops x the budget's share per crop)
     visual_tokens_full: int             # this image's count before reduction (576 for LLaVA-1.5)
     generated_tokens: int               # new tokens, counting the EOS token when generation stopped on it
     vision_ms: float                    # image preprocessing, vision encoder and projector
-    reduction_ms: float                 # VisionZip selection + merge (0 for "none")
+    reduction_ms: float                 # the reducer's selection (+ merge) (0 for "none")
     prefill_ms: float                   # LLM forward over the prompt (prefix + question; question only if reused)
     ttft_ms: float                      # request start to the first generated token
     decode_ms: float                    # the remaining tokens

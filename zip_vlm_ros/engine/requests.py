@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from zip_vlm_ros.errors import RequestError
+from zip_vlm_ros.reducers import REDUCERS
 
-__all__ = ["ImageInput", "check_budget", "check_frame_key", "check_image", "check_max_new_tokens", "check_prompt",
-           "check_prompts"]
+__all__ = ["ImageInput", "check_budget", "check_context", "check_frame_key", "check_image", "check_max_new_tokens",
+           "check_prompt", "check_prompts", "check_reducer"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,16 @@ def check_image(image, name: str = "image") -> None:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or image.size == 0:
         raise RequestError(f"{name} must be an HxWx3 uint8 RGB array with H, W >= 1; got shape {image.shape} "
                            f"dtype {image.dtype}")
+
+
+def check_reducer(reducer, default: str) -> str:
+    """The request's reducer: `reducer` (None or "": `default`), or RequestError listing the choices."""
+    if reducer is None or reducer == "":
+        return default
+    if not isinstance(reducer, str) or reducer not in REDUCERS:
+        raise RequestError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)} "
+                           f"(or leave it empty for the default, {default})")
+    return reducer
 
 
 def check_budget(token_budget, default: int, visual_tokens_full: int) -> int:
@@ -56,6 +67,23 @@ def check_max_new_tokens(max_new_tokens, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise RequestError(f"max_new_tokens must be a whole number >= 1 (e.g. 64); got {value!r}")
     return int(value)
+
+
+def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, context_tokens: int,
+                  images: int = 1) -> None:
+    """RequestError unless a prompt of `prompt_tokens` (its `visual_tokens` included) plus `max_new_tokens`
+    fits the model's context of `context_tokens`. One check for one image and for several, so both
+    refuse the same overflow with the same numbers."""
+    total = prompt_tokens + max_new_tokens
+    if total <= context_tokens:
+        return
+    room = context_tokens - prompt_tokens
+    fix = (f"use max_new_tokens <= {room}, or lower token_budget" if room >= 1 else "lower token_budget")
+    need = "images need" if images != 1 else "image needs"
+    raise RequestError(
+        f"{images} {need} {visual_tokens} visual tokens; with the prompt's {prompt_tokens - visual_tokens} "
+        f"text tokens and max_new_tokens {max_new_tokens} that is {total} tokens, more than the model's context "
+        f"of {context_tokens}: {fix}{' or ask about fewer images' if images != 1 else ''}")
 
 
 def check_prompt(prompt, image_token: str) -> str:

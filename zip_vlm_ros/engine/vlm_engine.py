@@ -6,14 +6,15 @@ and get ``VlmOutput`` records back.
 One request runs in four stages, each timed:
 
 1. vision     the checkpoint's image processor and vision tower (+ multimodal projector);
-2. reduction  VisionZip (``zip_vlm_ros.reducers``) keeps ``token_budget`` of the visual tokens when the
+2. reduction  the request's reducer (``reducer=``, default ``EngineConfig.reducer``: visionzip, divprune
+              or vispruner, ``zip_vlm_ros.reducers``) keeps ``token_budget`` of the visual tokens when the
               budget is below the image's full count (576 for LLaVA-1.5; for LLaVA-NeXT it depends on
               the aspect ratio, 1948 for 1280x720); otherwise the stock features are used unchanged;
 3. prefill    the language model reads the prompt: the *prefix* (the prompt up to and including the
               visual tokens) and the question's own tokens (the *suffix*);
 4. decode     greedy or sampled tokens until EOS or ``max_new_tokens``.
 
-VisionZip's selection does not depend on the question, so the prefix - vision, reduction, projection
+No reducer's selection depends on the question, so the prefix - vision, reduction, projection
 and its LLM key/value cache - is the same for every question about one frame. A frame's first question
 runs prefix and suffix in ONE forward, the least work any prompt can cost; the first ``len(prefix)``
 positions of that forward's key/value cache are kept for the frame (``frame_key``) in a small LRU cache
@@ -65,8 +66,8 @@ from zip_vlm_ros.engine.outputs import OnToken, ShouldStop, VlmOutput
 from zip_vlm_ros.engine.prefix_cache import Prefix, PrefixCache
 from zip_vlm_ros.models.kv_cache import cache_nbytes
 from zip_vlm_ros.engine.prompts import PromptFormat
-from zip_vlm_ros.engine.requests import (ImageInput, check_budget, check_frame_key, check_image, check_max_new_tokens,
-                                         check_prompts)
+from zip_vlm_ros.engine.requests import (ImageInput, check_budget, check_context, check_frame_key, check_image,
+                                         check_max_new_tokens, check_prompts, check_reducer)
 from zip_vlm_ros.engine.sampling import SamplingOptions, check_sampling
 from zip_vlm_ros.errors import EngineError, RequestError
 from zip_vlm_ros.models import VisualTokens, load_family
@@ -121,6 +122,10 @@ class VlmEngine:
         """
         return check_budget(token_budget, self.config.token_budget, self.visual_tokens_full)
 
+    def check_reducer(self, reducer: str | None) -> str:
+        """The request's reducer (None or "": ``config.reducer``), or RequestError listing the choices."""
+        return check_reducer(reducer, self.config.reducer)
+
     def check_max_new_tokens(self, max_new_tokens: int | None) -> int:
         """`max_new_tokens` (None: ``config.max_new_tokens``), or RequestError."""
         return check_max_new_tokens(max_new_tokens, self.config.max_new_tokens)
@@ -135,9 +140,10 @@ class VlmEngine:
     def generate(self, image: np.ndarray, prompt: str, *, token_budget: int | None = None,
                  max_new_tokens: int | None = None, frame_key: Hashable | None = None,
                  sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None,
-                 on_token: OnToken | None = None) -> VlmOutput:
+                 on_token: OnToken | None = None, reducer: str | None = None) -> VlmOutput:
         """Answer `prompt` about `image` (``HxWx3 uint8 RGB``).
 
+        `reducer` picks the visual-token reducer (``zip_vlm_ros.reducers.REDUCERS``; None: ``config.reducer``).
         `frame_key` names the image's pixels (same key => same pixels) so that later prompts on the
         frame reuse its prefix; None disables reuse. `should_stop` is asked between stages and before
         each decode step; a reason it returns raises GenerationStopped. `on_token(StreamedText)` is
@@ -146,13 +152,14 @@ class VlmEngine:
         """
         return self.generate_many(image, [prompt], token_budget=token_budget, max_new_tokens=max_new_tokens,
                                   frame_key=frame_key, sampling=sampling, should_stop=should_stop,
-                                  on_token=on_token)[0]
+                                  on_token=on_token, reducer=reducer)[0]
 
     @torch.inference_mode()
     def generate_many(self, image: np.ndarray, prompts: Sequence[str], *, token_budget: int | None = None,
                       max_new_tokens: int | None = None, frame_key: Hashable | None = None,
                       sampling: SamplingOptions | None = None,
-                      should_stop: ShouldStop | None = None, on_token: OnToken | None = None) -> list[VlmOutput]:
+                      should_stop: ShouldStop | None = None, on_token: OnToken | None = None,
+                      reducer: str | None = None) -> list[VlmOutput]:
         """Answer several prompts about one image, in order, computing the image prefix once.
 
         The first prompt pays for vision, reduction and one forward over the prefix and its own tokens
@@ -164,7 +171,7 @@ class VlmEngine:
         """
         request = self.open_request(image, prompts, token_budget=token_budget, max_new_tokens=max_new_tokens,
                                     frame_key=frame_key, sampling=sampling, should_stop=should_stop,
-                                    on_token=on_token)
+                                    on_token=on_token, reducer=reducer)
         check_stop = self.generator.stop_checker(should_stop, completed=request.outputs)
         for prompt_index in range(len(request.prompts)):
             check_stop()
@@ -180,7 +187,7 @@ class VlmEngine:
     def open_request(self, image: np.ndarray, prompts: Sequence[str], *, token_budget: int | None = None,
                      max_new_tokens: int | None = None, frame_key: Hashable | None = None,
                      sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None,
-                     on_token: OnToken | None = None) -> BatchRequest:
+                     on_token: OnToken | None = None, reducer: str | None = None) -> BatchRequest:
         """Check a ``generate_many`` request and prepare it for a ``DecodeBatch`` (no model work yet).
 
         The arguments mean what they mean for ``generate_many``; RequestError for bad ones. The batch
@@ -191,9 +198,12 @@ class VlmEngine:
         check_image(image)
         prompts = check_prompts(prompts, self.image_token)
         budget = self.check_budget(token_budget)
-        plan = _ImagePrompts(self, image, prompts, budget, frame_key)
-        return BatchRequest(prompts, prefill=plan.prefill, make_output=plan.output,
-                            max_new_tokens=self.check_max_new_tokens(max_new_tokens),
+        reducer = self.check_reducer(reducer)
+        max_new = self.check_max_new_tokens(max_new_tokens)
+        plan = _ImagePrompts(self, image, prompts, budget, reducer, frame_key)
+        for prefix_ids, suffix_ids in plan.tokenized:  # refuse before any prompt runs
+            check_context(len(prefix_ids) + len(suffix_ids), plan.visual_tokens, max_new, self.context_tokens)
+        return BatchRequest(prompts, prefill=plan.prefill, make_output=plan.output, max_new_tokens=max_new,
                             sampling=check_sampling(sampling), should_stop=should_stop, on_token=on_token)
 
     def decode_batch(self, max_rows: int) -> DecodeBatch:
@@ -204,23 +214,24 @@ class VlmEngine:
     def generate_images(self, images: Sequence[ImageInput], prompts: Sequence[str], *,
                         token_budget: int | None = None, max_new_tokens: int | None = None,
                         sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None,
-                        on_token: OnToken | None = None) -> list[VlmOutput]:
+                        on_token: OnToken | None = None, reducer: str | None = None) -> list[VlmOutput]:
         """Answer each of `prompts` about all of `images` (surround cameras, a camera's recent frames) at once.
 
         `token_budget` is the request's total, split evenly over the images (None: ``config.token_budget``
         per image); each image is introduced in the prompt by its ``label``; AnyRes checkpoints read each
         image's base image only. Images with a ``key`` keep their visual tokens in a per-image cache and
         the prompt prefix in the prefix cache. See ``zip_vlm_ros.engine.multi_image``. Outputs list each image's
-        share and tokens in ``VlmOutput.images``. `should_stop`, `on_token` as in ``generate_many``.
+        share and tokens in ``VlmOutput.images``. `should_stop`, `on_token`, `reducer` as in ``generate_many``.
         """
         return self._multi_image.generate(images, prompts, token_budget=token_budget, max_new_tokens=max_new_tokens,
-                                          sampling=sampling, should_stop=should_stop, on_token=on_token)
+                                          sampling=sampling, should_stop=should_stop, on_token=on_token,
+                                          reducer=reducer)
 
     @torch.inference_mode()
     def generate_batch(self, images: Sequence[np.ndarray], prompts: Sequence[str], *,
                        token_budget: int | None = None, max_new_tokens: int | None = None,
                        sampling: SamplingOptions | None = None,
-                       should_stop: ShouldStop | None = None) -> list[VlmOutput]:
+                       should_stop: ShouldStop | None = None, reducer: str | None = None) -> list[VlmOutput]:
         """Answer ``prompts[i]`` about ``images[i]`` for several cameras in one batched forward.
 
         As a frame's first question in ``generate_many``, each row's prefix and question are read in
@@ -239,16 +250,19 @@ class VlmEngine:
         for index, image in enumerate(images):
             check_image(image, f"images[{index}]")
         budget = self.check_budget(token_budget)
+        reducer = self.check_reducer(reducer)
         max_new = self.check_max_new_tokens(max_new_tokens)
         sampling = check_sampling(sampling)
 
         check_stop = self.generator.stop_checker(should_stop)
         check_stop()
         start = self.clock.now()
-        counts = [self.family.visual_token_count(image.shape[:2], budget) for image in images]
+        counts = [self.family.visual_token_count(image.shape[:2], budget, reducer) for image in images]
         rows = [prefix + suffix for prefix, suffix in (self.prompts.tokenize(prompt, count)
                                                        for prompt, count in zip(prompts, counts))]
-        visual = self.family.encode(list(images), budget)
+        for row, count in zip(rows, counts):
+            check_context(len(row), count, max_new, self.context_tokens)
+        visual = self.family.encode(list(images), budget, reducer)
         check_stop()
         prefill_start = self.clock.now()
         length = max(len(row) for row in rows)
@@ -270,7 +284,7 @@ class VlmEngine:
         tokens, first_token_time, end_time = self.generator.decode(logits, kv_cache, max_new, sampling, check_stop,
                                                           attention_mask=attention_mask, position_ids=position_ids)
         return [
-            self.output(prompt, row_tokens, budget, image.shape[:2], count, vision_ms=visual.vision_ms,
+            self.output(prompt, row_tokens, budget, reducer, image.shape[:2], count, vision_ms=visual.vision_ms,
                          reduction_ms=visual.reduction_ms, prefill_ms=prefill_ms, start=start,
                          first_token_time=first_token_time, end_time=end_time, prefix_reused=False,
                          kv_cache_bytes=kv_bytes_per_row)
@@ -311,7 +325,8 @@ class VlmEngine:
     # ------------------------------------------------------------------ outputs
     # output(): one prompt's VlmOutput from its tokens and stage times (also used by _ImagePrompts).
 
-    def output(self, prompt: str, tokens: list[int], budget: int, image_size: tuple[int, int], visual_tokens: int,
+    def output(self, prompt: str, tokens: list[int], budget: int, reducer: str, image_size: tuple[int, int],
+               visual_tokens: int,
                 *, vision_ms: float, reduction_ms: float, prefill_ms: float, start: float, first_token_time: float,
                 end_time: float, prefix_reused: bool, kv_cache_bytes: int) -> VlmOutput:
         text = self.generator.decode_text(tokens)
@@ -319,7 +334,8 @@ class VlmEngine:
         full = self.family.full_token_count(image_size)
         reduced = self.family.reduced(image_size, budget)
         return VlmOutput(
-            prompt=prompt, text=text, model=self.model_name, reduction=self.family.reduction_name(image_size, budget),
+            prompt=prompt, text=text, model=self.model_name,
+            reduction=self.family.reduction_name(image_size, budget, reducer),
             token_budget=budget if reduced else full, visual_tokens=visual_tokens, visual_tokens_full=full,
             generated_tokens=len(tokens),
             vision_ms=vision_ms, reduction_ms=reduction_ms, prefill_ms=prefill_ms,
@@ -332,22 +348,23 @@ class _ImagePrompts:
     """Prompts about one image, prefilled one at a time on a prefix computed once (``generate_many``,
     ``open_request``): encodes the image on the first prompt that misses the prefix cache."""
 
-    def __init__(self, engine: VlmEngine, image: np.ndarray, prompts: list[str], budget: int,
+    def __init__(self, engine: VlmEngine, image: np.ndarray, prompts: list[str], budget: int, reducer: str,
                  frame_key: Hashable | None):
-        self.engine, self.image, self.prompts, self.budget = engine, image, prompts, budget
+        self.engine, self.image, self.prompts, self.budget, self.reducer = engine, image, prompts, budget, reducer
         self.cache_key_base = None
         if frame_key is not None:
             check_frame_key(frame_key)
             self.cache_key_base = (engine.model_name, frame_key, budget,
-                                   engine.family.reduction_settings(image.shape[:2], budget))
-        self.visual_tokens = engine.family.visual_token_count(image.shape[:2], budget)
+                                   engine.family.reduction_settings(image.shape[:2], budget, reducer))
+        self.visual_tokens = engine.family.visual_token_count(image.shape[:2], budget, reducer)
+        self.tokenized = [engine.prompts.tokenize(prompt, self.visual_tokens) for prompt in prompts]
         self.encoded: list[VisualTokens] = []
         self.prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
 
     def encode(self) -> tuple[VisualTokens, float, float]:
         if self.encoded:
             return self.encoded[0], 0.0, 0.0
-        self.encoded.append(self.engine.family.encode([self.image], self.budget))
+        self.encoded.append(self.engine.family.encode([self.image], self.budget, self.reducer))
         return self.encoded[0], self.encoded[0].vision_ms, self.encoded[0].reduction_ms
 
     @torch.inference_mode()
@@ -355,7 +372,7 @@ class _ImagePrompts:
         """Prompt `prompt_index`'s prefill and its start time (the origin of its ttft_ms)."""
         engine = self.engine
         start = engine.clock.now()
-        prefix_ids, suffix_ids = engine.prompts.tokenize(self.prompts[prompt_index], self.visual_tokens)
+        prefix_ids, suffix_ids = self.tokenized[prompt_index]
         cache_key = None if self.cache_key_base is None else self.cache_key_base + (prefix_ids,)
         step = engine.generator.prefill_step(prefix_ids, suffix_ids, cache_key, self.prefixes_this_call,
                                              self.encode, check_stop)
@@ -364,7 +381,7 @@ class _ImagePrompts:
     def output(self, prompt_index: int, tokens: list[int], step: PrefillStep, start: float,
                first_token_time: float, end_time: float) -> VlmOutput:
         return self.engine.output(
-            self.prompts[prompt_index], tokens, self.budget, self.image.shape[:2], self.visual_tokens,
+            self.prompts[prompt_index], tokens, self.budget, self.reducer, self.image.shape[:2], self.visual_tokens,
             vision_ms=step.vision_ms, reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms, start=start,
             first_token_time=first_token_time, end_time=end_time, prefix_reused=step.reused,
             kv_cache_bytes=step.prefix.nbytes)

@@ -19,8 +19,14 @@ then reads, per image (``anyres_visionzip_layout``):
 The reference slices the contextual tokens with ``[:, -contextual:]``, which for ``contextual = 0``
 would take every token again; here 0 contextual tokens means none.
 
+With VisPruner every crop keeps the same number of patches, as in the authors' code (Theia-4869/VisPruner,
+``llava/model/llava_arch.py``: its ``spatial_unpad`` setting runs the ``spatial`` branch, so there is no
+unpadding and no newline token): the base image's kept patches in raster order, then the grid crops' kept
+patches in raster order over the whole stitched grid (``anyres_vispruner_layout``). DivPrune needs no layout:
+it keeps tokens of the stock sequence (base, unpadded grid, newlines) in their order.
+
 ``token_budget`` means the visual tokens the LLM reads per image; ``split_budget_over_crops`` spreads it
-over the crops. Nothing here touches a model.
+over the crops for VisionZip and VisPruner. Nothing here touches a model.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ __all__ = [
     "MIN_TOKENS_PER_CROP",
     "anyres_full_token_count",
     "anyres_grid_shape",
+    "anyres_vispruner_layout",
     "anyres_visionzip_layout",
     "split_budget_over_crops",
     "unpadded_grid_size",
@@ -140,3 +147,33 @@ def anyres_visionzip_layout(crop_tokens: torch.Tensor, dominant_indices: torch.T
         grid_tokens[:, 0],
         grid_tokens[:, dominant:].reshape(-1, hidden_size),
     ])
+
+
+def anyres_vispruner_layout(crop_tokens: torch.Tensor, kept_indices: torch.Tensor, grid_shape: tuple[int, int],
+                            patches_per_side: int) -> torch.Tensor:
+    """Arrange one image's per-crop VisPruner tokens as the authors' LLaVA-NeXT code does.
+
+    Args:
+        crop_tokens: ``[1 + G, T, hidden]`` each crop's kept patches (base first, then the ``G`` grid crops
+            row by row), each crop's in raster order.
+        kept_indices: ``[1 + G, T]`` their ascending patch positions in ``0..P*P-1``.
+        grid_shape: ``(grid_height, grid_width)`` in crops.
+        patches_per_side: ``P``.
+
+    Returns:
+        ``[(1 + G) * T, hidden]``: the base's tokens, then every grid crop's tokens ordered by their
+        position in the stitched ``(grid_height * P) x (grid_width * P)`` patch grid (not unpadded).
+    """
+    num_crops, kept, hidden_size = crop_tokens.shape
+    grid_height, grid_width = grid_shape
+    if num_crops != 1 + grid_height * grid_width or kept_indices.shape != (num_crops, kept):
+        raise ValueError(
+            f"crop_tokens {tuple(crop_tokens.shape)} and kept_indices {tuple(kept_indices.shape)} do not fit "
+            f"a base image plus a {grid_height}x{grid_width} grid")
+    with torch.no_grad():
+        patch = kept_indices[1:]  # [G, T]
+        crop = torch.arange(grid_height * grid_width, device=patch.device)[:, None]  # [G, 1]
+        row = (crop // grid_width) * patches_per_side + patch // patches_per_side
+        col = (crop % grid_width) * patches_per_side + patch % patches_per_side
+        raster_order = torch.argsort((row * (grid_width * patches_per_side) + col).flatten())
+    return torch.cat([crop_tokens[0], crop_tokens[1:].reshape(-1, hidden_size)[raster_order]])

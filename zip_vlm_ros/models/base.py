@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from zip_vlm_ros.errors import ModelLoadError, first_line
-from zip_vlm_ros.models.clip_features import encode_for_visionzip
-from zip_vlm_ros.reducers import VisionZipFeatures, split_budget, visionzip_compress
+from zip_vlm_ros.models.clip_features import encode_for_visionzip, encode_to_feature_layer
+from zip_vlm_ros.reducers import (DEFAULT_IMPORTANT_RATIO, VisionZipFeatures, divprune_reduce, split_budget, vispruner_reduce,
+                                  visionzip_compress)
 
 __all__ = ["FamilyAdapter", "PromptEmbeddings", "VisualTokens", "check_clip_tower", "image_block",
            "load_weights_and_processor", "move_to_device", "read_config_json"]
@@ -36,9 +37,9 @@ class VisualTokens:
 
     features: torch.Tensor              # [sum(counts), text_hidden]: image 0's tokens, then image 1's, ...
     counts: list[int]                   # visual tokens of each image
-    reductions: list[str]               # per image: "visionzip" or "none"
+    reductions: list[str]               # per image: the reducer's name ("visionzip", "divprune", ...) or "none"
     vision_ms: float                    # preprocessing, vision encoder, projector, layout
-    reduction_ms: float                 # VisionZip selection + merge (0 when no image was reduced)
+    reduction_ms: float                 # the reducer's selection (+ merge) (0 when no image was reduced)
     # Per image, tokens the family's prompt embedding reads besides `features` (LLaVA-Mini: the
     # [patches, text_hidden] projected patch features its pre-fusion layers see); None for the others.
     patch_features: list[torch.Tensor] | None = None
@@ -57,10 +58,16 @@ class PromptEmbeddings:
 
 @dataclass
 class CropTokens:
-    """``visionzip_compress`` output for a batch of crops, projected for the LLM."""
+    """A per-crop reducer's output for a batch of crops, projected for the LLM.
 
-    tokens: torch.Tensor                # [crops, dominant + contextual, text_hidden]
-    dominant_indices: torch.Tensor      # [crops, dominant] ascending positions in each crop's 1 + N tokens
+    VisionZip: ``tokens [crops, dominant + contextual, text_hidden]``, ``kept_indices [crops, dominant]``
+    ascending positions of the dominant tokens in each crop's ``1 + N`` tower tokens (0 is CLS).
+    VisPruner: ``tokens [crops, kept, text_hidden]``, ``kept_indices [crops, kept]`` ascending patch
+    positions in ``0..N-1`` (CLS dropped), ``contextual`` 0.
+    """
+
+    tokens: torch.Tensor
+    kept_indices: torch.Tensor
     contextual: int
     reduction_ms: float
 
@@ -90,6 +97,7 @@ class FamilyAdapter:
         self.processor = processor
         self.image_processor = processor.image_processor
         self.contextual_ratio = contextual_ratio
+        self.important_ratio = DEFAULT_IMPORTANT_RATIO  # VisPruner's T_imp = int(T * ratio), the official default
         self.clock = clock  # perf_counter after the device's queued work (the engine's)
         self.feature_layer = hf_config.vision_feature_layer
         self.select_strategy = hf_config.vision_feature_select_strategy
@@ -143,15 +151,15 @@ class FamilyAdapter:
         """Visual tokens the stock model feeds for an image of this size."""
         raise NotImplementedError
 
-    def visual_token_count(self, image_size: ImageSize, budget: int) -> int:
-        """Visual tokens the LLM reads for an image of this size at `budget` (>= 1)."""
+    def visual_token_count(self, image_size: ImageSize, budget: int, reducer: str = "visionzip") -> int:
+        """Visual tokens the LLM reads for an image of this size at `budget` (>= 1) with `reducer`."""
         raise NotImplementedError
 
     def num_crops(self, image_size: ImageSize) -> int:
         """Square crops the vision tower encodes for an image of this size (1: the image itself)."""
         return 1
 
-    def reduction_settings(self, image_size: ImageSize, budget: int) -> tuple:
+    def reduction_settings(self, image_size: ImageSize, budget: int, reducer: str = "visionzip") -> tuple:
         """Everything besides the pixels that decides an image's visual tokens (a prefix-cache key part)."""
         raise NotImplementedError
 
@@ -159,17 +167,18 @@ class FamilyAdapter:
         """The image processor's tensors for ``HxWx3 uint8`` `images`, on the model's device and dtype."""
         raise NotImplementedError
 
-    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, *,
+    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, reducer: str = "visionzip", *,
                       encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
         """``(features [sum(counts), text_hidden], counts, reductions, reduction ms)`` from ``preprocess``
-        output. `encoder` feeds VisionZip (``encode_reference_style`` for side-by-side benchmarks)."""
+        output. `encoder` feeds VisionZip and VisPruner (``encode_reference_style`` for side-by-side
+        benchmarks)."""
         raise NotImplementedError
 
-    def encode(self, images: list[np.ndarray], budget: int) -> VisualTokens:
+    def encode(self, images: list[np.ndarray], budget: int, reducer: str = "visionzip") -> VisualTokens:
         """Visual tokens for ``HxWx3 uint8`` `images` at `budget`, as ``visual_token_count`` says."""
         start = self.clock()
         features, counts, reductions, reduction_ms = self.encode_pixels(
-            self.preprocess(images), [image.shape[:2] for image in images], budget)
+            self.preprocess(images), [image.shape[:2] for image in images], budget, reducer)
         vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
         return VisualTokens(features, counts, reductions, vision_ms, reduction_ms)
 
@@ -179,26 +188,35 @@ class FamilyAdapter:
         count in a multi-image request (576 for LLaVA-1.5 and LLaVA-NeXT-7B)."""
         return self.patches_per_side ** 2 + (1 if self.select_strategy == "full" else 0)
 
-    def encode_base(self, image: np.ndarray, budget: int) -> VisualTokens:
+    def encode_base(self, image: np.ndarray, budget: int, reducer: str = "visionzip") -> VisualTokens:
         """One image of a multi-image request: ``min(budget, base_tokens_full)`` visual tokens of the whole
         image at the tower's input size. Single-crop families read every image that way (``encode``);
         AnyRes families override it to skip their grid crops."""
-        return self.encode([image], budget)
+        return self.encode([image], budget, reducer)
 
-    def multi_image_settings(self, count: int) -> tuple:
+    def multi_image_settings(self, count: int, reducer: str = "visionzip") -> tuple:
         """Everything besides the pixels that decides one image's ``encode_base`` tokens at `count` visual
         tokens (a part of the per-image cache's key)."""
-        reduced = count < self.base_tokens_full
-        return ("base", count, self.feature_layer, self.select_strategy, self.contextual_ratio if reduced else None)
+        if count >= self.base_tokens_full:
+            return ("base", count, self.feature_layer, self.select_strategy, None)
+        return ("base", count, self.feature_layer, self.select_strategy, reducer, self.reducer_options(reducer))
 
     def multi_image_text(self, labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:
         """What replaces the template's image placeholder in a multi-image prompt: each image's label, then
         its `counts` placeholders (``image_block``)."""
         return image_block(labels, counts, image_token)
 
-    def reduction_name(self, image_size: ImageSize, budget: int) -> str:
-        """What results report as the reduction of an image of this size at `budget`."""
-        return "visionzip" if self.reduced(image_size, budget) else "none"
+    def reduction_name(self, image_size: ImageSize, budget: int, reducer: str = "visionzip") -> str:
+        """What results report as the reduction of an image of this size at `budget`: `reducer` or "none"."""
+        return reducer if self.reduced(image_size, budget) else "none"
+
+    def reducer_options(self, reducer: str) -> tuple:
+        """The settings besides the budget that decide `reducer`'s tokens (a cache-key part)."""
+        if reducer == "visionzip":
+            return (self.contextual_ratio,)
+        if reducer == "vispruner":
+            return (self.important_ratio,)
+        return ()
 
     # ------------------------------------------------------------------ the LLM's input embeddings
 
@@ -236,19 +254,43 @@ class FamilyAdapter:
         return budget < self.full_token_count(image_size)
 
     def compress_crops(self, pixel_values: torch.Tensor, per_crop: int,
-                       encoder: Encoder = encode_for_visionzip) -> CropTokens:
-        """VisionZip on every crop: ``pixel_values [crops, 3, H, W]`` -> `per_crop` projected tokens each.
+                       encoder: Encoder = encode_for_visionzip, reducer: str = "visionzip") -> CropTokens:
+        """A per-crop reducer on every crop: ``pixel_values [crops, 3, H, W]`` -> `per_crop` projected tokens
+        each (VisPruner: ``min(per_crop, N)``).
 
-        Every crop gets the same ``split_budget(per_crop)`` dominant/contextual split; CLS is kept among
-        the dominant tokens and projected like a patch, as in the VisionZip reference.
+        VisionZip: every crop gets the same ``split_budget(per_crop)`` dominant/contextual split; CLS is
+        kept among the dominant tokens and projected like a patch, as in the VisionZip reference.
+        VisPruner: patch features (CLS dropped) and the CLS attention of the feature layer pick the
+        patches; only the kept ones are projected (the projector works token by token, so this equals
+        projecting all and masking, as the official code does, up to float rounding).
         """
         llava = self.model.model
         encoded = encoder(llava.vision_tower, pixel_values, self.feature_layer)
         reduction_start = self.clock()
-        dominant, contextual = split_budget(per_crop, self.contextual_ratio)
-        tokens, dominant_indices = visionzip_compress(*encoded, dominant, contextual)  # [crops, per_crop, hidden]
+        if reducer == "vispruner":
+            patches = encoded.hidden_states[:, 1:]  # [crops, N, vision_hidden]
+            reduced = vispruner_reduce(patches, encoded.cls_attention, per_crop, self.important_ratio)
+            kept = reduced.sources.float().argmax(dim=2)  # [crops, kept] each output's one patch position
+            tokens, contextual = reduced.tokens, 0
+        else:
+            dominant, contextual = split_budget(per_crop, self.contextual_ratio)
+            tokens, kept = visionzip_compress(*encoded, dominant, contextual)  # [crops, per_crop, hidden]
         reduction_ms = (self.clock() - reduction_start) * 1000.0
-        return CropTokens(llava.multi_modal_projector(tokens), dominant_indices, contextual, reduction_ms)
+        return CropTokens(llava.multi_modal_projector(tokens), kept, contextual, reduction_ms)
+
+    def projected_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The stock projected features of ``pixel_values [crops, 3, H, W]``: ``[crops, tokens, text_hidden]``
+        (CLS dropped under the "default" strategy), with the tower run only up to the feature layer."""
+        llava = self.model.model
+        hidden = encode_to_feature_layer(llava.vision_tower, pixel_values, self.feature_layer)
+        return llava.multi_modal_projector(hidden[:, 1:] if self.select_strategy == "default" else hidden)
+
+    def divprune_tokens(self, features: torch.Tensor, budget: int) -> tuple[torch.Tensor, float]:
+        """DivPrune on one image's projected tokens ``features [N, text_hidden]`` (the stock LLM input):
+        ``([min(budget, N), text_hidden] in original order, reduction ms)``."""
+        reduction_start = self.clock()
+        tokens = divprune_reduce(features[None], budget).tokens[0]
+        return tokens, (self.clock() - reduction_start) * 1000.0
 
 
 def image_block(labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:

@@ -14,7 +14,8 @@ from torch import nn
 
 from zip_vlm_ros.reducers.visionzip import VisionZipFeatures
 
-__all__ = ["VisionZipFeatures", "encode_for_visionzip", "encode_reference_style", "encoder_layers", "producing_layer"]
+__all__ = ["VisionZipFeatures", "encode_for_visionzip", "encode_reference_style", "encode_to_feature_layer",
+           "encoder_layers", "producing_layer"]
 
 
 @torch.no_grad()
@@ -74,6 +75,19 @@ def encode_for_visionzip(
     cls_logits = torch.matmul(cls_query, keys.float().permute(0, 2, 3, 1)).squeeze(2) * self_attn.scale
     cls_attention = cls_logits.softmax(dim=-1)[:, :, 1:]  # [batch, heads, N]
     return VisionZipFeatures(hidden_states, cls_attention, keys.mean(dim=2))
+
+
+@torch.no_grad()
+def encode_to_feature_layer(vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -2) -> torch.Tensor:
+    """``vision_tower(pixel_values, output_hidden_states=True).hidden_states[feature_layer]`` (``[batch, 1 + N,
+    hidden]``) without running the layers after the feature layer, which stock feature extraction runs and
+    throws away (the last of LLaVA-1.5's 24). DivPrune's input: no attention is read."""
+    layers = encoder_layers(vision_tower)
+    layer_index = producing_layer(feature_layer, len(layers))
+    hidden_states = vision_tower.pre_layrnorm(vision_tower.embeddings(pixel_values))
+    for encoder_layer in layers[:layer_index + 1]:
+        hidden_states = encoder_layer(hidden_states, None)
+    return hidden_states
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): one image resized to the tower's square input.
 
 Full path: the model's own ``get_image_features`` (``N`` patches, plus CLS under the "full" strategy).
-Reduced path: VisionZip on the one crop; the LLM reads its tokens as ``visionzip_compress`` orders them
-(CLS, dominant patches in sequence order, contextual tokens).
+Reduced paths, on the one crop: VisionZip (the LLM reads its tokens as ``visionzip_compress`` orders them:
+CLS, dominant patches in sequence order, contextual tokens); VisPruner (kept patches in raster order, as
+the official code's mask); DivPrune on the stock projected features (kept tokens in their order), as the
+official code prunes the LLM's input embeddings.
 """
 
 from __future__ import annotations
@@ -34,32 +36,40 @@ class LlavaAdapter(FamilyAdapter):
     def full_token_count(self, image_size: ImageSize) -> int:
         return self.visual_tokens_full
 
-    def visual_token_count(self, image_size: ImageSize, budget: int) -> int:
-        return min(budget, self.visual_tokens_full)
+    def visual_token_count(self, image_size: ImageSize, budget: int, reducer: str = "visionzip") -> int:
+        # VisPruner keeps patches only (never CLS under the "full" strategy): at most N of them.
+        kept = min(budget, self.patches_per_side ** 2) if reducer == "vispruner" else budget
+        return min(kept, self.visual_tokens_full)
 
-    def reduction_settings(self, image_size: ImageSize, budget: int) -> tuple:
+    def reduction_settings(self, image_size: ImageSize, budget: int, reducer: str = "visionzip") -> tuple:
         if not self.reduced(image_size, budget):
             return ("none", self.feature_layer, self.select_strategy)
-        return ("visionzip", self.feature_layer, budget, self.contextual_ratio)
+        return (reducer, self.feature_layer, self.select_strategy, budget, self.reducer_options(reducer))
 
     def preprocess(self, images: list[np.ndarray]) -> dict:
         pixel_values = self.image_processor(images=images, return_tensors="pt",
                                             input_data_format="channels_last")["pixel_values"]
         return {"pixel_values": pixel_values.to(self.model.device, self.model.dtype)}  # [batch, 3, height, width]
 
-    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, *,
+    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, reducer: str = "visionzip", *,
                       encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
         """All images in one tower forward: ``[len(images) * count, text_hidden]`` features."""
-        count = self.visual_token_count(image_sizes[0], budget)
-        reduction = "visionzip" if self.reduced(image_sizes[0], budget) else "none"
+        count = self.visual_token_count(image_sizes[0], budget, reducer)
+        reduction = self.reduction_name(image_sizes[0], budget, reducer)
+        reduction_ms = 0.0
         if reduction == "none":
             image_outputs = self.model.model.get_image_features(
                 pixel_values=pixels["pixel_values"], vision_feature_layer=self.feature_layer,
                 vision_feature_select_strategy=self.select_strategy)
             features = torch.cat(list(image_outputs.pooler_output))  # [batch * visual_tokens_full, text_hidden]
-            reduction_ms = 0.0
+        elif reduction == "divprune":
+            # the stock features (tower run to the feature layer only), then a selection per image
+            reduced = [self.divprune_tokens(image_features, budget)
+                       for image_features in self.projected_features(pixels["pixel_values"])]
+            features = torch.cat([tokens for tokens, _ in reduced])  # [batch * count, text_hidden]
+            reduction_ms = sum(ms for _, ms in reduced)
         else:
-            crops = self.compress_crops(pixels["pixel_values"], budget, encoder)
-            features = crops.tokens.flatten(0, 1)  # [batch * budget, text_hidden]
+            crops = self.compress_crops(pixels["pixel_values"], budget, encoder, reducer)
+            features = crops.tokens.flatten(0, 1)  # [batch * count, text_hidden]
             reduction_ms = crops.reduction_ms
         return features, [count] * len(image_sizes), [reduction] * len(image_sizes), reduction_ms

@@ -162,13 +162,13 @@ class LlavaMiniAdapter(FamilyAdapter):
     def full_token_count(self, image_size: ImageSize) -> int:
         return self.tokens_per_image
 
-    def visual_token_count(self, image_size: ImageSize, budget: int) -> int:
+    def visual_token_count(self, image_size: ImageSize, budget: int, reducer: str = "visionzip") -> int:
         return self.tokens_per_image
 
-    def reduction_settings(self, image_size: ImageSize, budget: int) -> tuple:
+    def reduction_settings(self, image_size: ImageSize, budget: int, reducer: str = "visionzip") -> tuple:
         return ("llava-mini", self.mini_config.compressor_size)
 
-    def reduction_name(self, image_size: ImageSize, budget: int) -> str:
+    def reduction_name(self, image_size: ImageSize, budget: int, reducer: str = "visionzip") -> str:
         return "llava-mini"
 
     # ------------------------------------------------------------------ images
@@ -181,18 +181,18 @@ class LlavaMiniAdapter(FamilyAdapter):
                                             input_data_format="channels_last")["pixel_values"]
         return {"pixel_values": pixel_values.to(self.model.device, self.model.dtype)}  # [images, 3, H, W]
 
-    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, *,
+    def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, reducer: str = "visionzip", *,
                       encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
-        """The compressed tokens ``[images * C^2, text_hidden]`` (`budget` and `encoder` do not apply)."""
+        """The compressed tokens ``[images * C^2, text_hidden]`` (`budget`, `reducer` and `encoder` do not apply)."""
         compressed, _, reduction_ms = self.encode_images(pixels["pixel_values"])
         return compressed.flatten(0, 1), [self.tokens_per_image] * len(image_sizes), \
             ["llava-mini"] * len(image_sizes), reduction_ms
 
-    def encode(self, images: list[np.ndarray], budget: int) -> VisualTokens:
+    def encode(self, images: list[np.ndarray], budget: int, reducer: str = "visionzip") -> VisualTokens:
         """Compressed tokens as ``features`` and every image's projected patches as ``patch_features``."""
         return self._visual_tokens(self.preprocess(images)["pixel_values"], self.clock())
 
-    def encode_base(self, image: np.ndarray, budget: int) -> VisualTokens:
+    def encode_base(self, image: np.ndarray, budget: int, reducer: str = "visionzip") -> VisualTokens:
         """One frame of a multi-image request, as the reference's video mode reads a frame: stretched to
         the tower's square input (nearest neighbour, no padding), then ``encode``'s steps (C^2 tokens)."""
         start = self.clock()
@@ -206,7 +206,7 @@ class LlavaMiniAdapter(FamilyAdapter):
     def base_tokens_full(self) -> int:
         return self.tokens_per_image
 
-    def multi_image_settings(self, count: int) -> tuple:
+    def multi_image_settings(self, count: int, reducer: str = "visionzip") -> tuple:
         return ("video-frame", count, self.feature_layer, self.mini_config.compressor_size)
 
     def multi_image_text(self, labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:

@@ -21,6 +21,7 @@ weights come from the checkpoint when it holds them, else from that directory.
 from __future__ import annotations
 
 import contextlib
+import json
 import pathlib
 from dataclasses import dataclass
 
@@ -112,19 +113,13 @@ class LlavaMiniParts:
 def load_llava_mini(name: str, config: LlavaMiniConfig, dtype: torch.dtype, device: torch.device,
                     vision_tower: str = "") -> LlavaMiniParts:
     """Every module of the checkpoint `name` by its published parameter names; ModelLoadError in one line."""
-    from transformers import AutoTokenizer
-
     from zip_vlm_ros.models.base import move_to_device
     from zip_vlm_ros.models.llava_mini_modules import Compressor, PreFusion, build_projector
 
     checkpoint = pathlib.Path(name).expanduser()
     clip_dir = _clip_directory(checkpoint, config.vision_tower, vision_tower)
     tensors = _read_tensors(checkpoint, (PROJECTOR_PREFIX, COMPRESSOR_PREFIX, PREFUSION_PREFIX, VISION_TOWER_PREFIX))
-    try:
-        with _transformers_errors_only():  # it reads config.json and warns about the unknown model type
-            tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    except Exception as error:
-        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {first_line(error)}") from error
+    tokenizer = _load_tokenizer(name, checkpoint)
     image_processor = _image_processor(name, clip_dir, checkpoint)
     llm = _load_llm(name, config, dtype)
     hidden = config.llm.hidden_size
@@ -139,6 +134,31 @@ def load_llava_mini(name: str, config: LlavaMiniConfig, dtype: torch.dtype, devi
     parts = [move_to_device(module.to(dtype).eval(), name, dtype, device)
              for module in (llm, tower, projector, compressor, prefusion)]
     return LlavaMiniParts(*parts, tokenizer=tokenizer, image_processor=image_processor, vision_source=vision_source)
+
+
+def _load_tokenizer(name: str, checkpoint: pathlib.Path):
+    """The tokenizer of the class its tokenizer_config.json names (PreTrainedTokenizerFast for Llama-3).
+
+    Not AutoTokenizer: it parses config.json as a generic config, which fails on fields of the released
+    Llama-3.1 config (its ``llama3`` rope_scaling); the tokenizer's own files say everything it needs."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    settings_path = checkpoint / "tokenizer_config.json"
+    try:
+        settings = json.loads(settings_path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{name}: cannot read tokenizer_config.json ({error}); a LLaVA-Mini checkpoint holds "
+                             f"its Llama-3 tokenizer (tokenizer_config.json, tokenizer.json)") from None
+    class_name = settings.get("tokenizer_class") or "PreTrainedTokenizerFast"
+    tokenizer_class = tokenizer_class_from_name(class_name)
+    if tokenizer_class is None:
+        raise ModelLoadError(f"{name}: tokenizer_config.json names tokenizer_class {class_name!r}, which this "
+                             f"transformers does not have")
+    try:
+        with _transformers_errors_only():
+            return tokenizer_class.from_pretrained(str(checkpoint))
+    except Exception as error:
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r}: {first_line(error)}") from error
 
 
 def _clip_directory(checkpoint: pathlib.Path, configured: str, override: str) -> str:

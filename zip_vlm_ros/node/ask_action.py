@@ -6,8 +6,10 @@ the one worker, with the same limits and refusals. Every goal is accepted (a goa
 carry a reason) and a refused one is aborted at once with the reason in `result.message`. The
 execute callback is a coroutine that awaits its job like the service callbacks do, so no executor
 thread is held while the answer is generated. Feedback is published from the worker thread as the
-engine reports each token. A cancel settles the job at once (the result carries the text streamed
-so far) and the engine stops at its next decode step.
+engine reports each token; it is reliable but keep-last, and rclpy's ActionClient drops feedback
+that arrives after the result, so the result repeats the last feedback sent (text, tokens, time).
+A cancel settles the job at once (the result carries the text streamed so far) and the engine stops
+at its next decode step.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ class GoalStream:
         self._lock = threading.Lock()
         self._open = True
         self._last_feedback_s = 0.0
-        self.text = ''  # streamed so far (the partial answer of a stopped job)
+        # The last feedback sent (the partial answer of a stopped job, which its result repeats).
+        self.last_feedback = AskAction.Feedback()
         self.job: Job | None = None
         self.cancel_requested = False
 
@@ -58,10 +61,11 @@ class GoalStream:
             first = step.generated_tokens == 1
             if not (step.delta or first or now - self._last_feedback_s >= FEEDBACK_PERIOD_S):
                 return
-            self.text, self._last_feedback_s = step.text, now
-            self._goal_handle.publish_feedback(AskAction.Feedback(
+            self._last_feedback_s = now
+            self.last_feedback = AskAction.Feedback(
                 text=step.text, delta=step.delta, generated_tokens=step.generated_tokens,
-                elapsed_ms=step.elapsed_ms))
+                elapsed_ms=step.elapsed_ms)
+            self._goal_handle.publish_feedback(self.last_feedback)
 
     def close(self, _job: Job | None = None) -> None:
         with self._lock:
@@ -105,7 +109,11 @@ class AskActionServer:
         try:
             result = await self._serve(make_job, AskAction.Result())
             if not result.success:
-                result.partial_text = stream.text
+                # Feedback after the result never reaches an rclpy ActionClient (it drops it with the
+                # goal's feedback callback), so the result repeats the last feedback.
+                last = stream.last_feedback
+                result.partial_text, result.partial_generated_tokens = last.text, last.generated_tokens
+                result.partial_elapsed_ms = last.elapsed_ms
             self._set_terminal_state(goal_handle, stream, result)
             return result
         finally:

@@ -131,7 +131,7 @@ def run_image_set(job: Job, engine: Any, feeds: dict[str, CameraFeed], *, check_
     inputs = [ImageInput(image.rgb, image.label, key=(image.camera, image.frame.seq)) for image in selected]
     outputs = engine.generate_images(inputs, job.prompts, token_budget=job.token_budget,
                                      max_new_tokens=job.max_new_tokens, should_stop=job.should_stop,
-                                     on_token=job.on_token)
+                                     on_token=job.on_token, reducer=job.reducer)
     newest = max(selected, key=lambda image: stamp_to_seconds(image.stamp))
     images = [(image.camera, image.stamp, image.label) for image in selected]
     return [output_to_result(output, header=newest.frame.msg.header, camera=spec.camera_field,

@@ -20,6 +20,7 @@ from zip_vlm_ros.msg import VlmResult
 DECODED_FRAMES_KEPT = 8
 WARN_THROTTLE_S = 5.0
 INACTIVE_MESSAGE = 'the node is not active: activate it with the lifecycle service ~/change_state'
+SHUTTING_DOWN_MESSAGE = 'the node is shutting down: retry when it is back'
 
 
 class RequestRejected(Exception):
@@ -113,11 +114,11 @@ class Job:
 
     def __init__(self, kind: str, prompts: list[str], *, camera: str, inline: Any,
                  token_budget: int, max_new_tokens: int, timeout_s: float, periodic: bool = False,
-                 images: Any = None):
+                 images: Any = None, reducer: str = 'visionzip'):
         self.kind, self.prompts, self.camera, self.inline = kind, prompts, camera, inline
         # Several images (image_sets.ImageSetRequest: surround cameras or a history); None: one image.
         self.images = images
-        self.token_budget, self.max_new_tokens = token_budget, max_new_tokens
+        self.token_budget, self.max_new_tokens, self.reducer = token_budget, max_new_tokens, reducer
         self.timeout_s, self.periodic = timeout_s, periodic
         self.submitted_s = time.monotonic()
         self.deadline_s = self.submitted_s + timeout_s
@@ -260,16 +261,18 @@ class RequestQueue:
         self._jobs: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []  # the jobs the worker holds (from `next` until `done`)
         self._open = False  # accepting jobs (the node is active)
+        self._refusal = INACTIVE_MESSAGE  # the answer to a job submitted while closed
         self._ready = threading.Condition()
 
     def open(self) -> None:
         with self._ready:
             self._open = True
 
-    def close(self, reason: str) -> None:
-        """Stop accepting jobs and cancel the waiting and running ones with `reason`."""
+    def close(self, reason: str, refuse_with: str = INACTIVE_MESSAGE) -> None:
+        """Stop accepting jobs (later ones are refused with `refuse_with`) and cancel the waiting and
+        running ones with `reason`."""
         with self._ready:
-            self._open = False
+            self._open, self._refusal = False, refuse_with
             jobs = list(self._jobs) + self.running
             self._jobs.clear()
             self._ready.notify_all()
@@ -280,7 +283,7 @@ class RequestQueue:
         """Queue `job`, or raise RequestRejected at once: inactive, or the batch full and max_pending waiting."""
         with self._ready:
             if not self._open:
-                raise RequestRejected('inactive', INACTIVE_MESSAGE)
+                raise RequestRejected('inactive', self._refusal)
             self._prune()
             ahead = len(self._jobs) + len(self.running)
             if ahead >= self.max_pending + self.max_running:

@@ -15,6 +15,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from zip_vlm_ros.engine.devices import DEVICE_CHOICES, DTYPES
 from zip_vlm_ros.engine import DEFAULT_DESCRIBE_PROMPT
+from zip_vlm_ros.reducers import REDUCERS
 
 IMAGE_TYPES = {'sensor_msgs/Image': Image, 'sensor_msgs/CompressedImage': CompressedImage}
 IMAGE_QOS_CHOICES = ('sensor_data', 'reliable')
@@ -49,10 +50,13 @@ NODE_PARAMETERS = (
                   'image subscription QoS: sensor_data (best effort: reliable and best-effort '
                   'publishers both reach the node) or reliable (reliable publishers only)'),
     ParameterSpec('token_budget', 64,
-                  'visual tokens the LLM reads per image, kept by VisionZip (1..the model\'s largest '
+                  'visual tokens the LLM reads per image, kept by the reducer (1..the model\'s largest '
                   'full count: 576 for LLaVA-1.5, 2928 for LLaVA-NeXT-7B, whose crops share it evenly); '
                   'requests may override it. LLaVA-Mini: does not apply (any value >= 1 is accepted, '
                   'its trained token count is used)', runtime=True),
+    ParameterSpec('reducer', 'visionzip',
+                  'visual-token reducer: ' + ', '.join(REDUCERS) + ' (README "Choosing a reducer"); requests '
+                  'may override it (empty in a request: this value)', runtime=True),
     ParameterSpec('dominant_ratio', 54 / 64,
                   'share of the budget given to dominant tokens (0 < r <= 1); the rest are '
                   'contextual tokens merged from the remainder'),
@@ -185,6 +189,8 @@ _VALUE_CHECKS = {
                         'describe_prompt is empty: give the prompt text used for scene descriptions'),
     'dominant_ratio': (lambda value: 0 < value <= 1,
                        'dominant_ratio {value} is out of range: use 0 < dominant_ratio <= 1 (default 54/64)'),
+    'reducer': (lambda value: value in REDUCERS,
+                'reducer {value!r} is not known: use ' + ', '.join(REDUCERS)),
     'image_qos': (lambda value: value in IMAGE_QOS_CHOICES,
                   'image_qos {value!r} is not known: use ' + ' or '.join(IMAGE_QOS_CHOICES)),
     'max_image_age_s': (_is_time, 'max_image_age_s {value} is invalid: use 0 (no limit) or an age in seconds'),
@@ -264,7 +270,9 @@ def service_qos_profile(depth: int) -> QoSProfile:
 
 
 def image_qos_profile(name: str) -> QoSProfile:
-    """Depth 1: only the latest frame matters, and each queued raw frame can be megabytes."""
+    """Depth 2: every frame goes into the history buffer, and one frame of slack keeps a frame the
+    executor takes a moment late from being overwritten by the next; each queued raw frame can be
+    megabytes, so no more."""
     reliability = ReliabilityPolicy.BEST_EFFORT if name == 'sensor_data' else ReliabilityPolicy.RELIABLE
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=reliability)
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2, reliability=reliability)
 

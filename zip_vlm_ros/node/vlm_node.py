@@ -56,8 +56,8 @@ from zip_vlm_ros.node.conversions import ImageConversionError, image_has_pixels,
 from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
 from zip_vlm_ros.node.image_sets import image_set_request, resolve_total_budget
 from zip_vlm_ros.node.jobs import (
-    INACTIVE_MESSAGE, CameraFeed, InlineImage, Job, RequestQueue, RequestRejected, RequestStats,
-    ThrottledWarnings, check_frame_age, check_prompt)
+    INACTIVE_MESSAGE, SHUTTING_DOWN_MESSAGE, CameraFeed, InlineImage, Job, RequestQueue, RequestRejected,
+    RequestStats, ThrottledWarnings, check_frame_age, check_prompt)
 from zip_vlm_ros.msg import VlmResult
 from zip_vlm_ros.node.diagnostics import diagnostic_status
 from zip_vlm_ros.node.parameters import (
@@ -66,6 +66,7 @@ from zip_vlm_ros.node.parameters import (
     max_new_tokens_limit, parameter_problem, service_qos_profile, type_problem)
 from zip_vlm_ros.node.spinning import BackgroundSpinner
 from zip_vlm_ros.node.worker import NodeHooks, Worker
+from zip_vlm_ros.reducers import REDUCERS
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
 NODE_NAME = 'zip_vlm'
@@ -94,13 +95,14 @@ class VlmNode(LifecycleNode):
 
         # What may run in parallel (MultiThreadedExecutor):
         # - requests (Reentrant): service callbacks (coroutines); many callers await their jobs at once.
-        # - images (MutuallyExclusive): image callbacks, one at a time; each only swaps a reference,
-        #   so they keep up with every camera while requests wait or the worker infers.
+        # - images (one MutuallyExclusive group per camera, made on activate): a camera's frames are
+        #   stored one at a time and in order, different cameras' in parallel. With one group for all,
+        #   six cameras at 10 Hz queued behind each other while the worker held the interpreter, and
+        #   depth-1 subscriptions lost frames (5 of 100 per camera at 11 asks/s; vlm_bench --node).
         # - timers (MutuallyExclusive): diagnostics, deadlines and the periodic describer; never block.
         # - the default group: parameter and lifecycle services (configure loads the model there).
         # The engine itself runs only on the worker thread (it is not thread-safe).
         self._requests_group = ReentrantCallbackGroup()
-        self._images_group = MutuallyExclusiveCallbackGroup()
         self._timers_group = MutuallyExclusiveCallbackGroup()
 
         self._warnings = ThrottledWarnings(self.get_logger())
@@ -112,6 +114,9 @@ class VlmNode(LifecycleNode):
         self._worker: threading.Thread | None = None
         self._worker_stop = threading.Event()
         self._active = False
+        # Why a request is refused while not active: not activated yet / deactivated, or the process
+        # is going down (set before _active turns False, so a request racing the signal reads it).
+        self._inactive_message = INACTIVE_MESSAGE
         self._activated_s = time.monotonic()
         self._subscriptions_made: list[Any] = []
         # Service callbacks between receiving a request and returning its response (see close()).
@@ -258,7 +263,7 @@ class VlmNode(LifecycleNode):
             engine = VlmEngine(EngineConfig(
                 model=settings.model, vision_tower=settings.vision_tower, device=settings.device,
                 dtype=settings.dtype,
-                token_budget=int(self._param('token_budget')),
+                token_budget=int(self._param('token_budget')), reducer=self._param('reducer'),
                 contextual_ratio=1.0 - settings.dominant_ratio,
                 max_new_tokens=int(self._param('max_new_tokens'))))
             limits = {'visual_tokens_full': engine.visual_tokens_full if engine.token_budget_applies else None,
@@ -312,7 +317,7 @@ class VlmNode(LifecycleNode):
         for feed in self._feeds.values():
             self._subscriptions_made.append(self.create_subscription(
                 IMAGE_TYPES[feed.type_name], feed.topic, functools.partial(self._on_image, feed), qos,
-                callback_group=self._images_group))
+                callback_group=MutuallyExclusiveCallbackGroup()))
         if not self._services_made:
             self._create_services()
         self._worker_stop.clear()
@@ -373,7 +378,7 @@ class VlmNode(LifecycleNode):
         self._active = False
         self._worker_stop.set()
         if self._queue is not None:
-            self._queue.close(reason)
+            self._queue.close(reason, refuse_with=self._inactive_message)
 
     def _join_worker(self, timeout_s: float | None = None) -> None:
         if self._worker is not None:
@@ -411,7 +416,8 @@ class VlmNode(LifecycleNode):
     def close(self) -> None:
         """Process exit: answer every caller, stop the worker, free the model. The executor must still
         spin (it sends the responses); entities go with destroy_node() afterwards."""
-        self._stop_serving('the node is shutting down: retry when it is back')
+        self._inactive_message = SHUTTING_DOWN_MESSAGE
+        self._stop_serving(SHUTTING_DOWN_MESSAGE)
         self._join_worker(timeout_s=ANSWER_GRACE_S)
         with self._in_flight_changed:
             self._in_flight_changed.wait_for(lambda: self._callbacks_in_flight == 0, ANSWER_GRACE_S)
@@ -460,6 +466,13 @@ class VlmNode(LifecycleNode):
                 f'context holds after the image), or 0 = node default ({self._param("max_new_tokens")})'))
         return token_budget, max_new_tokens
 
+    def _resolve_reducer(self, reducer: str) -> str:
+        reducer = reducer.strip() or self._param('reducer')
+        if reducer not in REDUCERS:
+            raise RequestRejected('reducer', (f'unknown reducer {reducer!r}: use {", ".join(REDUCERS)}, or leave '
+                                              f'reducer empty for the node\'s ({self._param("reducer")})'))
+        return reducer
+
     def _resolve_camera(self, camera: str) -> str:
         camera = camera.strip() or self._settings.cameras[0]
         feed = self._feeds.get(camera)
@@ -490,15 +503,17 @@ class VlmNode(LifecycleNode):
         images = image_set_request(
             request, feeds=self._feeds, default_camera=self._settings.cameras[0], has_inline=inline is not None,
             history_limit=self._settings.frame_history_length, no_frame_message=self._no_frame_message)
+        reducer = self._resolve_reducer(request.reducer)
         if images is not None:  # surround view or history: token_budget is the total (see image_sets)
             _, max_new_tokens = self._resolve_limits(0, request.max_new_tokens)
             token_budget = resolve_total_budget(request.token_budget, images.count, int(self._param('token_budget')))
             return Job(kind, prompts, camera=images.camera_field, inline=None, token_budget=token_budget,
-                       max_new_tokens=max_new_tokens, timeout_s=self._settings.request_timeout_s, images=images)
+                       max_new_tokens=max_new_tokens, timeout_s=self._settings.request_timeout_s, images=images,
+                       reducer=reducer)
         token_budget, max_new_tokens = self._resolve_limits(request.token_budget, request.max_new_tokens)
         camera = INLINE_CAMERA if inline is not None else self._resolve_camera(request.camera)
         return Job(kind, prompts, camera=camera, inline=inline, token_budget=token_budget,
-                   max_new_tokens=max_new_tokens, timeout_s=self._settings.request_timeout_s)
+                   max_new_tokens=max_new_tokens, timeout_s=self._settings.request_timeout_s, reducer=reducer)
 
     async def _on_describe_scene(self, request: DescribeScene.Request,
                                  response: DescribeScene.Response) -> DescribeScene.Response:
@@ -539,7 +554,7 @@ class VlmNode(LifecycleNode):
         try:
             try:
                 if not self._active or self._engine is None:
-                    raise RequestRejected('inactive', INACTIVE_MESSAGE)
+                    raise RequestRejected('inactive', self._inactive_message)
                 job = make_job()
                 self._queue.submit(job)
             except RequestRejected as rejected:
@@ -646,7 +661,7 @@ class VlmNode(LifecycleNode):
             job = Job('describe', [prompt], camera=feed.name, inline=None,
                       token_budget=int(self._param('token_budget')),
                       max_new_tokens=int(self._param('max_new_tokens')),
-                      timeout_s=self._settings.request_timeout_s, periodic=True)
+                      timeout_s=self._settings.request_timeout_s, periodic=True, reducer=self._param('reducer'))
             try:
                 self._queue.submit(job)
             except RequestRejected as rejected:

@@ -118,7 +118,7 @@ class Worker:
             header, frame_key = frame.msg.header, (job.camera, frame.seq)
         request = self.engine.open_request(
             rgb, job.prompts, token_budget=job.token_budget, max_new_tokens=job.max_new_tokens,
-            frame_key=frame_key, should_stop=job.should_stop, on_token=job.on_token)
+            frame_key=frame_key, should_stop=job.should_stop, on_token=job.on_token, reducer=job.reducer)
         return request, header
 
     def _end(self, running: _Running, request: BatchRequest) -> None:

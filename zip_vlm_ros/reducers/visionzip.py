@@ -25,14 +25,18 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from zip_vlm_ros.reducers.reduced_tokens import ReducedTokens, sources_of_kept
+
 __all__ = [
     "DEFAULT_CONTEXTUAL_RATIO",
     "gather_tokens",
     "VisionZipFeatures",
+    "assign_contextual",
     "merge_contextual",
     "select_dominant",
     "split_budget",
     "visionzip_compress",
+    "visionzip_reduce",
 ]
 
 # The paper's split: 64 -> 54 + 10, 128 -> 108 + 20, 192 -> 162 + 30.
@@ -153,6 +157,36 @@ def select_dominant(cls_attention: torch.Tensor, dominant: int) -> tuple[torch.T
     return order[:, remainder_length:], order[:, :remainder_length]
 
 
+def assign_contextual(remainder_keys: torch.Tensor, contextual: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual clusters over a remainder of ``R`` tokens (see ``merge_contextual``).
+
+    Args:
+        remainder_keys: ``[batch, R, head_dim]`` the remainder's head-averaged keys.
+        contextual: ``1 <= contextual <= R``.
+
+    Returns:
+        ``(target_positions [contextual], source_positions [R - contextual], assignment [batch, R -
+        contextual, contextual])``: remainder positions of the targets and of the other tokens (int64,
+        ascending) and the float one-hot target each other token joins.
+    """
+    remainder_length = remainder_keys.shape[1]
+    device = remainder_keys.device
+    step = max(1, remainder_length // contextual)
+    target_positions = torch.arange(0, remainder_length, step)[:contextual]  # [contextual]
+    is_target = torch.zeros(remainder_length, dtype=torch.bool)
+    is_target[target_positions] = True
+    source_positions = torch.arange(remainder_length)[~is_target].to(device)  # [R - contextual]
+    target_positions = target_positions.to(device)
+    with torch.no_grad():
+        keys = remainder_keys.float()
+        keys = keys / keys.norm(dim=-1, keepdim=True)
+        similarity = torch.bmm(keys[:, source_positions], keys[:, target_positions].transpose(1, 2))
+        # similarity: [batch, R - contextual, contextual]; argmax returns the first maximum, so equal
+        # similarity goes to the earlier target.
+        assignment = nn.functional.one_hot(similarity.argmax(dim=2), contextual).float()
+    return target_positions, source_positions, assignment
+
+
 def merge_contextual(remainder_hidden: torch.Tensor, remainder_keys: torch.Tensor, contextual: int) -> torch.Tensor:
     """Merge VisionZip's remainder tokens into ``contextual`` tokens.
 
@@ -168,29 +202,36 @@ def merge_contextual(remainder_hidden: torch.Tensor, remainder_keys: torch.Tenso
 
     Returns ``[batch, contextual, hidden]`` in target order, dtype of ``remainder_hidden``.
     """
-    remainder_length = remainder_hidden.shape[1]
-    device = remainder_hidden.device
-    step = max(1, remainder_length // contextual)
-    target_positions = torch.arange(0, remainder_length, step)[:contextual]  # [contextual]
-    is_target = torch.zeros(remainder_length, dtype=torch.bool)
-    is_target[target_positions] = True
-    source_positions = torch.arange(remainder_length)[~is_target].to(device)  # [R - contextual]
-    target_positions = target_positions.to(device)
-
-    with torch.no_grad():
-        keys = remainder_keys.float()
-        keys = keys / keys.norm(dim=-1, keepdim=True)
-        similarity = torch.bmm(keys[:, source_positions], keys[:, target_positions].transpose(1, 2))
-        # similarity: [batch, R - contextual, contextual]; argmax returns the first maximum, so equal
-        # similarity goes to the earlier target.
-        assignment = nn.functional.one_hot(similarity.argmax(dim=2), contextual).float()
-
+    target_positions, source_positions, assignment = assign_contextual(remainder_keys, contextual)
     hidden = remainder_hidden.float()
     # A one-hot matmul (not scatter_add) keeps the sums deterministic on CUDA.
     merged_sum = torch.bmm(assignment.transpose(1, 2), hidden[:, source_positions])  # [batch, contextual, hidden]
     merged_count = assignment.sum(dim=1).clamp(min=1).unsqueeze(-1)  # [batch, contextual, 1]
     contextual_tokens = hidden[:, target_positions] + merged_sum / merged_count
     return contextual_tokens.to(remainder_hidden.dtype)
+
+
+def visionzip_reduce(features: VisionZipFeatures, dominant: int, contextual: int) -> ReducedTokens:
+    """``visionzip_compress`` with, for every output token, the tower positions it stands for.
+
+    Returns ``ReducedTokens``: ``tokens [batch, dominant + contextual, hidden]`` as ``visionzip_compress``
+    orders them, and ``sources [batch, dominant + contextual, 1 + N]``: one position for a dominant
+    token (CLS is position 0), the target plus every token that joined it for a contextual token.
+    """
+    hidden_states, cls_attention, keys = features
+    tokens, dominant_indices = visionzip_compress(hidden_states, cls_attention, keys, dominant, contextual)
+    seq_length = hidden_states.shape[1]
+    sources = sources_of_kept(dominant_indices, seq_length)
+    if contextual == 0:
+        return ReducedTokens(tokens, sources)
+    remainder = select_dominant(cls_attention, dominant)[1]  # [batch, R] tower positions
+    target_positions, source_positions, assignment = assign_contextual(gather_tokens(keys, remainder), contextual)
+    members = torch.zeros(*remainder.shape[:1], contextual, remainder.shape[1], device=remainder.device)
+    members[:, :, source_positions] = assignment.transpose(1, 2)  # [batch, contextual, R]
+    members[:, torch.arange(contextual, device=remainder.device), target_positions] = 1.0
+    contextual_sources = torch.zeros(*members.shape[:2], seq_length, dtype=torch.bool, device=remainder.device)
+    contextual_sources.scatter_(2, remainder.unsqueeze(1).expand_as(members), members.bool())
+    return ReducedTokens(tokens, torch.cat([sources, contextual_sources], dim=1))
 
 
 def _check_feature_shapes(

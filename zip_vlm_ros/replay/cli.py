@@ -5,7 +5,8 @@ import argparse
 import math
 
 from zip_vlm_ros.replay.console import warn
-from zip_vlm_ros.replay.inputs import DEFAULT_BUDGETS, ReplayError, load_labels, load_questions, parse_budgets
+from zip_vlm_ros.replay.inputs import (DEFAULT_BUDGETS, ReplayError, evaluation_points, load_labels, load_questions,
+                                       parse_budgets, parse_reducers)
 from zip_vlm_ros.replay.offline import EXIT_NOTHING_EVALUATED, run_offline
 
 
@@ -22,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--labels', metavar='FILE',
                         help='YAML list of human labels {topic, index | stamp, question?, answer?, keywords?}: '
                              'answers are scored against them per budget')
+    parser.add_argument('--reducers', metavar='A,B',
+                        help='comma-separated reducers to compare (visionzip, divprune, vispruner): every reducer '
+                             'at every budget, "full" once (default: the node\'s reducer alone)')
     parser.add_argument('--budgets', default=DEFAULT_BUDGETS,
                         help=f'comma-separated visual-token budgets, "full" = no reduction (default {DEFAULT_BUDGETS})')
     selection = parser.add_mutually_exclusive_group()
@@ -89,7 +93,8 @@ def _positive_float(text: str) -> float:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        budgets = parse_budgets(args.budgets)
+        args.reducers = parse_reducers(args.reducers) if args.reducers else None
+        budgets = evaluation_points(parse_budgets(args.budgets), args.reducers)
         questions = load_questions(args.questions) if args.questions else []
         labels = load_labels(args.labels) if args.labels else []
         if args.live:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from zip_vlm_ros.node.frame_history import HistoryUnavailable, history_label, pick_history
 from zip_vlm_ros.replay.bag import Frame, FrameSelector, SkippedFrame
 from zip_vlm_ros.replay.console import warn
-from zip_vlm_ros.replay.inputs import FULL_BUDGET, Question
+from zip_vlm_ros.replay.inputs import Question, budget_tokens, point_reducer
 from zip_vlm_ros.replay.report import format_stamp
 from zip_vlm_ros.replay.results import output_row
 
@@ -143,12 +143,12 @@ class ImageSetQuestions:
         for budget in self.budgets:
             if (anchor.topic, anchor.index, budget, question.question) in self.done_keys:
                 continue
-            per_image = self.engine.family.base_tokens_full if budget == FULL_BUDGET else int(budget)
+            per_image = budget_tokens(budget, self.engine.family.base_tokens_full)
             inputs = [ImageInput(frame.rgb, label, key=(frame.topic, frame.index, budget))
                       for frame, label in zip(group, labels)]
             try:
-                output = self.engine.generate_images(inputs, [question.question],
-                                                     token_budget=per_image * len(inputs))[0]
+                output = self.engine.generate_images(inputs, [question.question], token_budget=per_image * len(inputs),
+                                                     reducer=point_reducer(budget) or None)[0]
             except EngineError as error:
                 self._skip(anchor, f'{question.question!r}, budget {budget}: {error}')
                 continue

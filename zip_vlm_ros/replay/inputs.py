@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FULL_BUDGET = 'full'
+POINT_SEPARATOR = '@'  # 'divprune@64': a reducer at a budget (vlm_replay --reducers)
 DEFAULT_BUDGETS = 'full,192,128,64'
 
 
@@ -38,9 +39,43 @@ def parse_budgets(text: str) -> list[str]:
     return labels
 
 
+def parse_reducers(text: str) -> list[str]:
+    """'visionzip,divprune' -> ['visionzip', 'divprune'] (each one of REDUCERS, once)."""
+    from zip_vlm_ros.reducers import REDUCERS
+
+    names = [part.strip().lower() for part in text.split(',')]
+    for name in names:
+        if name not in REDUCERS:
+            raise ReplayError(f'reducer {name!r} in --reducers {text!r} is not known: use some of '
+                              f'{", ".join(REDUCERS)}, e.g. --reducers {",".join(REDUCERS)}')
+        if names.count(name) > 1:
+            raise ReplayError(f'reducer {name} appears twice in --reducers {text!r}: list each reducer once')
+    return names
+
+
+def evaluation_points(budgets: list[str], reducers: list[str] | None) -> list[str]:
+    """The labels evaluated per frame: the budgets as given without --reducers (the default reducer), else
+    "full" once (it reduces nothing) and every reducer at every other budget, 'divprune@64'."""
+    if not reducers:
+        return list(budgets)
+    return ([FULL_BUDGET] if FULL_BUDGET in budgets else []) + [
+        f'{reducer}{POINT_SEPARATOR}{budget}' for reducer in reducers for budget in budgets if budget != FULL_BUDGET]
+
+
+def point_reducer(label: str) -> str:
+    """The reducer a point label names ('divprune@64' -> 'divprune'); '' for a plain budget (the default)."""
+    return label.partition(POINT_SEPARATOR)[0] if POINT_SEPARATOR in label else ''
+
+
+def point_budget(label: str) -> str:
+    """The budget of a point label ('divprune@64' -> '64', '64' -> '64', 'full' -> 'full')."""
+    return label.rpartition(POINT_SEPARATOR)[2]
+
+
 def budget_tokens(label: str, visual_tokens_full: int) -> int:
-    """Visual-token budget to request for a budget label ('full' -> all of the model's visual tokens)."""
-    return visual_tokens_full if label == FULL_BUDGET else int(label)
+    """Visual-token budget to request for a budget or point label ('full' -> all of the model's visual tokens)."""
+    budget = point_budget(label)
+    return visual_tokens_full if budget == FULL_BUDGET else int(budget)
 
 
 def _keyword_loader():

@@ -22,7 +22,7 @@ from typing import Any
 
 from zip_vlm_ros.replay.bag import Bag, open_bag, resolve_topics, stamp_ns_of
 from zip_vlm_ros.replay.console import note, progress_bar, warn
-from zip_vlm_ros.replay.inputs import FULL_BUDGET, Label, Question, ReplayError
+from zip_vlm_ros.replay.inputs import FULL_BUDGET, Label, Question, ReplayError, point_budget, point_reducer
 from zip_vlm_ros.replay.offline import EXIT_INTERRUPTED, EXIT_NOTHING_EVALUATED, EXIT_OK
 from zip_vlm_ros.replay.report import write_report
 from zip_vlm_ros.replay.results import REPORT_FILE, RESULTS_FILE, ResultsWriter, prepare_out_dir, write_run_file
@@ -274,7 +274,7 @@ class LiveSession:
         self.request_budgets = {}
         for budget in self.budgets:
             # The node accepts 1..visual tokens; larger budgets mean "no reduction" offline, so send the same.
-            tokens = full if budget == FULL_BUDGET else int(budget)
+            tokens = full if point_budget(budget) == FULL_BUDGET else int(point_budget(budget))
             if full is not None and tokens > full:
                 note(f'note: budget {budget} >= the {full} visual tokens of the node\'s model: no reduction, '
                      f'same as full')
@@ -361,13 +361,14 @@ class LiveSession:
 
         args, tokens = self.args, self.request_budgets[budget]
         describe_prompt = args.describe_prompt or ''
-        describe = DescribeScene.Request(camera=args.camera, token_budget=tokens,
+        reducer = point_reducer(budget)  # '' asks for the node's reducer
+        describe = DescribeScene.Request(camera=args.camera, token_budget=tokens, reducer=reducer,
                                          max_new_tokens=args.max_new_tokens or 0, prompt=describe_prompt)
         calls = [self._call(self.describe_client, describe, LiveCall(
             next(self.request_ids), round_index, budget, 'describe', [(describe_prompt, ())]))]
         if self.questions:
             ask = AskMany.Request(questions=[q.question for q in self.questions], camera=args.camera,
-                                  token_budget=tokens, max_new_tokens=args.max_new_tokens or 0)
+                                  token_budget=tokens, max_new_tokens=args.max_new_tokens or 0, reducer=reducer)
             calls.append(self._call(self.ask_many_client, ask, LiveCall(
                 next(self.request_ids), round_index, budget, 'question',
                 [(q.question, q.expect) for q in self.questions])))
@@ -425,8 +426,8 @@ class LiveSession:
         return cameras
 
     def _rows(self, call: LiveCall) -> list[dict]:
-        base = {'request': call.request_id, 'round': call.round, 'budget': call.budget, 'kind': call.kind,
-                'camera': self.args.camera}
+        base = {'request': call.request_id, 'round': call.round, 'budget': call.budget,
+                'reducer': point_reducer(call.budget), 'kind': call.kind, 'camera': self.args.camera}
         if call.status != 'ok':
             return [dict(base, topic='', index=None, stamp_ns=None, prompt=prompt, expect=list(expect),
                          status=call.status, message=call.message) for prompt, expect in call.prompts]
@@ -441,7 +442,8 @@ class LiveSession:
             rows.append(dict(
                 base, topic=topic, index=self.playback.index_of.get((topic, stamp_ns)), camera=result.camera,
                 stamp_ns=stamp_ns, prompt=result.prompt, expect=list(expect), status='ok', text=result.text,
-                model=result.model, reduction=result.reduction, token_budget=result.token_budget,
+                model=result.model, reduction=result.reduction, reducer=point_reducer(call.budget) or result.reduction,
+                token_budget=result.token_budget,
                 visual_tokens=result.visual_tokens, visual_tokens_full=result.visual_tokens_full,
                 generated_tokens=result.generated_tokens, vision_ms=result.vision_ms,
                 reduction_ms=result.reduction_ms, prefill_ms=result.prefill_ms, ttft_ms=None,
@@ -477,6 +479,7 @@ class LiveSession:
             'max_new_tokens': self.args.max_new_tokens or 'node default',
             'describe_prompt': self.args.describe_prompt or describe,
             'questions': [dataclasses.asdict(question) for question in self.questions], 'budgets': self.budgets,
+            'reducers': self.args.reducers,
             'published': {self.remaps.get(topic, topic): count for topic, count in self.playback.published.items()},
             'node_frames_received': self._frames_received(),
         }

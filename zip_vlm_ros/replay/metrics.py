@@ -24,7 +24,7 @@ MIN_SAMPLES_FOR_P95 = 20
 LATENCY_FIELDS = ('vision_ms', 'prefill_ms', 'ttft_ms', 'total_ms')
 TEXT_SCORES = ('exact_match_rate', 'token_f1_mean', 'rouge_l_mean', 'bleu')
 SUMMARY_COLUMNS = (
-    ('budget', 'token_budget', 'reduction', 'visual_tokens', 'visual_tokens_full', 'frames', 'answers',
+    ('budget', 'reducer', 'token_budget', 'reduction', 'visual_tokens', 'visual_tokens_full', 'frames', 'answers',
      'fresh_answers')
     + tuple(f'{field}_{q}' for field in LATENCY_FIELDS for q in ('p50', 'p95'))
     + ('reused_prefix_answers', 'reused_prefix_total_ms_p50', 'decode_tokens_per_s', 'kv_cache_bytes_per_frame',
@@ -190,6 +190,7 @@ def _cost_summary(budget: str, budget_rows: list[dict]) -> dict[str, Any]:
     decode_s = sum(row['decode_ms'] for row in budget_rows) / 1000
     summary = {
         'budget': budget,
+        'reducer': _common(row.get('reducer') for row in budget_rows),
         'token_budget': _common(row['token_budget'] for row in budget_rows),
         'reduction': _common(row['reduction'] for row in budget_rows),
         'visual_tokens': _mean_or_none([row['visual_tokens'] for row in budget_rows]),

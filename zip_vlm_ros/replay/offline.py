@@ -15,7 +15,7 @@ from zip_vlm_ros.replay.bag import (Bag, Frame, FrameSelector, SkippedFrame, dam
 from zip_vlm_ros.replay.console import note, progress_bar, warn
 from zip_vlm_ros.replay.image_set_questions import ImageSetQuestions, image_set_topics
 from zip_vlm_ros.replay.inputs import (FULL_BUDGET, NODE_ENGINE_PARAMETERS, Label, Question, ReplayError,
-                                       budget_tokens, load_node_parameters)
+                                       budget_tokens, load_node_parameters, point_budget, point_reducer)
 from zip_vlm_ros.replay.report import format_stamp, write_report
 from zip_vlm_ros.replay.results import (REPORT_FILE, RESULTS_FILE, ResultsWriter, check_resumed_run, output_row,
                                         prepare_out_dir, result_key, write_run_file)
@@ -78,7 +78,8 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
                 note(f'note: token budgets do not apply to {engine.family.label}: every budget reads its '
                      f'{engine.visual_tokens_full} trained visual token(s) per image')
             for budget in budgets:
-                if engine.token_budget_applies and budget != FULL_BUDGET and int(budget) >= engine.visual_tokens_full:
+                tokens = budget_tokens(budget, engine.visual_tokens_full)
+                if engine.token_budget_applies and point_budget(budget) != FULL_BUDGET and tokens >= engine.visual_tokens_full:
                     note(f'note: budget {budget} >= the {engine.visual_tokens_full} visual tokens of '
                          f'{engine.model_name}: no reduction, same as full')
             run = {
@@ -88,6 +89,7 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
                 'dominant_ratio': 1.0 - engine.config.contextual_ratio,
                 'max_new_tokens': engine.config.max_new_tokens, 'describe_prompt': settings['describe_prompt'],
                 'questions': [dataclasses.asdict(question) for question in questions], 'budgets': budgets,
+                'reducers': args.reducers,
                 'every': args.every, 'period_s': args.period, 'max_frames': args.max_frames,
                 'pair_tolerance_s': args.pair_tolerance,
             }
@@ -214,6 +216,7 @@ class OfflineEvaluation:
             outputs = self.engine.generate_many(
                 frame.rgb, [prompt for prompt, _, _ in todo],
                 token_budget=budget_tokens(budget, self.engine.visual_tokens_full),
+                reducer=point_reducer(budget) or None,
                 # The frame's identity in the bag, never its stamp (several images may share one), and
                 # per budget label: budgets that mean the same token count (192 and full on a small
                 # model) are each timed from scratch instead of sharing one prefix.
@@ -262,6 +265,6 @@ def _warm_up(engine, rgb: np.ndarray, budgets: list[str], prompt: str) -> None:
     for budget in budgets:
         try:
             engine.generate(rgb, prompt, token_budget=budget_tokens(budget, engine.visual_tokens_full),
-                            max_new_tokens=2, frame_key=None)
+                            max_new_tokens=2, frame_key=None, reducer=point_reducer(budget) or None)
         except EngineError:
             return  # the real request on this frame reports the problem

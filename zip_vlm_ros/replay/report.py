@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 
 from zip_vlm_ros.replay.bag import SkippedFrame
-from zip_vlm_ros.replay.inputs import FULL_BUDGET, Label
+from zip_vlm_ros.replay.inputs import FULL_BUDGET, Label, point_budget, point_reducer
 from zip_vlm_ros.replay.metrics import (LATENCY_FIELDS, MIN_SAMPLES_FOR_P95, SUMMARY_COLUMNS, summarize,
                                         summarize_image_sets)
 from zip_vlm_ros.replay.results import REPORT_FILE, RESULTS_FILE, SUMMARY_FILE
@@ -140,6 +140,9 @@ def plot_budgets(summaries: list[dict], out_dir: pathlib.Path) -> None:
     figure.savefig(out_dir / LATENCY_PLOT, dpi=100)
     plt.close(figure)
 
+    if any(point_reducer(s['budget']) for s in summaries):
+        plot_agreement_per_reducer(summaries, out_dir)
+        return
     figure, axes = plt.subplots(figsize=(7, 4.2))
     curves = (('exact_match_rate', 'exact match vs full', 'o'), ('token_f1_mean', 'token F1 vs full', 's'),
               ('rouge_l_mean', 'ROUGE-L vs full', 'D'), ('keyword_hit_rate', 'keyword hit rate', '^'),
@@ -150,13 +153,47 @@ def plot_budgets(summaries: list[dict], out_dir: pathlib.Path) -> None:
         if not np.all(np.isnan(values)):
             axes.plot(positions, values, marker=marker, label=name)
             drawn += 1
-    if not drawn:
-        axes.text(0.5, 0.5, 'no full-budget reference, keywords or labels:\nadd "full" to --budgets',
-                  ha='center', va='center', transform=axes.transAxes)
-    axes.set_ylim(-0.05, 1.05)
+    _agreement_axes(axes, drawn, 'no full-budget reference, keywords or labels')
     _finish_axes(axes, positions, labels, 'rate', 'Agreement with the full budget and the labels')
+    _write_figure(figure, out_dir / AGREEMENT_PLOT)
+
+
+def plot_agreement_per_reducer(summaries: list[dict], out_dir: pathlib.Path) -> None:
+    """agreement_vs_budget.png for vlm_replay --reducers: one line per reducer over the budgets (token F1 with
+    the full-budget answer, solid; with the labels, dashed, when there are labels)."""
+    import matplotlib.pyplot as plt
+
+    budgets = list(dict.fromkeys(point_budget(s['budget']) for s in summaries if point_reducer(s['budget'])))
+    positions = np.arange(len(budgets))
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    drawn = 0
+    for reducer in dict.fromkeys(point_reducer(s['budget']) for s in summaries if point_reducer(s['budget'])):
+        by_budget = {point_budget(s['budget']): s for s in summaries if point_reducer(s['budget']) == reducer}
+        ordered = [by_budget.get(budget) for budget in budgets]
+        for key, style, name in (('token_f1_mean', '-', 'token F1 vs full'),
+                                 ('label_token_f1_mean', '--', 'token F1 vs labels')):
+            values = np.array([np.nan if s is None or s[key] is None else s[key] for s in ordered], dtype=float)
+            if not np.all(np.isnan(values)):
+                axes.plot(positions, values, marker='o', linestyle=style, label=f'{reducer}: {name}')
+                drawn += 1
+    _agreement_axes(axes, drawn, 'no full-budget reference or labels')
+    _finish_axes(axes, positions, budgets, 'token F1', 'Agreement vs budget, one line per reducer')
+    _write_figure(figure, out_dir / AGREEMENT_PLOT)
+
+
+def _agreement_axes(axes, drawn: int, missing: str) -> None:
+    """The agreement axes' shared parts: a 0..1 rate scale, and a note instead of lines when none was drawn."""
+    if not drawn:
+        axes.text(0.5, 0.5, f'{missing}:\nadd "full" to --budgets', ha='center', va='center',
+                  transform=axes.transAxes)
+    axes.set_ylim(-0.05, 1.05)
+
+
+def _write_figure(figure, path: pathlib.Path) -> None:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
-    figure.savefig(out_dir / AGREEMENT_PLOT, dpi=100)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 

@@ -8,7 +8,7 @@ import pathlib
 from typing import Any, Iterable
 
 from zip_vlm_ros.replay.console import warn
-from zip_vlm_ros.replay.inputs import ReplayError
+from zip_vlm_ros.replay.inputs import ReplayError, point_reducer
 
 RESULTS_FILE = 'results.jsonl'
 SUMMARY_FILE = 'summary.csv'
@@ -16,8 +16,8 @@ REPORT_FILE = 'report.md'
 RUN_FILE = 'run.json'
 # What --resume compares with the run it continues: results of another bag, other prompts or other
 # settings must not mix into one report.
-RESUME_CHECKS = ('mode', 'bag_files', 'topics', 'budgets', 'describe_prompt', 'questions', 'model', 'device',
-                 'dtype', 'dominant_ratio', 'max_new_tokens')
+RESUME_CHECKS = ('mode', 'bag_files', 'topics', 'budgets', 'reducers', 'describe_prompt', 'questions', 'model',
+                 'device', 'dtype', 'dominant_ratio', 'max_new_tokens')
 ROW_KEYS = {'topic', 'index', 'budget', 'prompt'}
 
 
@@ -72,9 +72,11 @@ def load_results(path: pathlib.Path) -> list[dict]:
 
 
 def output_row(frame: Any, budget: str, output: Any, *, kind: str, expect: tuple[str, ...]) -> dict:
-    """One results.jsonl row from a bag Frame and an engine VlmOutput."""
-    row = {'topic': frame.topic, 'index': frame.index, 'stamp_ns': frame.stamp_ns, 'budget': budget, 'kind': kind,
-           'expect': list(expect)}
+    """One results.jsonl row from a bag Frame and an engine VlmOutput. `budget` is the point label
+    ('64', or 'divprune@64' with --reducers); `reducer` the reducer asked for (the output's reduction when
+    the label names none: the engine's default, or "none" when nothing was reduced)."""
+    row = {'topic': frame.topic, 'index': frame.index, 'stamp_ns': frame.stamp_ns, 'budget': budget,
+           'reducer': point_reducer(budget) or output.reduction, 'kind': kind, 'expect': list(expect)}
     row.update(dataclasses.asdict(output))
     return row
 

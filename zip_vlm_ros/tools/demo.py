@@ -178,9 +178,15 @@ class DemoCalls:
         self.record('ask_many', client.ask_many(
             ['Is it day or night?', 'What colour dominates?', 'Is anyone there?'], timeout_s=timeout_s))
         print('[demo] ~/ask_action, streamed: ', end='', flush=True)
-        status, streamed, goal = client.ask_streamed(
-            'What do you see?', timeout_s=timeout_s,
-            on_feedback=lambda feedback: print(printable(feedback.delta, 80), end='', flush=True))
+        shown = ['']
+
+        def show(feedback) -> None:
+            # Every message's text is the whole answer so far (a keep-last reader may miss a delta):
+            # print what it adds to what is on screen.
+            if feedback.text.startswith(shown[0]):
+                print(printable(feedback.text[len(shown[0]):], 80), end='', flush=True)
+                shown[0] = feedback.text
+        status, streamed, goal = client.ask_streamed('What do you see?', timeout_s=timeout_s, on_feedback=show)
         print(f'  ({len(goal.feedback)} feedback messages)', flush=True)
         self.record('ask_action', streamed)
         if first.success:  # the same photo stream with every visual token: no reduction

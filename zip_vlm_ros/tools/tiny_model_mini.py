@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-__all__ = ["CLIP_SUBDIR", "LLAMA3_CHAT_TEMPLATE", "write_mini_checkpoint"]
+__all__ = ["CLIP_SUBDIR", "LLAMA3_CHAT_TEMPLATE", "mini_tensors", "write_mini_checkpoint"]
 
 CLIP_SUBDIR = "clip_vision_tower"
 MINI_SPECIAL_TOKENS = ("<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -99,26 +99,38 @@ def _mini_fields(spec) -> dict:
 
 def _random_tensors(spec, llm_config, vision_config) -> dict:
     """Every parameter under the released checkpoint's name, randomly initialised."""
-    import torch
-    from transformers import CLIPVisionModel, LlamaForCausalLM
+    from transformers import CLIPVisionModel
 
     from zip_vlm_ros.models.llava_mini_checkpoint import published_tower_state
+
+    tensors = mini_tensors(llm_config, spec.vision_hidden_size, spec.compressor_size, spec.prefusion_layers)
+    tower = CLIPVisionModel(vision_config)
+    tensors.update({name: tensor.detach() for name, tensor in published_tower_state(tower).items()})
+    return tensors
+
+
+def mini_tensors(llm_config, vision_hidden: int, compressor_size: int, prefusion_layers: int) -> dict:
+    """The LLM, projector, compressor and pre-fusion parameters of a LLaVA-Mini checkpoint under their
+    published names (``model.*``, ``lm_head.*``, ``model.mm_projector.*``, ``model.compressor.*``,
+    ``model.prefusion_layers.*``), randomly initialised from torch's global generator; no CLIP tower."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     from zip_vlm_ros.models.llava_mini_modules import Compressor, PreFusion, build_projector
 
     llm = LlamaForCausalLM(llm_config)
-    prefusion = PreFusion(llm_config, spec.prefusion_layers)
+    prefusion = PreFusion(llm_config, prefusion_layers)
     prefusion.apply(llm._init_weights)  # the LLM's init (wide enough to move the residual stream)
-    compressor = Compressor(spec.compressor_size, spec.vision_hidden_size)
+    compressor = Compressor(compressor_size, vision_hidden)
     torch.nn.init.normal_(compressor.query, std=0.02)
     parts = {
         "": llm,
-        "model.mm_projector.": build_projector(spec.vision_hidden_size, spec.text_hidden_size),
+        "model.mm_projector.": build_projector(vision_hidden, llm_config.hidden_size),
         "model.compressor.": compressor,
         "model.prefusion_layers.": prefusion.layers,
     }
-    tensors = {prefix + name: tensor for prefix, module in parts.items() for name, tensor in module.state_dict().items()}
-    tensors.update(published_tower_state(CLIPVisionModel(vision_config)))
-    return {name: tensor.detach() for name, tensor in tensors.items()}
+    return {prefix + name: tensor.detach() for prefix, module in parts.items()
+            for name, tensor in module.state_dict().items()}
 
 
 def _write_clip_directory(clip_dir: pathlib.Path, spec, vision_config) -> None:

@@ -3,7 +3,7 @@ and answers use, wrapped as a transformers fast tokenizer (``vlm_tiny_model`` wr
 
 from __future__ import annotations
 
-__all__ = ["IMAGE_TOKEN", "SPECIAL_TOKENS", "TOKENIZER_CORPUS", "train_tokenizer"]
+__all__ = ["IMAGE_TOKEN", "SPECIAL_TOKENS", "TOKENIZER_CORPUS", "train_bpe", "train_tokenizer"]
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
@@ -56,8 +56,28 @@ def train_tokenizer(vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_T
     characters encode as <unk>. "<image>" is a special added token, so the text on either side of it
     is tokenized independently (as in real LLaVA tokenizers).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
+
+    tokenizer = train_bpe(vocab_size, special_tokens, corpus, prepend_scheme)
+    bos_id = tokenizer.token_to_id(bos)
+    # Llama-style: every encoded text starts with the BOS token.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>", bos_token=bos, eos_token=eos, pad_token=pad,
+        padding_side="left",
+    )
+
+
+def train_bpe(vocab_size: int, special_tokens: tuple[str, ...], corpus: str = TOKENIZER_CORPUS,
+              prepend_scheme: str = "first"):
+    """The bare ``tokenizers.Tokenizer`` of ``train_tokenizer`` (no post-processor, no transformers wrapper):
+    BPE with "\u2581" word marks trained on `corpus`, `special_tokens` first, ``<unk>`` for characters
+    outside the corpus's alphabet."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme)
@@ -69,13 +89,4 @@ def train_tokenizer(vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_T
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus.splitlines(), trainer=trainer)
-    bos_id = tokenizer.token_to_id(bos)
-    # Llama-style: every encoded text starts with the BOS token.
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="<unk>", bos_token=bos, eos_token=eos, pad_token=pad,
-        padding_side="left",
-    )
+    return tokenizer
