@@ -60,7 +60,8 @@ import torch
 
 from zip_vlm_ros.engine.config import EngineConfig, check_engine_config
 from zip_vlm_ros.engine.devices import DeviceClock, resolve_device, resolve_dtype
-from zip_vlm_ros.engine.generation import Generator
+from zip_vlm_ros.engine.batching import BatchRequest, DecodeBatch
+from zip_vlm_ros.engine.generation import Generator, PrefillStep
 from zip_vlm_ros.engine.multi_image import MultiImageAnswerer
 from zip_vlm_ros.engine.outputs import OnToken, ShouldStop, VlmOutput
 from zip_vlm_ros.engine.prefix_cache import Prefix, PrefixCache
@@ -169,51 +170,48 @@ class VlmEngine:
         `should_stop` and `on_token` as in ``generate``; GenerationStopped.completed holds the prompts
         answered before; StreamedText.prompt_index says which prompt a step belongs to.
         """
+        request = self.open_request(image, prompts, token_budget=token_budget, max_new_tokens=max_new_tokens,
+                                    frame_key=frame_key, sampling=sampling, should_stop=should_stop,
+                                    on_token=on_token, reducer=reducer)
+        check_stop = self.generator.stop_checker(should_stop, completed=request.outputs)
+        for prompt_index in range(len(request.prompts)):
+            check_stop()
+            step, start = request.prefill(prompt_index, check_stop)
+            stream = self.generator.text_stream(on_token, prompt_index, start)
+            tokens, first_token_time, end_time = self.generator.decode(step.logits, step.kv_cache,
+                                                                       request.max_new_tokens, request.sampling,
+                                                                       check_stop, on_step=stream,
+                                                                       family_state=step.prefix.family_state)
+            request.outputs.append(request.make_output(prompt_index, tokens[0], step, start, first_token_time,
+                                                       end_time))
+        return request.outputs
+
+    def open_request(self, image: np.ndarray, prompts: Sequence[str], *, token_budget: int | None = None,
+                     max_new_tokens: int | None = None, frame_key: Hashable | None = None,
+                     sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None,
+                     on_token: OnToken | None = None, reducer: str | None = None) -> BatchRequest:
+        """Check a ``generate_many`` request and prepare it for a ``DecodeBatch`` (no model work yet).
+
+        The arguments mean what they mean for ``generate_many``; RequestError for bad ones. The batch
+        prefills its prompts one at a time (on the frame's cached prefix when `frame_key` finds it) and
+        decodes them beside other requests; see ``zip_vlm_ros.engine.batching``.
+        """
         self.check_open()
         check_image(image)
         prompts = check_prompts(prompts, self.image_token)
         budget = self.check_budget(token_budget)
         reducer = self.check_reducer(reducer)
         max_new = self.check_max_new_tokens(max_new_tokens)
-        sampling = check_sampling(sampling)
-        cache_key_base = None
-        if frame_key is not None:
-            check_frame_key(frame_key)
-            cache_key_base = (self.model_name, frame_key, budget,
-                              self.family.reduction_settings(image.shape[:2], budget, reducer))
+        plan = _ImagePrompts(self, image, prompts, budget, reducer, frame_key)
+        for prefix_ids, suffix_ids in plan.tokenized:  # refuse before any prompt runs
+            check_context(len(prefix_ids) + len(suffix_ids), plan.visual_tokens, max_new, self.context_tokens)
+        return BatchRequest(prompts, prefill=plan.prefill, make_output=plan.output, max_new_tokens=max_new,
+                            sampling=check_sampling(sampling), should_stop=should_stop, on_token=on_token)
 
-        visual_tokens = self.family.visual_token_count(image.shape[:2], budget, reducer)
-        tokenized = [self.prompts.tokenize(prompt, visual_tokens) for prompt in prompts]
-        for prefix_ids, suffix_ids in tokenized:  # refuse before any prompt runs
-            check_context(len(prefix_ids) + len(suffix_ids), visual_tokens, max_new, self.context_tokens)
-        encoded: list[VisualTokens] = []
-
-        def encode() -> tuple[VisualTokens, float, float]:
-            if encoded:
-                return encoded[0], 0.0, 0.0
-            encoded.append(self.family.encode([image], budget, reducer))
-            return encoded[0], encoded[0].vision_ms, encoded[0].reduction_ms
-
-        prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
-        outputs = []
-        check_stop = self.generator.stop_checker(should_stop, completed=outputs)
-        for prompt_index, prompt in enumerate(prompts):
-            check_stop()
-            start = self.clock.now()
-            prefix_ids, suffix_ids = tokenized[prompt_index]
-            cache_key = None if cache_key_base is None else cache_key_base + (prefix_ids,)
-            step = self.generator.prefill_step(prefix_ids, suffix_ids, cache_key, prefixes_this_call, encode,
-                                               check_stop)
-            stream = self.generator.text_stream(on_token, prompt_index, start)
-            tokens, first_token_time, end_time = self.generator.decode(step.logits, step.kv_cache, max_new, sampling,
-                                                              check_stop, on_step=stream,
-                                                              family_state=step.prefix.family_state)
-            outputs.append(self._output(
-                prompt, tokens[0], budget, reducer, image.shape[:2], visual_tokens, vision_ms=step.vision_ms,
-                reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms, start=start,
-                first_token_time=first_token_time, end_time=end_time, prefix_reused=step.reused,
-                kv_cache_bytes=step.prefix.nbytes))
-        return outputs
+    def decode_batch(self, max_rows: int) -> DecodeBatch:
+        """A DecodeBatch on this engine's model, for requests from ``open_request``."""
+        self.check_open()
+        return DecodeBatch(self.generator, max_rows)
 
     def generate_images(self, images: Sequence[ImageInput], prompts: Sequence[str], *,
                         token_budget: int | None = None, max_new_tokens: int | None = None,
@@ -292,7 +290,7 @@ class VlmEngine:
         tokens, first_token_time, end_time = self.generator.decode(logits, kv_cache, max_new, sampling, check_stop,
                                                           attention_mask=attention_mask, position_ids=position_ids)
         return [
-            self._output(prompt, row_tokens, budget, reducer, image.shape[:2], count, vision_ms=visual.vision_ms,
+            self.output(prompt, row_tokens, budget, reducer, image.shape[:2], count, vision_ms=visual.vision_ms,
                          reduction_ms=visual.reduction_ms, prefill_ms=prefill_ms, start=start,
                          first_token_time=first_token_time, end_time=end_time, prefix_reused=False,
                          kv_cache_bytes=kv_bytes_per_row)
@@ -331,9 +329,10 @@ class VlmEngine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ outputs
+    # output(): one prompt's VlmOutput from its tokens and stage times (also used by _ImagePrompts).
 
-    def _output(self, prompt: str, tokens: list[int], budget: int, reducer: str, image_size: tuple[int, int],
-                visual_tokens: int,
+    def output(self, prompt: str, tokens: list[int], budget: int, reducer: str, image_size: tuple[int, int],
+               visual_tokens: int,
                 *, vision_ms: float, reduction_ms: float, prefill_ms: float, start: float, first_token_time: float,
                 end_time: float, prefix_reused: bool, kv_cache_bytes: int) -> VlmOutput:
         text = self.generator.decode_text(tokens)
@@ -341,10 +340,54 @@ class VlmEngine:
         full = self.family.full_token_count(image_size)
         reduced = self.family.reduced(image_size, budget)
         return VlmOutput(
-            prompt=prompt, text=text, model=self.model_name, reduction=self.family.reduction_name(image_size, budget, reducer),
+            prompt=prompt, text=text, model=self.model_name,
+            reduction=self.family.reduction_name(image_size, budget, reducer),
             token_budget=budget if reduced else full, visual_tokens=visual_tokens, visual_tokens_full=full,
             generated_tokens=len(tokens),
             vision_ms=vision_ms, reduction_ms=reduction_ms, prefill_ms=prefill_ms,
             ttft_ms=(first_token_time - start) * 1000.0, decode_ms=(end_time - first_token_time) * 1000.0,
             total_ms=total_ms, prefix_reused=prefix_reused, kv_cache_bytes=kv_cache_bytes)
 
+
+
+class _ImagePrompts:
+    """Prompts about one image, prefilled one at a time on a prefix computed once (``generate_many``,
+    ``open_request``): encodes the image on the first prompt that misses the prefix cache."""
+
+    def __init__(self, engine: VlmEngine, image: np.ndarray, prompts: list[str], budget: int, reducer: str,
+                 frame_key: Hashable | None):
+        self.engine, self.image, self.prompts, self.budget, self.reducer = engine, image, prompts, budget, reducer
+        self.cache_key_base = None
+        if frame_key is not None:
+            check_frame_key(frame_key)
+            self.cache_key_base = (engine.model_name, frame_key, budget,
+                                   engine.family.reduction_settings(image.shape[:2], budget, reducer))
+        self.visual_tokens = engine.family.visual_token_count(image.shape[:2], budget, reducer)
+        self.tokenized = [engine.prompts.tokenize(prompt, self.visual_tokens) for prompt in prompts]
+        self.encoded: list[VisualTokens] = []
+        self.prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
+
+    def encode(self) -> tuple[VisualTokens, float, float]:
+        if self.encoded:
+            return self.encoded[0], 0.0, 0.0
+        self.encoded.append(self.engine.family.encode([self.image], self.budget, self.reducer))
+        return self.encoded[0], self.encoded[0].vision_ms, self.encoded[0].reduction_ms
+
+    @torch.inference_mode()
+    def prefill(self, prompt_index: int, check_stop) -> tuple[PrefillStep, float]:
+        """Prompt `prompt_index`'s prefill and its start time (the origin of its ttft_ms)."""
+        engine = self.engine
+        start = engine.clock.now()
+        prefix_ids, suffix_ids = self.tokenized[prompt_index]
+        cache_key = None if self.cache_key_base is None else self.cache_key_base + (prefix_ids,)
+        step = engine.generator.prefill_step(prefix_ids, suffix_ids, cache_key, self.prefixes_this_call,
+                                             self.encode, check_stop)
+        return step, start
+
+    def output(self, prompt_index: int, tokens: list[int], step: PrefillStep, start: float,
+               first_token_time: float, end_time: float) -> VlmOutput:
+        return self.engine.output(
+            self.prompts[prompt_index], tokens, self.budget, self.reducer, self.image.shape[:2], self.visual_tokens,
+            vision_ms=step.vision_ms, reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms, start=start,
+            first_token_time=first_token_time, end_time=end_time, prefix_reused=step.reused,
+            kv_cache_bytes=step.prefix.nbytes)

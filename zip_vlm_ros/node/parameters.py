@@ -80,8 +80,11 @@ NODE_PARAMETERS = (
                   'refuse frames older than this (node clock minus image stamp; 0: no limit)'),
     ParameterSpec('max_clock_skew_s', 0.5,
                   'refuse frames stamped more than this in the future (camera clock ahead of the node\'s)'),
+    ParameterSpec('max_batch_size', 4,
+                  'requests decoded together (continuous batching: a waiting request joins at the next decode '
+                  'step); 1: one request at a time'),
     ParameterSpec('max_pending_requests', 4,
-                  'requests that may wait behind the running one; more are refused at once'),
+                  'requests that may wait while max_batch_size run; more are refused at once'),
     ParameterSpec('request_timeout_s', 30.0,
                   'deadline of a request, waiting plus inference; past it the caller gets "timed out"'),
     ParameterSpec('question_max_chars', 500, 'longest accepted question or prompt, in characters'),
@@ -200,6 +203,8 @@ _VALUE_CHECKS = {
     'service_history_depth': (lambda value: value >= 1,
                               'service_history_depth {value} is out of range: use at least the number of callers '
                               'that may call at once (default 100)'),
+    'max_batch_size': (lambda value: value >= 1,
+                       'max_batch_size {value} is out of range: use 1 (one request at a time) or more'),
     'max_pending_requests': (lambda value: value >= 0, 'max_pending_requests {value} is negative: use 0 or more'),
     'request_timeout_s': (lambda value: math.isfinite(value) and value > 0,
                           'request_timeout_s {value} is invalid: use a positive number of seconds'),
@@ -258,6 +263,7 @@ class Settings:
     frame_history_length: int
     frame_history_bytes: int
     max_pending_requests: int
+    max_batch_size: int
     request_timeout_s: float
     question_max_chars: int
     service_history_depth: int
