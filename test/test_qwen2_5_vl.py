@@ -189,3 +189,23 @@ def test_several_images_refuse_a_reducer_that_needs_cls_attention(engine):
     with pytest.raises(RequestError, match="divprune"):
         engine.generate_images(images, [PROMPTS[0]], token_budget=10, reducer="vispruner")
     assert engine.generate_images(images, [PROMPTS[0]], token_budget=10, max_new_tokens=2)[0].generated_tokens >= 1
+
+
+@pytest.mark.parametrize("budget", [6, None])
+def test_decode_batch_runs_qwen_rows_alone_with_their_positions(engine, budget):
+    """The node's worker decodes through DecodeBatch: Qwen2.5-VL rows (M-RoPE) run one at a time there and
+    answer as generate does, token for token."""
+    cases = [(IMAGES["astronaut"], PROMPTS[0]), (IMAGES["coffee"], PROMPTS[1])]
+    alone = [engine.generate(image, prompt, token_budget=budget, max_new_tokens=8) for image, prompt in cases]
+    requests = [engine.open_request(image, [prompt], token_budget=budget, max_new_tokens=8)
+                for image, prompt in cases]
+    batch = engine.decode_batch(4)
+    assert batch.admit(requests[0]) and not batch.accepts  # a second Qwen row waits for the first to end
+    ended = []
+    while batch:
+        ended += batch.step()
+    assert batch.accepts and batch.admit(requests[1])
+    while batch:
+        ended += batch.step()
+    assert ended == requests
+    assert [request.outputs[0].text for request in requests] == [output.text for output in alone]
