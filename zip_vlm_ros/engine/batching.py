@@ -113,7 +113,9 @@ class DecodeBatch:
     @property
     def accepts(self) -> bool:
         """Whether a request may be admitted now (a free row, and caches that can share a batch)."""
-        return not self.rows or (len(self.rows) < self.max_rows and self._mergeable)
+        # A family that positions text itself (Qwen2.5-VL's M-RoPE, ``batches_prompts`` False) decodes one row.
+        return not self.rows or (len(self.rows) < self.max_rows and self._mergeable
+                                 and self.generator.family.batches_prompts)
 
     @torch.inference_mode()
     def admit(self, request: BatchRequest) -> bool:
@@ -192,6 +194,9 @@ class DecodeBatch:
         if self.attention_mask is not None:
             attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((len(self.rows), 1))], 1)
             position_ids = torch.tensor([[row.length] for row in self.rows], device=next_tokens.device)
+        elif not self.generator.family.batches_prompts:  # one row: the family's own positions for its next token
+            row = self.rows[0]
+            position_ids = self.generator.family.text_positions(row.step.prefix.family_state, row.length, 1)
         logits = self.generator.model(input_ids=next_tokens, attention_mask=attention_mask, position_ids=position_ids,
                                       past_key_values=self.kv_cache, use_cache=True).logits[:, -1].float()
         self.attention_mask = attention_mask

@@ -29,13 +29,14 @@ differ only in how the prompt is split into forwards, so their logits differ by 
 any change of batch shape.
 
 Stages 1-2 and the LLM's input embeddings belong to the checkpoint's model family
-(``zip_vlm_ros.models``: LLaVA-1.5, LLaVA-NeXT, LLaVA-Mini): the adapter turns a tokenized prompt and the
-image's visual tokens into input embeddings (``embed_prompt``; ``embed_suffix`` for a later question on a
+(``zip_vlm_ros.models``: LLaVA-1.5, LLaVA-NeXT, LLaVA-Mini, Qwen2.5-VL): the adapter turns a tokenized
+prompt and the image's visual tokens into input embeddings (``embed_prompt``; ``embed_suffix`` for a later question on a
 cached prefix, from the state the adapter kept for that prefix), so prefill, decode, sampling and the
 cache never learn the family. For LLaVA-1.5 and LLaVA-NeXT that is the token embeddings with the visual
 tokens at the image placeholders; LLaVA-Mini first runs its pre-fusion layers over the prompt, and its
-prefix state is their key/value cache. ``token_budget`` means the same for every family that applies
-it: the visual tokens the LLM reads per image. LLaVA-Mini's count is fixed by training
+prefix state is their key/value cache; Qwen2.5-VL's prompt carries its own M-RoPE positions, and its prefix
+state is the position offset that later questions and decode steps add (``family.text_positions``).
+``token_budget`` means the same for every family that applies it: the visual tokens the LLM reads per image. LLaVA-Mini's count is fixed by training
 (``family.token_budget_applies`` is False): budgets are accepted and ignored.
 
 Several images, one question (surround cameras, a camera's recent frames): ``generate_images``, in
@@ -95,7 +96,7 @@ class VlmEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.clock = DeviceClock(self.device)
         self.family = load_family(config.model, self.dtype, self.device, config.contextual_ratio, self.clock.now,
-                                  config.vision_tower)
+                                  config.vision_tower, config.max_pixels)
         self.model, self.processor = self.family.model, self.family.processor
         self.tokenizer = self.processor.tokenizer
         self.image_processor = self.processor.image_processor
@@ -103,7 +104,7 @@ class VlmEngine:
         self.token_budget_applies = self.family.token_budget_applies
         self.context_tokens = self.family.context_tokens
         self.image_token_id = self.family.image_token_id
-        self.prompts = PromptFormat(self.processor, self.image_token_id, self.model_name)
+        self.prompts = PromptFormat(self.processor, self.image_token_id, self.model_name, self.family.image_slot)
         self.image_token = self.prompts.image_token
         self.generator = Generator(self.family, self.tokenizer, self.clock,
                                    PrefixCache(config.prefix_cache_entries, config.prefix_cache_bytes))
@@ -179,7 +180,8 @@ class VlmEngine:
             stream = self.generator.text_stream(on_token, prompt_index, start)
             tokens, first_token_time, end_time = self.generator.decode(step.logits, step.kv_cache,
                                                                        request.max_new_tokens, request.sampling,
-                                                                       check_stop, on_step=stream)
+                                                                       check_stop, on_step=stream,
+                                                                       family_state=step.prefix.family_state)
             request.outputs.append(request.make_output(prompt_index, tokens[0], step, start, first_token_time,
                                                        end_time))
         return request.outputs
@@ -241,6 +243,10 @@ class VlmEngine:
         prefix cache is not used. `should_stop` as in ``generate``.
         """
         self.check_open()
+        if not self.family.batches_prompts:
+            raise RequestError(f"{self.family.label} checkpoints do not answer a batch of cameras in one forward "
+                               f"(their prompts carry M-RoPE positions); ask each camera with generate, or all "
+                               f"of them together with generate_images")
         if not isinstance(images, Sequence) or isinstance(images, np.ndarray):
             raise RequestError(f"images must be a list of HxWx3 uint8 arrays; got {type(images).__name__}")
         prompts = check_prompts(prompts, self.image_token)

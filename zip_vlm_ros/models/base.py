@@ -43,6 +43,10 @@ class VisualTokens:
     # Per image, tokens the family's prompt embedding reads besides `features` (LLaVA-Mini: the
     # [patches, text_hidden] projected patch features its pre-fusion layers see); None for the others.
     patch_features: list[torch.Tensor] | None = None
+    # Families with M-RoPE (Qwen2.5-VL): per image its stock token grid (t, rows, columns) on the LLM side,
+    # and the stock raster indices of the tokens it feeds (None: all of them); None for the others.
+    grids: list[tuple[int, int, int]] | None = None
+    kept: list[torch.Tensor | None] | None = None
 
 
 @dataclass
@@ -54,6 +58,8 @@ class PromptEmbeddings:
     # ``embed_suffix`` continues (LLaVA-Mini: the pre-fusion key/value cache); None: nothing but the LLM's cache.
     prefix_state: object = None
     prefix_state_bytes: int = 0         # memory prefix_state keeps alive
+    # [3, 1, length] M-RoPE positions of the prompt (Qwen2.5-VL); None: the LLM counts positions itself.
+    position_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -88,6 +94,9 @@ class FamilyAdapter:
     # False for a family whose visual token count is fixed by training (LLaVA-Mini): token_budget is
     # then accepted and ignored, and results report the tokens the LLM really read.
     token_budget_applies = True
+    # False for a family whose prompts carry their own positions (Qwen2.5-VL's M-RoPE): ``generate_batch``'s
+    # left-padded rows count positions from the attention mask, which such a family cannot use.
+    batches_prompts = True
 
     def __init__(self, name: str, hf_config, model, processor, contextual_ratio: float,
                  clock: Callable[[], float]):
@@ -99,6 +108,10 @@ class FamilyAdapter:
         self.contextual_ratio = contextual_ratio
         self.important_ratio = DEFAULT_IMPORTANT_RATIO  # VisPruner's T_imp = int(T * ratio), the official default
         self.clock = clock  # perf_counter after the device's queued work (the engine's)
+        self.read_tower_geometry(hf_config)
+
+    def read_tower_geometry(self, hf_config) -> None:
+        """The vision tower's token geometry from the checkpoint's config (a CLIP tower's here)."""
         self.feature_layer = hf_config.vision_feature_layer
         self.select_strategy = hf_config.vision_feature_select_strategy
         vision_config = hf_config.vision_config
@@ -131,6 +144,11 @@ class FamilyAdapter:
         """The adapter with the checkpoint's weights and processor loaded (`vision_tower`: LLaVA-Mini only)."""
         model, processor = load_weights_and_processor(name, cls.model_class(), dtype, device)
         return cls(name, hf_config, model, processor, contextual_ratio, clock)
+
+    def limit_pixels(self, max_pixels: int) -> None:
+        """Bound the pixels (and so the full visual-token count) of a dynamic-resolution family's images."""
+        raise ModelLoadError(f"{self.name}: max_pixels={max_pixels} applies to dynamic-resolution checkpoints "
+                             f"(Qwen2.5-VL); {self.label} reads images at a fixed size; set max_pixels to 0")
 
     @property
     def image_token_id(self) -> int:
@@ -188,6 +206,11 @@ class FamilyAdapter:
         count in a multi-image request (576 for LLaVA-1.5 and LLaVA-NeXT-7B)."""
         return self.patches_per_side ** 2 + (1 if self.select_strategy == "full" else 0)
 
+    def base_token_count(self, image_size: ImageSize) -> int:
+        """Full visual tokens of an image of this size in a multi-image request (``base_tokens_full`` unless
+        the family's count depends on the image, as Qwen2.5-VL's does)."""
+        return self.base_tokens_full
+
     def encode_base(self, image: np.ndarray, budget: int, reducer: str = "visionzip") -> VisualTokens:
         """One image of a multi-image request: ``min(budget, base_tokens_full)`` visual tokens of the whole
         image at the tower's input size. Single-crop families read every image that way (``encode``);
@@ -200,6 +223,10 @@ class FamilyAdapter:
         if count >= self.base_tokens_full:
             return ("base", count, self.feature_layer, self.select_strategy, None)
         return ("base", count, self.feature_layer, self.select_strategy, reducer, self.reducer_options(reducer))
+
+    # How the checkpoint's chat template wraps one image's placeholder (Qwen2.5-VL: between
+    # <|vision_start|> and <|vision_end|>); a multi-image prompt replaces that whole slot.
+    image_slot = "{image}"
 
     def multi_image_text(self, labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:
         """What replaces the template's image placeholder in a multi-image prompt: each image's label, then
@@ -231,6 +258,12 @@ class FamilyAdapter:
         prefix that ``embed_prompt`` returned `prefix_state` for (plain token embeddings here)."""
         suffix = torch.tensor([list(suffix_ids)], dtype=torch.long, device=self.model.device)
         return self.model.get_input_embeddings()(suffix)
+
+    def text_positions(self, prefix_state, start: int, length: int) -> torch.Tensor | None:
+        """Position ids of `length` tokens at sequence index `start` after a prompt whose prefix state is
+        `prefix_state` (a later question's tokens, a decode step). None: the LLM counts them itself, as
+        every family does whose positions are sequence indices."""
+        return None
 
     def embed_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: VisualTokens) -> torch.Tensor:
         """``[batch, length, text_hidden]`` embeddings of left-padded prompts (``attention_mask`` 1 on
@@ -311,14 +344,16 @@ def check_clip_tower(name: str, hf_config) -> None:
                              f"has {vision_type!r} with vision_feature_layer={hf_config.vision_feature_layer!r}")
 
 
-def load_weights_and_processor(name: str, model_class, dtype: torch.dtype, device: torch.device):
-    """``model_class.from_pretrained`` (eval, on `device`, SDPA as configured) and its processor."""
+def load_weights_and_processor(name: str, model_class, dtype: torch.dtype, device: torch.device, processor=None):
+    """``model_class.from_pretrained`` (eval, on `device`, SDPA as configured) and its processor
+    (``AutoProcessor``'s unless the family loaded `processor` itself)."""
     from transformers import AutoProcessor
 
     # Any failure inside transformers' loaders is a problem with the checkpoint's files: report it in
     # one line and keep the original exception chained for logs.
     try:
-        processor = AutoProcessor.from_pretrained(name)
+        if processor is None:
+            processor = AutoProcessor.from_pretrained(name)
     except Exception as error:
         raise ModelLoadError(f"cannot load the processor of {name!r}: {first_line(error)}") from error
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:

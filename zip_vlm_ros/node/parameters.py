@@ -35,13 +35,16 @@ class ParameterSpec:
 NODE_PARAMETERS = (
     ParameterSpec('model', 'llava-hf/llava-1.5-7b-hf',
                   'LLaVA-1.5 or LLaVA-NeXT checkpoint (LlavaForConditionalGeneration, '
-                  'LlavaNextForConditionalGeneration): a local directory or a hub id; LLaVA-Mini '
-                  '(model_type llava_mini_llama): a local directory'),
+                  'LlavaNextForConditionalGeneration) or Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration): a '
+                  'local directory or a hub id; LLaVA-Mini (model_type llava_mini_llama): a local directory'),
     ParameterSpec('vision_tower', '',
                   'LLaVA-Mini only: local CLIP directory (config.json, preprocessor_config.json, and '
                   'weights unless the checkpoint holds the tower) for a checkpoint whose mm_vision_tower '
                   'is a hub id; empty: mm_vision_tower as a local path or from the Hugging Face cache '
                   '(never downloaded)'),
+    ParameterSpec('max_pixels', 0,
+                  'Qwen2.5-VL only: the most pixels an image is resized to (its full visual-token count is '
+                  'max_pixels / 784); 0: the checkpoint processor\'s max_pixels'),
     ParameterSpec('device', 'auto', 'auto (CUDA when available), cpu, cuda or cuda:N'),
     ParameterSpec('dtype', 'auto', 'auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32'),
     ParameterSpec('cameras', ['front'],
@@ -93,7 +96,7 @@ NODE_PARAMETERS = (
 )
 RUNTIME_PARAMETERS = frozenset(spec.name for spec in NODE_PARAMETERS if spec.runtime)
 # Settable while the node is unconfigured, so a failed configure can be corrected without a restart.
-ENGINE_PARAMETERS = frozenset({'model', 'vision_tower', 'device', 'dtype'})
+ENGINE_PARAMETERS = frozenset({'model', 'vision_tower', 'max_pixels', 'device', 'dtype'})
 _TYPE_NAMES = {bool: 'true or false', int: 'a whole number', float: 'a number', str: 'a string',
                list: 'a list of strings'}
 _CAMERA_NAME = re.compile(r'^[A-Za-z][A-Za-z0-9_]*$')
@@ -184,6 +187,8 @@ def _is_time(value) -> bool:
 # name -> (is the value valid, what to say when it is not; {value} is the value)
 _VALUE_CHECKS = {
     'max_new_tokens': (lambda value: value >= 1, 'max_new_tokens {value} is out of range: use at least 1'),
+    'max_pixels': (lambda value: value >= 0,
+                   'max_pixels {value} is out of range: use 0 (the processor\'s) or a pixel count such as 1003520'),
     'describe_period_s': (_is_time, 'describe_period_s {value} is invalid: use 0 (off) or a period in seconds'),
     'describe_prompt': (lambda value: bool(value.strip()),
                         'describe_prompt is empty: give the prompt text used for scene descriptions'),
@@ -245,6 +250,7 @@ class Settings:
 
     model: str
     vision_tower: str
+    max_pixels: int
     device: str
     dtype: str
     cameras: tuple[str, ...]

@@ -238,7 +238,8 @@ class VlmNode(LifecycleNode):
                 raise ParameterError(problem)
         cameras = tuple(self._param('cameras'))
         return Settings(
-            model=self._param('model'), vision_tower=self._param('vision_tower'), device=self._param('device'),
+            model=self._param('model'), vision_tower=self._param('vision_tower'),
+            max_pixels=int(self._param('max_pixels')), device=self._param('device'),
             dtype=self._param('dtype'),
             cameras=cameras,
             camera_topics={camera: self._param(f'camera.{camera}.topic') for camera in cameras},
@@ -261,7 +262,8 @@ class VlmNode(LifecycleNode):
         try:
             settings = self._read_settings()
             engine = VlmEngine(EngineConfig(
-                model=settings.model, vision_tower=settings.vision_tower, device=settings.device,
+                model=settings.model, vision_tower=settings.vision_tower, max_pixels=settings.max_pixels,
+                device=settings.device,
                 dtype=settings.dtype,
                 token_budget=int(self._param('token_budget')), reducer=self._param('reducer'),
                 contextual_ratio=1.0 - settings.dominant_ratio,

@@ -44,11 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     engine = parser.add_argument_group(
         'engine (offline): the node\'s parameters of the same names; defaults are the node\'s defaults')
     engine.add_argument('--params-file', metavar='YAML',
-                        help='read model, device, dtype, dominant_ratio, max_new_tokens and describe_prompt from '
-                             'the node\'s params file (e.g. config/vlm.yaml); the options below override it')
+                        help='read model, max_pixels, device, dtype, dominant_ratio, max_new_tokens, describe_prompt '
+                             'from the node\'s params file (e.g. config/vlm.yaml); the options below override it')
     engine.add_argument('--model', help='LLaVA checkpoint directory or hub id (required offline)')
     engine.add_argument('--vision-tower', dest='vision_tower',
                         help='LLaVA-Mini only: local CLIP directory when the checkpoint names its tower by hub id')
+    engine.add_argument('--max-pixels', dest='max_pixels', type=_positive_int,
+                        help='Qwen2.5-VL only: the most pixels a frame is resized to (full visual tokens = '
+                             'max_pixels / 784; default: the processor\'s)')
     engine.add_argument('--device', help='auto|cpu|cuda|cuda:N')
     engine.add_argument('--dtype', help='auto|float16|bfloat16|float32')
     engine.add_argument('--dominant-ratio', type=float, help='share of the budget given to dominant tokens')

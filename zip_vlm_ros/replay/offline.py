@@ -50,6 +50,7 @@ def load_engine(settings: dict):
 
     ratio = settings['dominant_ratio']
     values = {'model': str(settings['model']), 'vision_tower': settings['vision_tower'] or None,
+              'max_pixels': settings['max_pixels'] or None,
               'device': settings['device'], 'dtype': settings['dtype'],
               'contextual_ratio': None if ratio is None else 1.0 - ratio, 'max_new_tokens': settings['max_new_tokens']}
     config = EngineConfig(**{key: value for key, value in values.items() if value is not None})

@@ -3,6 +3,7 @@
     vlm_demo                          # tiny random checkpoint (built once into the cache dir)
     vlm_demo --preset tiny-next       # the same as LLaVA-NeXT (AnyRes crops)
     vlm_demo --preset tiny-mini       # the same as LLaVA-Mini (one visual token per image)
+    vlm_demo --preset tiny-qwen2.5-vl # the same as Qwen2.5-VL (dynamic resolution, M-RoPE, DivPrune)
     vlm_demo --model /models/llava-1.5-7b-hf --token-budget 64
 
 Builds (or reuses) a tiny LLaVA checkpoint, starts vlm_node as a separate process, streams real
@@ -27,8 +28,10 @@ from zip_vlm_ros.client import DOMAIN_IDS, use_local_ros_domain
 
 # Offline presets: (largest full visual-token count per image, default budget). tiny: 56x56 pixels in
 # 14x14 patches; tiny-next: a base crop and up to a 2x2 grid of them, the budget is 8 tokens per crop;
-# tiny-mini: LLaVA-Mini's one compressed token per image, which no budget changes.
-PRESET_TOKENS = {'tiny': (16, 8), 'tiny-next': (88, 40), 'tiny-mini': (1, 1)}
+# tiny-mini: LLaVA-Mini's one compressed token per image, which no budget changes; tiny-qwen2.5-vl: up to
+# 36 merged tokens (max_pixels 168x168), reduced by DivPrune (Qwen2.5-VL has no CLS token for VisionZip).
+PRESET_TOKENS = {'tiny': (16, 8), 'tiny-next': (88, 40), 'tiny-mini': (1, 1), 'tiny-qwen2.5-vl': (36, 12)}
+PRESET_REDUCERS = {'tiny-qwen2.5-vl': 'divprune'}
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
 COLUMNS = ('call', 'camera', 'prompt', 'budget', 'visual', 'gen', 'vision', 'reduce', 'prefill',
            'decode', 'total ms', 'age ms', 'reused', 'answer')
@@ -45,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                         'checkpoint, random weights: its answers are gibberish)')
     parser.add_argument('--preset', choices=sorted(PRESET_TOKENS), default='tiny',
                         help='offline checkpoint without --model: tiny (LLaVA-1.5 style), tiny-next '
-                             '(LLaVA-NeXT style) or tiny-mini (LLaVA-Mini style) (default: %(default)s)')
+                             '(LLaVA-NeXT style), tiny-mini (LLaVA-Mini style) or tiny-qwen2.5-vl (Qwen2.5-VL) '
+                             '(default: %(default)s)')
     parser.add_argument('--cache-dir', type=pathlib.Path, default=default_cache_dir(),
                         help='where the tiny checkpoint and the node log go (default: %(default)s)')
     parser.add_argument('--domain-id', type=int, choices=DOMAIN_IDS, metavar='N',
@@ -128,6 +132,8 @@ def node_parameters(args: argparse.Namespace) -> dict:
                   'request_timeout_s': args.timeout}
     if token_budget is not None:
         parameters['token_budget'] = token_budget
+    if not args.model and args.preset in PRESET_REDUCERS:
+        parameters['reducer'] = PRESET_REDUCERS[args.preset]
     return parameters
 
 
