@@ -52,7 +52,7 @@ from std_msgs.msg import String
 
 from zip_vlm_ros.node.ask_action import CLIENT_PROBE_SERVICE, AskActionServer
 from zip_vlm_ros.node.conversions import (
-    ImageConversionError, image_has_pixels, image_to_rgb, output_to_result, stamp_to_seconds)
+    ImageConversionError, image_has_pixels, image_to_rgb, output_to_result, stamp_to_seconds, visual_token_images)
 from zip_vlm_ros.engine import EngineConfig, EngineError, GenerationStopped, VlmEngine
 from zip_vlm_ros.node.image_sets import image_set_request, resolve_total_budget, run_image_set
 from zip_vlm_ros.node.jobs import (
@@ -286,6 +286,7 @@ class VlmNode(LifecycleNode):
             'results': self.create_lifecycle_publisher(VlmResult, '~/results', 10),
             'description': self.create_lifecycle_publisher(String, '~/description', 10),
             'answer': self.create_lifecycle_publisher(String, '~/answer', 10),
+            'visual_tokens': self.create_lifecycle_publisher(Image, '~/visual_tokens/image', 10),
         }
         self.get_logger().info(
             f'loaded {engine.model_name} on {engine.device} ({str(engine.dtype).replace("torch.", "")}) '
@@ -685,6 +686,10 @@ class VlmNode(LifecycleNode):
         outputs = self._engine.generate_many(
             rgb, job.prompts, token_budget=job.token_budget, max_new_tokens=job.max_new_tokens,
             frame_key=frame_key, should_stop=job.should_stop, on_token=job.on_token, reducer=job.reducer)
+        overlay_publisher = self._publishers_made.get('visual_tokens')
+        if overlay_publisher is not None and self._param('publish_visual_tokens'):  # off: nothing is drawn
+            for overlay in visual_token_images(rgb, header, outputs):
+                overlay_publisher.publish(overlay)
         # An inline image without a stamp has no age; report 0 rather than the time since 1970.
         # A stamp slightly ahead of the node's clock (within max_clock_skew_s) reports 0, never < 0.
         image_age_ms = self._image_age_ms(header.stamp)
