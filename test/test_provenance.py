@@ -28,9 +28,10 @@ def test_overlay_of_a_hand_made_case_pixel_for_pixel():
                                  np.array([1, 2, 0], np.int32))
     overlay = draw_overlay(frame, provenance)
     assert overlay.shape == frame.shape and overlay.dtype == np.uint8
-    source = frame.astype(np.float32)
-    dimmed = np.round(source * DIM).astype(np.uint8)
-    tinted = np.round((1 - TINT) * source + TINT * np.asarray(group_colour(1), np.float32)).astype(np.uint8)
+    source = frame.astype(np.uint32)
+    # DIM and TINT are in 256ths: dimmed = frame * DIM / 256, tinted = (frame * (256 - TINT) + colour * TINT) / 256
+    dimmed = (source * DIM // 256).astype(np.uint8)
+    tinted = ((source * (256 - TINT) + np.asarray(group_colour(1), np.uint32) * TINT) // 256).astype(np.uint8)
     # outside the crop: dimmed; the crop's 1 px border in the crop colour
     assert np.array_equal(overlay[:2], dimmed[:2]) and np.array_equal(overlay[:, 10:], dimmed[:, 10:])
     border = np.zeros((12, 12), bool)
@@ -108,7 +109,7 @@ def test_answers_carry_provenance_also_from_a_reused_prefix(engine):
     overlay = draw_overlay(COFFEE, first.provenance)
     assert overlay.shape == COFFEE.shape and not np.array_equal(overlay, COFFEE)
     # the kept patches' centres are the frame's own pixels; the columns left of the crop are dimmed
-    assert np.array_equal(overlay[:, :90], np.round(COFFEE[:, :90].astype(np.float32) * DIM).astype(np.uint8))
+    assert np.array_equal(overlay[:, :90], (COFFEE[:, :90].astype(np.uint32) * DIM // 256).astype(np.uint8))
     kept_rows, kept_cols = np.nonzero(first.provenance.token_of_patch[0] >= 0)
     for row, col in zip(kept_rows, kept_cols):
         y, x = int((row + 0.5) * 100), int(100 + (col + 0.5) * 100)
