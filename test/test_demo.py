@@ -25,6 +25,9 @@ def test_demo_runs_every_call_and_exits_0(tmp_path):
     assert rows[8][1] == 'front,rear' and '16/32' in rows[8]
     assert rows[9][1] == 'front' and '24/48' in rows[9]
     assert (tmp_path / 'tiny' / 'config.json').is_file() and (tmp_path / 'vlm_node.log').is_file()
+    overlay = tmp_path / 'visual_tokens.png'  # the first answer's overlay, from ~/visual_tokens/image
+    assert f'what the model saw in the first answer (kept patches bright, merged groups tinted): {overlay}' in (
+        completed.stdout) and overlay.stat().st_size > 0
     assert 'Traceback' not in output
 
 

@@ -77,7 +77,8 @@ class Generator:
         prefill_ms = self.clock.ms_since(start)
         prefix = Prefix(fork_cache(kv_cache, len(prefix_ids)), len(prefix_ids),
                         cache_nbytes(kv_cache, positions=len(prefix_ids)),
-                        cache_nbytes(kv_cache) + embedded.prefix_state_bytes, embedded.prefix_state)
+                        cache_nbytes(kv_cache) + embedded.prefix_state_bytes, embedded.prefix_state,
+                        visual.provenance[0] if visual.provenance else None)
         prefixes_this_call[prefix_ids] = prefix
         if cache_key is not None:
             self.prefix_cache.put(cache_key, prefix)

@@ -293,8 +293,9 @@ class VlmEngine:
             self.output(prompt, row_tokens, budget, reducer, image.shape[:2], count, vision_ms=visual.vision_ms,
                          reduction_ms=visual.reduction_ms, prefill_ms=prefill_ms, start=start,
                          first_token_time=first_token_time, end_time=end_time, prefix_reused=False,
-                         kv_cache_bytes=kv_bytes_per_row)
-            for prompt, row_tokens, image, count in zip(prompts, tokens, images, counts)
+                         kv_cache_bytes=kv_bytes_per_row,
+                         provenance=visual.provenance[index] if visual.provenance else None)
+            for index, (prompt, row_tokens, image, count) in enumerate(zip(prompts, tokens, images, counts))
         ]
 
     @property
@@ -334,7 +335,7 @@ class VlmEngine:
     def output(self, prompt: str, tokens: list[int], budget: int, reducer: str, image_size: tuple[int, int],
                visual_tokens: int,
                 *, vision_ms: float, reduction_ms: float, prefill_ms: float, start: float, first_token_time: float,
-                end_time: float, prefix_reused: bool, kv_cache_bytes: int) -> VlmOutput:
+                end_time: float, prefix_reused: bool, kv_cache_bytes: int, provenance=None) -> VlmOutput:
         text = self.generator.decode_text(tokens)
         total_ms = self.clock.ms_since(start)
         full = self.family.full_token_count(image_size)
@@ -346,7 +347,7 @@ class VlmEngine:
             generated_tokens=len(tokens),
             vision_ms=vision_ms, reduction_ms=reduction_ms, prefill_ms=prefill_ms,
             ttft_ms=(first_token_time - start) * 1000.0, decode_ms=(end_time - first_token_time) * 1000.0,
-            total_ms=total_ms, prefix_reused=prefix_reused, kv_cache_bytes=kv_cache_bytes)
+            total_ms=total_ms, prefix_reused=prefix_reused, kv_cache_bytes=kv_cache_bytes, provenance=provenance)
 
 
 
@@ -390,4 +391,4 @@ class _ImagePrompts:
             self.prompts[prompt_index], tokens, self.budget, self.reducer, self.image.shape[:2], self.visual_tokens,
             vision_ms=step.vision_ms, reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms, start=start,
             first_token_time=first_token_time, end_time=end_time, prefix_reused=step.reused,
-            kv_cache_bytes=step.prefix.nbytes)
+            kv_cache_bytes=step.prefix.nbytes, provenance=step.prefix.provenance)

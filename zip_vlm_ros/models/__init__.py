@@ -10,7 +10,8 @@
 
 Shared by the families: ``base`` (the adapter interface, visual-token records, loading), ``clip_features``
 (a CLIP tower run to the feature layer with the attention the reducers read), ``anyres`` (LLaVA-NeXT's
-crop geometry), ``kv_cache`` (forking and sizing transformers key/value caches).
+crop geometry), ``provenance`` (which frame patches each visual token stands for), ``kv_cache`` (forking
+and sizing transformers key/value caches).
 
 ``load_family`` reads a checkpoint's config, picks the adapter by its ``model_type``, lets it check
 the config, and loads weights and processor. A new family is a new module plus an entry in FAMILIES.
@@ -29,9 +30,10 @@ from zip_vlm_ros.models.base import FamilyAdapter, PromptEmbeddings, VisualToken
 from zip_vlm_ros.models.llava import LlavaAdapter
 from zip_vlm_ros.models.llava_mini import LlavaMiniAdapter
 from zip_vlm_ros.models.llava_next import LlavaNextAdapter
+from zip_vlm_ros.models.provenance import CropBox, TokenProvenance
 from zip_vlm_ros.models.qwen2_5_vl import QwenVLAdapter
 
-__all__ = ["FAMILIES", "FamilyAdapter", "PromptEmbeddings", "VisualTokens", "load_family"]
+__all__ = ["FAMILIES", "CropBox", "FamilyAdapter", "PromptEmbeddings", "TokenProvenance", "VisualTokens", "load_family"]
 
 FAMILIES: dict[str, type[FamilyAdapter]] = {
     adapter.model_type: adapter for adapter in (LlavaAdapter, LlavaNextAdapter, LlavaMiniAdapter, QwenVLAdapter)}

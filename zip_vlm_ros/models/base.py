@@ -14,16 +14,18 @@ import json
 import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from zip_vlm_ros.errors import ModelLoadError, first_line
 from zip_vlm_ros.models.clip_features import encode_for_visionzip, encode_to_feature_layer
-from zip_vlm_ros.reducers import (DEFAULT_IMPORTANT_RATIO, VisionZipFeatures, divprune_reduce, split_budget, vispruner_reduce,
-                                  visionzip_compress)
+from zip_vlm_ros.models.provenance import TokenProvenance
+from zip_vlm_ros.reducers import (DEFAULT_IMPORTANT_RATIO, ReducedTokens, VisionZipFeatures, divprune_reduce, split_budget,
+                                  vispruner_reduce, visionzip_reduce)
 
-__all__ = ["FamilyAdapter", "PromptEmbeddings", "VisualTokens", "check_clip_tower", "image_block",
+__all__ = ["EncodedPixels", "FamilyAdapter", "PromptEmbeddings", "VisualTokens", "check_clip_tower", "image_block",
            "load_weights_and_processor", "move_to_device", "read_config_json"]
 
 ImageSize = tuple[int, int]  # (height, width) in pixels
@@ -47,6 +49,19 @@ class VisualTokens:
     # and the stock raster indices of the tokens it feeds (None: all of them); None for the others.
     grids: list[tuple[int, int, int]] | None = None
     kept: list[torch.Tensor | None] | None = None
+    # Per image, the frame patches each of its visual tokens stands for; None for an image (or a
+    # family) that does not trace its tokens yet.
+    provenance: list[TokenProvenance | None] | None = None
+
+
+class EncodedPixels(NamedTuple):
+    """What ``FamilyAdapter.encode_pixels`` returns (a 4-tuple without provenance is accepted too)."""
+
+    features: torch.Tensor              # [sum(counts), text_hidden]
+    counts: list[int]
+    reductions: list[str]
+    reduction_ms: float
+    provenance: list[TokenProvenance | None] | None = None
 
 
 @dataclass
@@ -70,12 +85,16 @@ class CropTokens:
     ascending positions of the dominant tokens in each crop's ``1 + N`` tower tokens (0 is CLS).
     VisPruner: ``tokens [crops, kept, text_hidden]``, ``kept_indices [crops, kept]`` ascending patch
     positions in ``0..N-1`` (CLS dropped), ``contextual`` 0.
+    ``sources [crops, tokens, S]``: the reducer's positions per output token (``ReducedTokens.sources``);
+    position ``first_patch`` is a crop's first patch (1 for VisionZip, whose position 0 is CLS; 0 for VisPruner).
     """
 
     tokens: torch.Tensor
     kept_indices: torch.Tensor
     contextual: int
     reduction_ms: float
+    sources: torch.Tensor
+    first_patch: int
 
 
 class FamilyAdapter:
@@ -195,10 +214,11 @@ class FamilyAdapter:
     def encode(self, images: list[np.ndarray], budget: int, reducer: str = "visionzip") -> VisualTokens:
         """Visual tokens for ``HxWx3 uint8`` `images` at `budget`, as ``visual_token_count`` says."""
         start = self.clock()
-        features, counts, reductions, reduction_ms = self.encode_pixels(
-            self.preprocess(images), [image.shape[:2] for image in images], budget, reducer)
-        vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
-        return VisualTokens(features, counts, reductions, vision_ms, reduction_ms)
+        encoded = EncodedPixels(*self.encode_pixels(
+            self.preprocess(images), [image.shape[:2] for image in images], budget, reducer))
+        vision_ms = (self.clock() - start) * 1000.0 - encoded.reduction_ms
+        return VisualTokens(encoded.features, encoded.counts, encoded.reductions, vision_ms, encoded.reduction_ms,
+                            provenance=encoded.provenance)
 
     @property
     def base_tokens_full(self) -> int:
@@ -304,12 +324,15 @@ class FamilyAdapter:
             patches = encoded.hidden_states[:, 1:]  # [crops, N, vision_hidden]
             reduced = vispruner_reduce(patches, encoded.cls_attention, per_crop, self.important_ratio)
             kept = reduced.sources.float().argmax(dim=2)  # [crops, kept] each output's one patch position
-            tokens, contextual = reduced.tokens, 0
+            contextual, first_patch = 0, 0
         else:
             dominant, contextual = split_budget(per_crop, self.contextual_ratio)
-            tokens, kept = visionzip_compress(*encoded, dominant, contextual)  # [crops, per_crop, hidden]
+            reduced = visionzip_reduce(encoded, dominant, contextual)  # tokens [crops, per_crop, hidden]
+            kept = reduced.sources[:, :dominant].float().argmax(dim=2)  # [crops, dominant] ascending
+            first_patch = 1
         reduction_ms = (self.clock() - reduction_start) * 1000.0
-        return CropTokens(llava.multi_modal_projector(tokens), kept, contextual, reduction_ms)
+        return CropTokens(llava.multi_modal_projector(reduced.tokens), kept, contextual, reduction_ms,
+                          reduced.sources, first_patch)
 
     def projected_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The stock projected features of ``pixel_values [crops, 3, H, W]``: ``[crops, tokens, text_hidden]``
@@ -318,12 +341,13 @@ class FamilyAdapter:
         hidden = encode_to_feature_layer(llava.vision_tower, pixel_values, self.feature_layer)
         return llava.multi_modal_projector(hidden[:, 1:] if self.select_strategy == "default" else hidden)
 
-    def divprune_tokens(self, features: torch.Tensor, budget: int) -> tuple[torch.Tensor, float]:
+    def divprune_tokens(self, features: torch.Tensor, budget: int) -> tuple[ReducedTokens, float]:
         """DivPrune on one image's projected tokens ``features [N, text_hidden]`` (the stock LLM input):
-        ``([min(budget, N), text_hidden] in original order, reduction ms)``."""
+        ``(ReducedTokens of tokens [min(budget, N), text_hidden] in original order and their sources
+        [min(budget, N), N], reduction ms)``."""
         reduction_start = self.clock()
-        tokens = divprune_reduce(features[None], budget).tokens[0]
-        return tokens, (self.clock() - reduction_start) * 1000.0
+        reduced = divprune_reduce(features[None], budget)
+        return ReducedTokens(reduced.tokens[0], reduced.sources[0]), (self.clock() - reduction_start) * 1000.0
 
 
 def image_block(labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:

@@ -52,7 +52,8 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
 from zip_vlm_ros.node.ask_action import CLIENT_PROBE_SERVICE, AskActionServer
-from zip_vlm_ros.node.conversions import ImageConversionError, image_has_pixels, image_to_rgb, stamp_to_seconds
+from zip_vlm_ros.node.conversions import (
+    ImageConversionError, image_has_pixels, image_to_rgb, stamp_to_seconds, visual_token_images)
 from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
 from zip_vlm_ros.node.image_sets import image_set_request, resolve_total_budget
 from zip_vlm_ros.node.jobs import (
@@ -290,6 +291,7 @@ class VlmNode(LifecycleNode):
             'results': self.create_lifecycle_publisher(VlmResult, '~/results', 10),
             'description': self.create_lifecycle_publisher(String, '~/description', 10),
             'answer': self.create_lifecycle_publisher(String, '~/answer', 10),
+            'visual_tokens': self.create_lifecycle_publisher(Image, '~/visual_tokens/image', 10),
         }
         self.get_logger().info(
             f'loaded {engine.model_name} on {engine.device} ({str(engine.dtype).replace("torch.", "")}) '
@@ -622,9 +624,16 @@ class VlmNode(LifecycleNode):
     def _worker_loop(self) -> None:
         """The only thread that runs the engine (see worker.py) until the node deactivates."""
         hooks = NodeHooks(feeds=self._feeds, check_frame_age=self._check_frame_age, image_age_ms=self._image_age_ms,
-                          publish=self._publish, stats=self._stats, warnings=self._warnings,
-                          logger=self.get_logger())
+                          publish=self._publish, publish_overlays=self._publish_overlays, stats=self._stats,
+                          warnings=self._warnings, logger=self.get_logger())
         Worker(self._engine, self._queue, hooks, self._settings.max_batch_size, self._worker_stop).run()
+
+    def _publish_overlays(self, rgb, header, outputs) -> None:
+        """Each output's token-selection overlay on ~/visual_tokens/image, when publish_visual_tokens is on."""
+        overlay_publisher = self._publishers_made.get('visual_tokens')
+        if overlay_publisher is not None and self._param('publish_visual_tokens'):  # off: nothing is drawn
+            for overlay in visual_token_images(rgb, header, outputs):
+                overlay_publisher.publish(overlay)
 
     def _image_age_ms(self, stamp: Any) -> float:
         """Node clock minus `stamp`: 0 for an unstamped (inline) image and for a stamp slightly ahead."""

@@ -36,6 +36,7 @@ class NodeHooks:
     check_frame_age: Callable[[str, Any], None]     # (camera, stamp): RequestRejected when unusable
     image_age_ms: Callable[[Any], float]            # (stamp): node clock minus stamp, 0 when unstamped
     publish: Callable[[Job, list[VlmResult]], None]
+    publish_overlays: Callable[[Any, Any, list], None]   # (rgb, header, outputs): the visual-token overlays
     stats: RequestStats
     warnings: ThrottledWarnings
     logger: Any
@@ -43,10 +44,11 @@ class NodeHooks:
 
 @dataclass
 class _Running:
-    """A job in the batch and what its results need (the frame's header and the camera name)."""
+    """A job in the batch and what its results need (the frame's header and pixels)."""
 
     job: Job
     header: Any
+    rgb: Any = None                                  # the frame, for its visual-token overlays
 
 
 class Worker:
@@ -90,18 +92,18 @@ class Worker:
     def _join(self, job: Job) -> None:
         """Open the job's request and add its row; a job that fails here is answered at once."""
         try:
-            request, header = self._open(job)
+            request, header, rgb = self._open(job)
         except Exception as error:
             self.queue.done(job)
             self._deliver(job, [], error)
             return
         if self.batch.admit(request):
-            self._running[id(request)] = _Running(job, header)
+            self._running[id(request)] = _Running(job, header, rgb)
         else:
-            self._end(_Running(job, header), request)
+            self._end(_Running(job, header, rgb), request)
 
-    def _open(self, job: Job) -> tuple[BatchRequest, Any]:
-        """Decode and check the job's frame; the engine's request for it and the frame's header."""
+    def _open(self, job: Job) -> tuple[BatchRequest, Any, Any]:
+        """Decode and check the job's frame; the engine's request for it, the frame's header and pixels."""
         if job.inline is not None:
             rgb, header, frame_key = job.inline.rgb, job.inline.header, None
         else:
@@ -119,7 +121,7 @@ class Worker:
         request = self.engine.open_request(
             rgb, job.prompts, token_budget=job.token_budget, max_new_tokens=job.max_new_tokens,
             frame_key=frame_key, should_stop=job.should_stop, on_token=job.on_token, reducer=job.reducer)
-        return request, header
+        return request, header, rgb
 
     def _end(self, running: _Running, request: BatchRequest) -> None:
         """Answer a job whose request left the batch."""
@@ -128,6 +130,7 @@ class Worker:
         if request.error is not None:
             self._deliver(job, [], request.error)
             return
+        self.hooks.publish_overlays(running.rgb, running.header, request.outputs)
         # An inline image without a stamp has no age; report 0 rather than the time since 1970.
         image_age_ms = self.hooks.image_age_ms(running.header.stamp)
         self._deliver(job, [output_to_result(output, header=running.header, camera=job.camera,

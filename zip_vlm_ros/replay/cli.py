@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--pair-tolerance', type=_positive_float, default=0.05, metavar='S',
                         help='offline: questions naming several topics pair each frame of the first topic with '
                              'the other topics\' frames stamped within S seconds of it (default 0.05)')
+    parser.add_argument('--foxglove', metavar='OUT.mcap',
+                        help='offline: also write the drive for Foxglove: the frames, one visual-token overlay '
+                             'channel per (reducer, budget) and the answers as foxglove.Log')
     parser.add_argument('--resume', action='store_true',
                         help='continue an earlier run in --out, skipping work already in results.jsonl')
     engine = parser.add_argument_group(
@@ -107,12 +110,18 @@ def main(argv=None) -> int:
             if args.resume:
                 raise ReplayError('--resume applies to offline replay; a live run cannot be repeated exactly: '
                                   'use a new --out')
+            if args.foxglove:
+                raise ReplayError('--foxglove applies to offline replay (the overlays come from the engine\'s '
+                                  'own tokens): run without --live')
             if any(question.several_images for question in questions):
                 raise ReplayError('questions over several images (topics or history) are evaluated offline: '
                                   'remove them from the questions file for --live, or run without --live')
             from zip_vlm_ros.replay.live import run_live
 
             return run_live(args, budgets, questions, labels)
+        if args.foxglove and args.resume:
+            raise ReplayError('--foxglove records the frames a run evaluates; a resumed run skips the done ones: '
+                              'write the MCAP in a run without --resume')
         return run_offline(args, budgets, questions, labels)
     except ReplayError as error:
         warn(str(error), level='error')

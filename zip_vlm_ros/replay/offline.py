@@ -13,10 +13,12 @@ import numpy as np
 from zip_vlm_ros.replay.bag import (Bag, Frame, FrameSelector, SkippedFrame, damaged_frames, decode_frame, open_bag,
                                     resolve_topics)
 from zip_vlm_ros.replay.console import note, progress_bar, warn
+from zip_vlm_ros.replay.foxglove import FoxgloveRecording
+from zip_vlm_ros.replay.html_report import HTML_REPORT_FILE, save_frame_images, write_html_report
 from zip_vlm_ros.replay.image_set_questions import ImageSetQuestions, image_set_topics
 from zip_vlm_ros.replay.inputs import (FULL_BUDGET, NODE_ENGINE_PARAMETERS, Label, Question, ReplayError,
                                        budget_tokens, load_node_parameters, point_budget, point_reducer)
-from zip_vlm_ros.replay.report import format_stamp, write_report
+from zip_vlm_ros.replay.report import AGREEMENT_PLOT, LATENCY_PLOT, format_stamp, write_report
 from zip_vlm_ros.replay.results import (REPORT_FILE, RESULTS_FILE, ResultsWriter, check_resumed_run, output_row,
                                         prepare_out_dir, result_key, write_run_file)
 from zip_vlm_ros.replay.storage import DamagedRegion
@@ -130,17 +132,24 @@ class OfflineEvaluation:
         self.warmed_up = False
         self.progress = None
         self.writer = None
+        self.foxglove_path = getattr(args, 'foxglove', None)
+        self.foxglove: FoxgloveRecording | None = None
 
     def run(self) -> int:
         interrupted = False
         self.writer = ResultsWriter(self.out_dir / RESULTS_FILE)
         self.progress = progress_bar(self._estimated_total(), 'frame-budgets')
+        if self.foxglove_path:
+            self.foxglove = FoxgloveRecording(self.foxglove_path)
         try:
             self._read_bag()
         except KeyboardInterrupt:
             interrupted = True
         finally:
             self.writer.close()
+            if self.foxglove is not None:
+                self.foxglove.close()
+                note(f'Foxglove recording in {self.foxglove_path}')
             if not interrupted and self.progress.total is not None:
                 self.progress.total = self.progress.n  # the estimate becomes exact
             self.progress.close()
@@ -205,6 +214,8 @@ class OfflineEvaluation:
         if not self.warmed_up and any(todo_by_budget.values()):
             _warm_up(self.engine, frame.rgb, self.budgets, self.run_info['describe_prompt'])
             self.warmed_up = True
+        if self.foxglove is not None:
+            self.foxglove.add_frame(frame)
         for budget, todo in todo_by_budget.items():
             if todo:
                 self._evaluate_budget(frame, budget, todo)
@@ -229,6 +240,9 @@ class OfflineEvaluation:
             return
         rows = [output_row(frame, budget, output, kind=kind, expect=expect)
                 for (_, kind, expect), output in zip(todo, outputs)]
+        save_frame_images(self.out_dir, frame, budget, outputs[0].provenance)
+        if self.foxglove is not None:
+            self.foxglove.add_point(frame, budget, outputs, [kind for _, kind, _ in todo])
         self.writer.write(rows)
         self.new_rows.extend(rows)
 
@@ -244,10 +258,11 @@ class OfflineEvaluation:
                 problems.append(f'no frame of {topic} could be evaluated (selection empty or every frame malformed)')
                 warn(problems[-1])
         all_rows = self.done_rows + self.new_rows
-        write_report(self.out_dir, all_rows, self.skipped, self.run_info, problems=problems, partial=partial,
-                     labels=self.labels)
+        summaries = write_report(self.out_dir, all_rows, self.skipped, self.run_info, problems=problems,
+                                 partial=partial, labels=self.labels)
+        write_html_report(self.out_dir, all_rows, summaries, [LATENCY_PLOT, AGREEMENT_PLOT])
         note(f'{len(self.new_rows)} new answers ({len(self.done_rows)} from earlier runs), {len(self.skipped)} '
-             f'skipped frames; report in {self.out_dir / REPORT_FILE}')
+             f'skipped frames; report in {self.out_dir / REPORT_FILE} and {self.out_dir / HTML_REPORT_FILE}')
         if self.bag.stopped:
             warn(f'{self.bag.stopped}; the report covers the frames before it', level='error')
             return EXIT_BAG_UNREADABLE

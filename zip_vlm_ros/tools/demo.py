@@ -87,6 +87,8 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Returns the exit status: 0 when every call succeeded and the node exited cleanly."""
+    from sensor_msgs.msg import Image
+
     from zip_vlm_ros.client import NodeProcess, VlmClient, use_large_frames_profile
     from zip_vlm_ros.srv import DescribeScene
 
@@ -103,9 +105,11 @@ def run_demo(args: argparse.Namespace) -> int:
         if not client.wait_for_service(DescribeScene, '~/describe_scene', args.timeout):
             print(f'[demo] vlm_node did not come up; its log:\n{node.log()}', file=sys.stderr)
             return 1
+        overlays = client.collect(Image, '/demo/zip_vlm/visual_tokens/image')
         streamers = stream_photos(client)
         time.sleep(1.5)  # a few frames in, so the first call has one
         calls.run_all(full_budget=None if args.model else PRESET_TOKENS[args.preset][0])
+        calls.save_overlay(overlays, args.cache_dir / 'visual_tokens.png')
     finally:
         for streamer in streamers:
             streamer.stop()
@@ -129,7 +133,7 @@ def node_parameters(args: argparse.Namespace) -> dict:
     token_budget = args.token_budget or (None if args.model else PRESET_TOKENS[args.preset][1])
     parameters = {'model': model, 'cameras': ['front', 'rear'], 'camera.front.topic': 'front/image_raw',
                   'max_new_tokens': args.max_new_tokens, 'max_image_age_s': 5.0,
-                  'request_timeout_s': args.timeout}
+                  'request_timeout_s': args.timeout, 'publish_visual_tokens': True}
     if token_budget is not None:
         parameters['token_budget'] = token_budget
     if not args.model and args.preset in PRESET_REDUCERS:
@@ -169,6 +173,21 @@ class DemoCalls:
             for result in getattr(response, 'results', None) or [response.result]:
                 self.rows.append(result_row(call, result))
         return response
+
+    def save_overlay(self, overlays: list, path: pathlib.Path) -> None:
+        """The first answer's overlay the node published on ~/visual_tokens/image, as a PNG at `path`."""
+        from PIL import Image
+
+        from zip_vlm_ros.client import wait_until
+        from zip_vlm_ros.node.conversions import image_to_rgb
+
+        # Published before its answer; the node answered already, so it is in flight or here.
+        if not wait_until(lambda: bool(overlays), 10.0):
+            self.failures.append('no overlay arrived on /demo/zip_vlm/visual_tokens/image')
+            return
+        Image.fromarray(image_to_rgb(overlays[0])).save(path)
+        print(f'[demo] what the model saw in the first answer (kept patches bright, merged groups tinted): {path}',
+              flush=True)
 
     def run_all(self, full_budget: int | None) -> None:
         """`full_budget`: the preset's largest full count; None: the first answer's own full count."""
