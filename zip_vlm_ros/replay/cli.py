@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                              'channel per (reducer, budget) and the answers as foxglove.Log')
     parser.add_argument('--resume', action='store_true',
                         help='continue an earlier run in --out, skipping work already in results.jsonl')
+    _add_engine_arguments(parser)
+    _add_live_arguments(parser)
+    return parser
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Offline: the node's engine parameters of the same names."""
     engine = parser.add_argument_group(
         'engine (offline): the node\'s parameters of the same names; defaults are the node\'s defaults')
     engine.add_argument('--params-file', metavar='YAML',
@@ -60,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument('--dominant-ratio', type=float, help='share of the budget given to dominant tokens')
     engine.add_argument('--max-new-tokens', type=_positive_int, help='answer length limit in tokens')
     parser.add_argument('--describe-prompt', help='scene description prompt (default: the node\'s)')
+
+
+def _add_live_arguments(parser: argparse.ArgumentParser) -> None:
+    """Live mode: playing the bag into a running vlm_node."""
     live = parser.add_argument_group('live mode (plays the bag into a running vlm_node)')
     live.add_argument('--live', action='store_true', help='replay into a running node instead of offline')
     live.add_argument('--rate', type=_positive_float, default=1.0, help='playback rate factor (default 1)')
@@ -73,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help='seconds before a service call counts as timed out (default 60)')
     live.add_argument('--wait', type=_positive_float, default=30.0,
                       help='seconds to wait for the node\'s services at start (default 30)')
-    return parser
 
 
 def _positive_int(text: str) -> int:
