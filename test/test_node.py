@@ -353,14 +353,21 @@ def test_periodic_description_changes_at_runtime(client, topics, images):
         periodic = [r for r in topics['results'] if r.prompt == 'What do you see?']
         assert periodic and all(r.camera in ('front', 'rear') for r in periodic)
         assert client.set_parameter('describe_period_s', 0.0) == (True, '')
-        time.sleep(1.5)  # a description already queued may still arrive
-        settled = len(topics['description'])
-        time.sleep(2.0)
-        assert len(topics['description']) == settled
+        # Descriptions already queued (or taken by a timer callback racing the change) may still
+        # arrive, of frames stamped before the change; none may describe a frame from after it.
+        off_ns = client.now().nanoseconds + 1_000_000_000
+        assert wait_until(lambda: stamp_ns(streamer.last_stamp) > off_ns + 2_000_000_000, 30)
+        late = [r for r in topics['results']
+                if r.prompt == 'What do you see?' and stamp_ns(r.image_stamps[0]) > off_ns]
+        assert not late, f'{len(late)} periodic descriptions of frames received after the period was set to 0'
     finally:
         streamer.stop()
         client.set_parameter('describe_period_s', 0.0)
         client.set_parameter('describe_prompt', DESCRIBE_PROMPT)
+
+
+def stamp_ns(stamp) -> int:
+    return stamp.sec * 1_000_000_000 + stamp.nanosec
 
 
 def test_use_sim_time_image_age_follows_the_node_clock(client, images):
