@@ -269,6 +269,26 @@ def test_the_qwen_replica_loads_the_published_fields_that_shape_the_model(engine
     assert engine.family.token_grid((512, 512)) == (18, 18)
 
 
+def test_the_qwen_replica_at_the_full_count_answers_as_stock_generate(engines):
+    """The published config's fields (flat LLM fields, M-RoPE sections, window layout, tied embeddings) mean
+    the same to the adapter as to the stock model: one image and two, greedy, token for token."""
+    from zip_vlm_ros.engine.requests import ImageInput
+
+    engine = engines[QWEN]
+    odd = skimage.data.astronaut()[100:200, 200:330].copy()  # 100 x 130: resized to 112 x 140
+    for images in ([skimage.data.astronaut()], [odd, skimage.data.coffee()]):
+        content = [{'type': 'image'} for _ in images] + [{'type': 'text', 'text': QUESTION}]
+        text = engine.processor.apply_chat_template([{'role': 'user', 'content': content}], add_generation_prompt=True)
+        inputs = engine.processor(images=images, text=text, return_tensors='pt')
+        with torch.inference_mode():
+            generated = engine.model.generate(**inputs, max_new_tokens=6, do_sample=False, repetition_penalty=1.0)
+        stock = engine.tokenizer.decode(generated[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip()
+        output = engine.generate_images([ImageInput(image, '') for image in images], [QUESTION],
+                                        token_budget=100_000, max_new_tokens=6)[0]
+        assert output.reduction == 'none' and output.generated_tokens == 6
+        assert output.text == stock and stock
+
+
 def test_a_llava_mini_checkpoint_without_tokenizer_config_is_refused_by_name(published_replicas, tmp_path):
     from zip_vlm_ros.errors import ModelLoadError
 
