@@ -58,7 +58,8 @@ def mini_c2_dir(tmp_path_factory) -> pathlib.Path:
 PUBLISHED_DIR = REPO_ROOT / 'test' / 'fixtures' / 'published'
 # The supported checkpoints whose published files test/fixtures/published holds (see its README).
 PUBLISHED_CHECKPOINTS = ('llava-hf/llava-1.5-7b-hf', 'llava-hf/llava-v1.6-mistral-7b-hf',
-                         'llava-hf/llava-v1.6-vicuna-7b-hf', 'ICTNLP/llava-mini-llama-3.1-8b')
+                         'llava-hf/llava-v1.6-vicuna-7b-hf', 'ICTNLP/llava-mini-llama-3.1-8b',
+                         'Qwen/Qwen2.5-VL-3B-Instruct')
 PUBLISHED_CLIP_TOWER = 'openai/clip-vit-large-patch14-336'
 
 

@@ -3,7 +3,7 @@ and answers use, wrapped as a transformers fast tokenizer (``vlm_tiny_model`` wr
 
 from __future__ import annotations
 
-__all__ = ["IMAGE_TOKEN", "SPECIAL_TOKENS", "TOKENIZER_CORPUS", "train_bpe", "train_tokenizer"]
+__all__ = ["IMAGE_TOKEN", "SPECIAL_TOKENS", "TOKENIZER_CORPUS", "train_bpe", "train_qwen2_bpe", "train_tokenizer"]
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
@@ -89,4 +89,28 @@ def train_bpe(vocab_size: int, special_tokens: tuple[str, ...], corpus: str = TO
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    return tokenizer
+
+
+def train_qwen2_bpe(vocab_size: int, special_tokens: tuple[str, ...] = (), corpus: str = TOKENIZER_CORPUS):
+    """Byte-level BPE trained on `corpus` with Qwen2's own text pipeline (NFC, its split regex, bytes as
+    characters), `special_tokens` first; every byte has a token, so there is no ``<unk>`` (as in Qwen's).
+
+    A checkpoint whose ``tokenizer_config.json`` names ``Qwen2Tokenizer`` is loaded by transformers with that
+    class's pipeline whatever ``tokenizer.json`` says (only the vocabulary and merges are read from it), so
+    its vocabulary has to be learnt through the same pipeline: the one a fresh ``Qwen2Tokenizer`` builds.
+    Unlike ``train_bpe``'s, its tokens can decode to any byte, control characters included, as a real
+    Qwen tokenizer's can.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    pipeline = Qwen2Tokenizer().backend_tokenizer
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = pipeline.normalizer
+    tokenizer.pre_tokenizer = pipeline.pre_tokenizer
+    tokenizer.decoder = pipeline.decoder
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
     return tokenizer
