@@ -208,10 +208,10 @@ class FamilyAdapter:
         raise NotImplementedError
 
     def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, reducer: str = "visionzip", *,
-                      encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
-        """``(features [sum(counts), text_hidden], counts, reductions, reduction ms)`` from ``preprocess``
-        output. `encoder` feeds VisionZip and VisPruner (``encode_reference_style`` for side-by-side
-        benchmarks)."""
+                      encoder: Encoder = encode_for_visionzip) -> EncodedPixels:
+        """``EncodedPixels(features [sum(counts), text_hidden], counts, reductions, reduction ms, provenance)``
+        from ``preprocess`` output; a family that does not trace its tokens may return the first four alone.
+        `encoder` feeds VisionZip and VisPruner (``encode_reference_style`` for side-by-side benchmarks)."""
         raise NotImplementedError
 
     def encode(self, images: list[np.ndarray], budget: int, reducer: str = "visionzip") -> VisualTokens:
