@@ -80,16 +80,17 @@ def provenance_of_crops(sources: torch.Tensor, crops: list[CropBox], first_patch
     """
     num_crops, kept, _ = sources.shape
     side = crops[0].side
-    patch_sources = sources[:, :, first_patch:first_patch + side * side].cpu()  # [crops, K, P * P]
-    covered = patch_sources.any(dim=1)  # [crops, P * P]
-    owner = patch_sources.to(torch.uint8).argmax(dim=1) + torch.arange(num_crops)[:, None] * kept  # the first True
-    order = torch.arange(num_crops * kept) if order is None else order.cpu()
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.shape[0])  # per-crop token -> its index in the LLM's order
-    token_of_patch = torch.where(covered, rank[owner], torch.full_like(owner, -1))
-    group_sizes = patch_sources.sum(dim=2).flatten()[order]
-    return TokenProvenance(list(crops), token_of_patch.numpy().astype(np.int32).reshape(num_crops, side, side),
-                           group_sizes.numpy().astype(np.int32))
+    # numpy from here: a few small single-threaded array ops (torch's would each wait for its thread pool)
+    patch_sources = sources[:, :, first_patch:first_patch + side * side].cpu().numpy()  # [crops, K, P * P] bool
+    covered = patch_sources.any(axis=1)  # [crops, P * P]
+    owner = patch_sources.argmax(axis=1) + np.arange(num_crops)[:, None] * kept  # the first True per patch
+    order = np.arange(num_crops * kept) if order is None else order.cpu().numpy()
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])  # per-crop token -> its index in the LLM's order
+    token_of_patch = np.where(covered, rank[owner], -1)
+    group_sizes = patch_sources.sum(axis=2).reshape(-1)[order]
+    return TokenProvenance(list(crops), token_of_patch.astype(np.int32).reshape(num_crops, side, side),
+                           group_sizes.astype(np.int32))
 
 
 def provenance_from_sequence(token_of_position: np.ndarray, crops: list[CropBox], position_of_patch: np.ndarray,
@@ -112,8 +113,8 @@ def provenance_from_sequence(token_of_position: np.ndarray, crops: list[CropBox]
 def token_of_kept_positions(sources: torch.Tensor) -> np.ndarray:
     """``sources [K, L]`` bool of a reducer that keeps one position per token (DivPrune) -> ``[L]`` int64:
     the kept token of each position, -1 for a dropped one."""
-    kept = sources.cpu()
-    return torch.where(kept.any(dim=0), kept.to(torch.uint8).argmax(dim=0), -1).numpy()
+    kept = sources.cpu().numpy()
+    return np.where(kept.any(axis=0), kept.argmax(axis=0), -1)
 
 
 def provenance_of_query_grid(crop: CropBox, grid_size: int) -> TokenProvenance:
