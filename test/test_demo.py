@@ -55,6 +55,7 @@ def test_demo_runs_the_llava_next_preset(tmp_path):
     used, full = visual[-1].split('/')
     assert used == full and int(full) in (70, 88)
     assert (tmp_path / 'tiny-next' / 'config.json').is_file()
+    assert (tmp_path / 'visual_tokens.png').stat().st_size > 0  # NeXT traces its tokens: the overlay
 
 
 def test_demo_runs_the_llava_mini_preset(tmp_path):
@@ -67,6 +68,7 @@ def test_demo_runs_the_llava_mini_preset(tmp_path):
                if line.split()[:1] in (['surround'], ['history'])}
     assert several == {'surround': '2/2', 'history': '3/3'} and 'skipped' not in completed.stdout
     assert (tmp_path / 'tiny-mini' / 'config.json').is_file()
+    assert (tmp_path / 'visual_tokens.png').stat().st_size > 0  # its compressed token's overlay
 
 
 def test_demo_runs_the_qwen2_5_vl_preset(tmp_path):

@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+from PIL import Image
 
 from zip_vlm_ros.tools import sample_bag
 from zip_vlm_ros.replay import cli, inputs
@@ -100,6 +101,16 @@ def test_offline_replay_pairs_topics_by_stamp_and_picks_history_frames(bag, ques
     assert int(surround_4['agreement_pairs']) == 4 and int(surround_4['keyword_answers']) == 4
     report = (out / 'report.md').read_text(encoding='utf-8')
     assert '## Questions over several images' in report and 'What changed?' in report
+    # what the LLM read of each image: an overlay per image, embedded in report.html
+    image_rows = surround + history
+    for row in image_rows:
+        assert len(row['overlay_images']) == len(row['images'])
+        for path in row['overlay_images']:
+            assert Image.open(out / path).mode == 'RGB'
+    html_report = (out / 'report.html').read_text(encoding='utf-8')
+    assert html_report.count('<tr class="image-set">') == len(image_rows)
+    image_sets_table = html_report.split('<table id="image_sets">')[1].split('</table>')[0]
+    assert image_sets_table.count('data:image/png;base64,') == sum(len(row['overlay_images']) for row in image_rows)
 
 
 def test_frames_without_a_partner_within_the_tolerance_are_skipped(bag, questions_file, tmp_path, tiny_model_dir):

@@ -14,9 +14,10 @@ from mcap.reader import make_reader
 from PIL import Image
 
 from test_replay import MAX_NEW_TOKENS, one_line_error, read_jsonl, run_replay
+from zip_vlm_ros.engine.overlay import CROP_COLOUR
 from zip_vlm_ros.replay.foxglove import ANSWERS_TOPIC, overlay_topic
 from zip_vlm_ros.tools import sample_bag
-from zip_vlm_ros.tools.sample_bag import RAW_TOPIC
+from zip_vlm_ros.tools.sample_bag import COMPRESSED_TOPIC, RAW_TOPIC
 
 POINTS = ['full', 'visionzip@4', 'divprune@4']
 
@@ -136,3 +137,32 @@ def test_report_html_opens_in_headless_chromium(replayed, bag, tmp_path):
     # per frame: the frame and one overlay per point; plus the two plots
     assert result == {'images': len(frames) * (1 + len(POINTS)) + 2, 'decoded': result['images'],
                       'frame_rows': len(frames)}
+
+
+def test_llava_next_and_several_images_reach_the_mcap_and_the_report(tmp_path, bag, tiny_next_model_dir):
+    """LLaVA-NeXT traces its crops: each point's overlay outlines them; a question over two topics adds each
+    image's overlay on its topic's image_set channel at the anchor frame's time, and a row in report.html."""
+    questions = tmp_path / 'questions.yaml'
+    questions.write_text(f'- question: What do both cameras see?\n  topics: [{RAW_TOPIC}, {COMPRESSED_TOPIC}]\n',
+                         encoding='utf-8')
+    out, recording = tmp_path / 'out', tmp_path / 'drive.mcap'
+    assert run_replay(bag.path, '--out', out, '--model', tiny_next_model_dir, '--max-new-tokens', MAX_NEW_TOKENS,
+                      '--budgets', 'full,20', '--topics', RAW_TOPIC, '--questions', questions, '--device', 'cpu',
+                      '--pair-tolerance', '0.06', '--foxglove', recording) == 0
+    _, messages = _read(recording)
+    frames = bag.good_frame_stamps[RAW_TOPIC]
+    rows = read_jsonl(out / 'results.jsonl')
+    image_set_rows = [row for row in rows if row['kind'] == 'images']
+    assert image_set_rows and all(len(row['overlay_images']) == 2 for row in image_set_rows)
+    for point in ('full', '20'):
+        overlays = [data for name, _, _, data in messages if name == overlay_topic(RAW_TOPIC, point)]
+        assert len(overlays) == len(frames)
+        # the base image and the grid crops are outlined in the crop colour
+        assert (_decode(overlays[0]) == CROP_COLOUR).all(axis=2).sum() > 2 * sum(_decode(overlays[0]).shape[:2])
+        anchors = sorted(row['stamp_ns'] for row in image_set_rows if row['budget'] == point)
+        for topic in (RAW_TOPIC, COMPRESSED_TOPIC):
+            image_sets = [log_time for name, _, log_time, _ in messages
+                          if name == f'{overlay_topic(topic, point)}/image_set']
+            assert image_sets == anchors, (topic, point)
+    report = (out / 'report.html').read_text(encoding='utf-8')
+    assert report.count('<tr class="image-set">') == len(image_set_rows)

@@ -78,7 +78,7 @@ class Generator:
         prefix = Prefix(fork_cache(kv_cache, len(prefix_ids)), len(prefix_ids),
                         cache_nbytes(kv_cache, positions=len(prefix_ids)),
                         cache_nbytes(kv_cache) + embedded.prefix_state_bytes, embedded.prefix_state,
-                        visual.provenance[0] if visual.provenance else None)
+                        visual.provenance)
         prefixes_this_call[prefix_ids] = prefix
         if cache_key is not None:
             self.prefix_cache.put(cache_key, prefix)

@@ -68,6 +68,7 @@ class CachedImage:
     patch_features: torch.Tensor | None = None  # LLaVA-Mini: [patches, text_hidden] its pre-fusion reads
     grid: tuple[int, int, int] | None = None    # M-RoPE families: the image's stock token grid (VisualTokens.grids)
     kept: torch.Tensor | None = None            # M-RoPE families: stock indices of the tokens kept (None: all)
+    provenance: object = None                   # its TokenProvenance (None: the family does not trace it)
 
 
 @dataclass
@@ -217,7 +218,8 @@ class MultiImageAnswerer:
                 step.logits, step.kv_cache, request.max_new_tokens, request.sampling, check_stop,
                 on_step=engine.generator.text_stream(on_token, prompt_index, start),
                 family_state=step.prefix.family_state)
-            image_tokens = encoded[0].images if encoded else self._described(images, shares, counts, reducer)
+            image_tokens = (encoded[0].images if encoded
+                            else self._described(images, shares, counts, reducer, step.prefix.provenance))
             outputs.append(self._output(prompt, tokens[0], image_tokens, start=start, vision_ms=step.vision_ms,
                                         reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms,
                                         first_token_time=first_token_time, end_time=end_time,
@@ -242,7 +244,7 @@ class MultiImageAnswerer:
         """Every image's visual tokens, from the per-image cache or encoded alone (and then cached)."""
         engine = self.engine
         features, patch_features, described, vision_ms, reduction_ms = [], [], [], 0.0, 0.0
-        grids, kept = [], []
+        grids, kept, provenance = [], [], []
         for item, share, count in zip(images, shares, counts):
             key = None if item.key is None else (engine.model_name, item.key, self._settings(count, reducer))
             cached = self.visual_cache.get(key) if key is not None else None
@@ -258,7 +260,8 @@ class MultiImageAnswerer:
                 held = sum(tensor.numel() * tensor.element_size() for tensor in (visual.features, patches)
                            if tensor is not None)
                 entry = CachedImage(visual.features, visual.reductions[0], held, patches,
-                                    visual.grids[0] if visual.grids else None, visual.kept[0] if visual.kept else None)
+                                    visual.grids[0] if visual.grids else None, visual.kept[0] if visual.kept else None,
+                                    visual.provenance[0] if visual.provenance else None)
                 if key is not None:
                     self.visual_cache.put(key, entry)
             else:
@@ -267,23 +270,27 @@ class MultiImageAnswerer:
             patch_features.append(entry.patch_features)
             grids.append(entry.grid)
             kept.append(entry.kept)
+            provenance.append(entry.provenance)
             full = engine.family.base_token_count(item.image.shape[:2])
             described.append(ImageTokens(item.label, share, count, full, entry.reduction,
-                                         cached=cached is not None))
+                                         cached=cached is not None, provenance=entry.provenance))
         visual = VisualTokens(torch.cat(features), [image.visual_tokens for image in described],
                               [image.reduction for image in described], vision_ms, reduction_ms,
                               patch_features=patch_features if all(p is not None for p in patch_features) else None,
-                              grids=grids if all(grid is not None for grid in grids) else None, kept=kept)
+                              grids=grids if all(grid is not None for grid in grids) else None, kept=kept,
+                              provenance=provenance)
         return _EncodedImages(visual, described, vision_ms, reduction_ms)
 
-    def _described(self, images: list[ImageInput], shares: list[int], counts: list[int],
-                   reducer: str) -> list[ImageTokens]:
-        """ImageTokens of images whose prefix came from the cache (nothing was encoded for them)."""
+    def _described(self, images: list[ImageInput], shares: list[int], counts: list[int], reducer: str,
+                   provenance: list | None) -> list[ImageTokens]:
+        """ImageTokens of images whose prefix came from the cache (nothing was encoded for them); `provenance`:
+        the cached prefix's, one per image."""
         family = self.engine.family
+        provenance = provenance or [None] * len(images)
         return [ImageTokens(item.label, share, count, family.base_token_count(item.image.shape[:2]),
                             self._reduction(count, reducer, family.base_token_count(item.image.shape[:2])),
-                            cached=True)
-                for item, share, count in zip(images, shares, counts)]
+                            cached=True, provenance=image_provenance)
+                for item, share, count, image_provenance in zip(images, shares, counts, provenance)]
 
     def _output(self, prompt: str, tokens: list[int], images: list[ImageTokens], *, start: float,
                 vision_ms: float, reduction_ms: float, prefill_ms: float, first_token_time: float,

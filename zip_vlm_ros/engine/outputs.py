@@ -30,6 +30,9 @@ class ImageTokens:
     visual_tokens_full: int             # the image's count without reduction (base image only for AnyRes)
     reduction: str                      # the reducer ("visionzip", "divprune", "vispruner"), "none" or "llava-mini"
     cached: bool                        # its visual tokens came from the per-image cache
+    # The frame patches each of its visual tokens stands for (models.TokenProvenance; what engine.overlay
+    # draws); None for a family that does not trace its tokens.
+    provenance: object = None
 
 
 @dataclass
@@ -54,7 +57,8 @@ class VlmOutput:
     kv_cache_bytes: int                 # KV cache bytes of the prompt prefix incl. visual tokens
     images: list[ImageTokens] = field(default_factory=list)  # multi-image requests: each image, prompt order
     # Single-image answers: the frame patches each visual token stands for (models.TokenProvenance; what
-    # engine.overlay draws); None for multi-image answers and families that do not trace their tokens.
+    # engine.overlay draws); None for a family that does not trace its tokens. Multi-image answers: None
+    # here, each image's in `images`.
     provenance: object = None
 
 

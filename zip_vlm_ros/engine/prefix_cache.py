@@ -28,8 +28,8 @@ class Prefix:
     # The model family's own state for the prefix (``PromptEmbeddings.prefix_state``; LLaVA-Mini: its
     # pre-fusion key/value views, one per image), None for families that need none. Never written either.
     family_state: object = None
-    # What each visual token of the prefix's image stands for in the frame (``TokenProvenance``), so an
-    # answer from a reused prefix still says what the model saw; None when the family does not trace it.
+    # Per image of the prefix, what each of its visual tokens stands for in its frame (``TokenProvenance``),
+    # so an answer from a reused prefix still says what the model saw; None when the family does not trace it.
     provenance: object = None
 
 

@@ -391,4 +391,5 @@ class _ImagePrompts:
             self.prompts[prompt_index], tokens, self.budget, self.reducer, self.image.shape[:2], self.visual_tokens,
             vision_ms=step.vision_ms, reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms, start=start,
             first_token_time=first_token_time, end_time=end_time, prefix_reused=step.reused,
-            kv_cache_bytes=step.prefix.nbytes, provenance=step.prefix.provenance)
+            kv_cache_bytes=step.prefix.nbytes,
+            provenance=step.prefix.provenance[0] if step.prefix.provenance else None)

@@ -31,17 +31,23 @@ over the crops for VisionZip and VisPruner. Nothing here touches a model.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+
+from zip_vlm_ros.models.provenance import CropBox
 
 __all__ = [
     "MIN_TOKENS_PER_CROP",
+    "anyres_crop_boxes",
     "anyres_full_token_count",
     "anyres_grid_shape",
     "anyres_vispruner_layout",
     "anyres_visionzip_layout",
+    "anyres_stock_positions",
     "split_budget_over_crops",
     "unpadded_grid_size",
 ]
@@ -80,6 +86,59 @@ def unpadded_grid_size(image_size: tuple[int, int], grid_shape: tuple[int, int],
         new_cols = int(round(width * (rows / height), 7))
         cols -= 2 * ((cols - new_cols) // 2)
     return rows, cols
+
+
+def anyres_crop_boxes(image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]], crop_size: int,
+                      patches_per_side: int) -> list[CropBox]:
+    """Where each crop LLaVA-NeXT's processor cuts lies in the frame's pixels: the base image (the whole
+    frame squashed to one square crop) first, then the grid crops row by row.
+
+    The processor resizes the frame to fit the best pinpoint keeping its aspect ratio (transformers'
+    ``get_patch_output_size``: the constrained side exactly, the other rounded up), pads it centred to the
+    pinpoint and cuts ``crop_size`` squares; a grid crop's box therefore reaches past the frame's edge on
+    the padded axis (the overlay clips it).
+    """
+    from transformers.image_processing_utils import select_best_resolution
+
+    height, width = image_size
+    best_height, best_width = select_best_resolution(tuple(image_size), [list(p) for p in grid_pinpoints])
+    scale_height, scale_width = best_height / height, best_width / width
+    if scale_width < scale_height:
+        new_height, new_width = min(math.ceil(height * scale_width), best_height), best_width
+    else:
+        new_height, new_width = best_height, min(math.ceil(width * scale_height), best_width)
+    paste_top, paste_left = (best_height - new_height) // 2, (best_width - new_width) // 2
+    rows_per_pixel, cols_per_pixel = new_height / height, new_width / width  # resized px per frame px
+    boxes = [CropBox(0.0, 0.0, float(height), float(width), patches_per_side)]
+    for grid_row in range(best_height // crop_size):
+        for grid_col in range(best_width // crop_size):
+            boxes.append(CropBox((grid_row * crop_size - paste_top) / rows_per_pixel,
+                                 (grid_col * crop_size - paste_left) / cols_per_pixel,
+                                 crop_size / rows_per_pixel, crop_size / cols_per_pixel, patches_per_side))
+    return boxes
+
+
+def anyres_stock_positions(image_size: tuple[int, int], grid_shape: tuple[int, int],
+                           patches_per_side: int) -> tuple[np.ndarray, int]:
+    """Where stock LLaVA-NeXT puts each crop's patches in its visual-token sequence.
+
+    Returns ``(position_of_patch, length)``: ``position_of_patch [(1 + G) * P * P]`` int64, crop by crop
+    (base first) in each crop's raster order, the index of that patch's token in the stock sequence (base
+    patches, then the unpadded stitched grid row by row with an ``image_newline`` token closing each row),
+    -1 for a grid patch unpadding drops; ``length`` is the sequence's length (``anyres_full_token_count``).
+    """
+    side = patches_per_side
+    grid_height, grid_width = grid_shape
+    rows, cols = grid_height * side, grid_width * side
+    kept_rows, kept_cols = unpadded_grid_size(image_size, grid_shape, side)
+    top, left = (rows - kept_rows) // 2, (cols - kept_cols) // 2  # unpad_image drops equal bands
+    crop = np.arange(grid_height * grid_width)[:, None]  # [G, 1]
+    patch = np.arange(side * side)[None, :]  # [1, P * P]
+    row = (crop // grid_width) * side + patch // side - top  # in the unpadded grid
+    col = (crop % grid_width) * side + patch % side - left
+    inside = (row >= 0) & (row < kept_rows) & (col >= 0) & (col < kept_cols)
+    grid_positions = np.where(inside, side * side + row * (kept_cols + 1) + col, -1)  # + 1: each row's newline
+    return np.concatenate([np.arange(side * side), grid_positions.ravel()]), side * side + kept_rows * (kept_cols + 1)
 
 
 def anyres_full_token_count(image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]],

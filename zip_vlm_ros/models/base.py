@@ -21,7 +21,7 @@ import torch
 
 from zip_vlm_ros.errors import ModelLoadError, first_line
 from zip_vlm_ros.models.clip_features import encode_for_visionzip, encode_to_feature_layer
-from zip_vlm_ros.models.provenance import TokenProvenance
+from zip_vlm_ros.models.provenance import CropBox, TokenProvenance, center_crop_box
 from zip_vlm_ros.reducers import (DEFAULT_IMPORTANT_RATIO, ReducedTokens, VisionZipFeatures, divprune_reduce, split_budget,
                                   vispruner_reduce, visionzip_reduce)
 
@@ -113,6 +113,9 @@ class FamilyAdapter:
     # False for a family whose visual token count is fixed by training (LLaVA-Mini): token_budget is
     # then accepted and ignored, and results report the tokens the LLM really read.
     token_budget_applies = True
+    # True for a family whose answers carry each image's provenance (``VisualTokens.provenance``: the frame
+    # patches each visual token stands for), so that an overlay can be drawn of every answer.
+    traces_visual_tokens = False
     # False for a family whose prompts carry their own positions (Qwen2.5-VL's M-RoPE): ``generate_batch``'s
     # left-padded rows count positions from the attention mask, which such a family cannot use.
     batches_prompts = True
@@ -205,10 +208,10 @@ class FamilyAdapter:
         raise NotImplementedError
 
     def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, reducer: str = "visionzip", *,
-                      encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
-        """``(features [sum(counts), text_hidden], counts, reductions, reduction ms)`` from ``preprocess``
-        output. `encoder` feeds VisionZip and VisPruner (``encode_reference_style`` for side-by-side
-        benchmarks)."""
+                      encoder: Encoder = encode_for_visionzip) -> EncodedPixels:
+        """``EncodedPixels(features [sum(counts), text_hidden], counts, reductions, reduction ms, provenance)``
+        from ``preprocess`` output; a family that does not trace its tokens may return the first four alone.
+        `encoder` feeds VisionZip and VisPruner (``encode_reference_style`` for side-by-side benchmarks)."""
         raise NotImplementedError
 
     def encode(self, images: list[np.ndarray], budget: int, reducer: str = "visionzip") -> VisualTokens:
@@ -302,6 +305,15 @@ class FamilyAdapter:
         return inputs_embeds.masked_scatter(image_mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
 
     # ------------------------------------------------------------------ shared by the families
+
+    def frame_crop(self, image_size: ImageSize) -> CropBox:
+        """The part of a frame a CLIP processor hands the tower: its centred square, or the whole frame
+        for a processor that resizes without cropping."""
+        size, crop_size = self.image_processor.size, getattr(self.image_processor, "crop_size", None)
+        if "shortest_edge" in size and getattr(self.image_processor, "do_center_crop", False) and crop_size:
+            return center_crop_box(image_size, size["shortest_edge"], (crop_size["height"], crop_size["width"]),
+                                   self.patches_per_side)
+        return CropBox(0.0, 0.0, float(image_size[0]), float(image_size[1]), self.patches_per_side)
 
     def reduced(self, image_size: ImageSize, budget: int) -> bool:
         return budget < self.full_token_count(image_size)

@@ -14,7 +14,7 @@ import torch
 
 from zip_vlm_ros.models.base import EncodedPixels, Encoder, FamilyAdapter, ImageSize
 from zip_vlm_ros.models.clip_features import encode_for_visionzip
-from zip_vlm_ros.models.provenance import CropBox, center_crop_box, provenance_from_sources, provenance_of_all_patches
+from zip_vlm_ros.models.provenance import provenance_of_all_patches, provenance_of_crops
 
 __all__ = ["LlavaAdapter"]
 
@@ -22,6 +22,7 @@ __all__ = ["LlavaAdapter"]
 class LlavaAdapter(FamilyAdapter):
     model_type = "llava"
     label = "LLaVA-1.5"
+    traces_visual_tokens = True
 
     @staticmethod
     def model_class():
@@ -52,15 +53,6 @@ class LlavaAdapter(FamilyAdapter):
                                             input_data_format="channels_last")["pixel_values"]
         return {"pixel_values": pixel_values.to(self.model.device, self.model.dtype)}  # [batch, 3, height, width]
 
-    def frame_crop(self, image_size: ImageSize) -> CropBox:
-        """The part of a frame the tower sees: CLIP preprocessing's centred square, or the whole frame
-        for a processor that resizes without cropping."""
-        size, crop_size = self.image_processor.size, getattr(self.image_processor, "crop_size", None)
-        if "shortest_edge" in size and getattr(self.image_processor, "do_center_crop", False) and crop_size:
-            return center_crop_box(image_size, size["shortest_edge"], (crop_size["height"], crop_size["width"]),
-                                   self.patches_per_side)
-        return CropBox(0.0, 0.0, float(image_size[0]), float(image_size[1]), self.patches_per_side)
-
     def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, reducer: str = "visionzip", *,
                       encoder: Encoder = encode_for_visionzip) -> EncodedPixels:
         """All images in one tower forward: ``[len(images) * count, text_hidden]`` features, each image's
@@ -82,13 +74,13 @@ class LlavaAdapter(FamilyAdapter):
                        for image_features in self.projected_features(pixels["pixel_values"])]
             features = torch.cat([tokens for (tokens, _), _ in reduced])  # [batch * count, text_hidden]
             reduction_ms = sum(ms for _, ms in reduced)
-            provenance = [provenance_from_sources(sources, image_crops, cls_first)
+            provenance = [provenance_of_crops(sources[None], image_crops, cls_first)
                           for ((_, sources), _), image_crops in zip(reduced, crops)]
         else:
             compressed = self.compress_crops(pixels["pixel_values"], budget, encoder, reducer)
             features = compressed.tokens.flatten(0, 1)  # [batch * count, text_hidden]
             reduction_ms = compressed.reduction_ms
-            provenance = [provenance_from_sources(sources, image_crops, compressed.first_patch)
+            provenance = [provenance_of_crops(sources[None], image_crops, compressed.first_patch)
                           for sources, image_crops in zip(compressed.sources, crops)]
         return EncodedPixels(features, [count] * len(image_sizes), [reduction] * len(image_sizes), reduction_ms,
                              provenance)

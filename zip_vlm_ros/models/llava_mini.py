@@ -48,12 +48,13 @@ import numpy as np
 import torch
 
 from zip_vlm_ros.errors import ModelLoadError
-from zip_vlm_ros.models.base import Encoder, FamilyAdapter, ImageSize, PromptEmbeddings, VisualTokens
+from zip_vlm_ros.models.base import EncodedPixels, Encoder, FamilyAdapter, ImageSize, PromptEmbeddings, VisualTokens
 from zip_vlm_ros.models.llava_mini_checkpoint import (MODEL_TYPE, LlavaMiniConfig, LlavaMiniParts, load_llava_mini,
                                                       read_llava_mini_config)
 from zip_vlm_ros.models.llava_mini_modules import COMPRESSOR_HEADS
 from zip_vlm_ros.models.kv_cache import cache_nbytes, fork_cache
 from zip_vlm_ros.models.clip_features import encode_for_visionzip
+from zip_vlm_ros.models.provenance import CropBox, TokenProvenance, provenance_of_query_grid
 
 __all__ = ["IMAGE_PLACEHOLDER", "LlavaMiniAdapter", "LlavaMiniProcessor", "STOP_TOKENS", "SYSTEM_PROMPT",
            "average_over_frames", "pad_to_square", "stretch_frame", "video_block"]
@@ -109,6 +110,7 @@ class LlavaMiniAdapter(FamilyAdapter):
     model_type = MODEL_TYPE
     label = "LLaVA-Mini"
     token_budget_applies = False
+    traces_visual_tokens = True
 
     def __init__(self, name: str, config: LlavaMiniConfig, parts: LlavaMiniParts, clock: Callable[[], float]):
         # Not FamilyAdapter.__init__: LLaVA-Mini's config is a Llama config plus its own fields.
@@ -182,15 +184,28 @@ class LlavaMiniAdapter(FamilyAdapter):
         return {"pixel_values": pixel_values.to(self.model.device, self.model.dtype)}  # [images, 3, H, W]
 
     def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, reducer: str = "visionzip", *,
-                      encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
+                      encoder: Encoder = encode_for_visionzip) -> EncodedPixels:
         """The compressed tokens ``[images * C^2, text_hidden]`` (`budget`, `reducer` and `encoder` do not apply)."""
         compressed, _, reduction_ms = self.encode_images(pixels["pixel_values"])
-        return compressed.flatten(0, 1), [self.tokens_per_image] * len(image_sizes), \
-            ["llava-mini"] * len(image_sizes), reduction_ms
+        return EncodedPixels(compressed.flatten(0, 1), [self.tokens_per_image] * len(image_sizes),
+                             ["llava-mini"] * len(image_sizes), reduction_ms, self._provenance(image_sizes))
 
     def encode(self, images: list[np.ndarray], budget: int, reducer: str = "visionzip") -> VisualTokens:
         """Compressed tokens as ``features`` and every image's projected patches as ``patch_features``."""
-        return self._visual_tokens(self.preprocess(images)["pixel_values"], self.clock())
+        return self._visual_tokens(self.preprocess(images)["pixel_values"], self.clock(),
+                                   self._provenance([image.shape[:2] for image in images]))
+
+    def _provenance(self, image_sizes: list[ImageSize]) -> list[TokenProvenance]:
+        """Each image's C^2 tokens over the part of the frame the tower saw: the whole frame padded to a
+        square (``pad_to_square``, the released model's setting), else the CLIP processor's centred square.
+        Pre-fusion also carries every patch into the prompt's text tokens; those are not visual tokens."""
+        crops = []
+        for height, width in image_sizes:
+            side = max(height, width)
+            crops.append(CropBox(-float((side - height) // 2), -float((side - width) // 2), float(side), float(side),
+                                 self.patches_per_side) if self.mini_config.pad_to_square
+                         else self.frame_crop((height, width)))
+        return [provenance_of_query_grid(crop, self.mini_config.compressor_size) for crop in crops]
 
     def encode_base(self, image: np.ndarray, budget: int, reducer: str = "visionzip") -> VisualTokens:
         """One frame of a multi-image request, as the reference's video mode reads a frame: stretched to
@@ -200,7 +215,9 @@ class LlavaMiniAdapter(FamilyAdapter):
         frame = stretch_frame(image, crop["height"], crop["width"])
         pixel_values = self.image_processor(images=[frame], return_tensors="pt",
                                             input_data_format="channels_last")["pixel_values"]
-        return self._visual_tokens(pixel_values.to(self.model.device, self.model.dtype), start)
+        whole_frame = CropBox(0.0, 0.0, float(image.shape[0]), float(image.shape[1]), self.patches_per_side)
+        return self._visual_tokens(pixel_values.to(self.model.device, self.model.dtype), start,
+                                   [provenance_of_query_grid(whole_frame, self.mini_config.compressor_size)])
 
     @property
     def base_tokens_full(self) -> int:
@@ -212,13 +229,15 @@ class LlavaMiniAdapter(FamilyAdapter):
     def multi_image_text(self, labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:
         return video_block(labels, counts, image_token)
 
-    def _visual_tokens(self, pixel_values: torch.Tensor, start: float) -> VisualTokens:
+    def _visual_tokens(self, pixel_values: torch.Tensor, start: float,
+                       provenance: list[TokenProvenance]) -> VisualTokens:
         """``VisualTokens`` of pixel_values ``[images, 3, H, W]``; vision time counted from `start`."""
         compressed, patches, reduction_ms = self.encode_images(pixel_values)
         vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
         images = len(patches)
         return VisualTokens(compressed.flatten(0, 1), [self.tokens_per_image] * images,
-                            ["llava-mini"] * images, vision_ms, reduction_ms, patch_features=list(patches))
+                            ["llava-mini"] * images, vision_ms, reduction_ms, patch_features=list(patches),
+                            provenance=provenance)
 
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """pixel_values ``[images, 3, H, W]`` -> ``(projected compressed tokens [images, C^2, text_hidden],

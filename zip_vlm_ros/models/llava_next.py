@@ -15,11 +15,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from zip_vlm_ros.models.anyres import (anyres_full_token_count, anyres_grid_shape, anyres_vispruner_layout,
-                                       anyres_visionzip_layout, split_budget_over_crops)
+from zip_vlm_ros.models.anyres import (anyres_crop_boxes, anyres_full_token_count, anyres_grid_shape,
+                                       anyres_stock_positions, anyres_vispruner_layout, anyres_visionzip_layout,
+                                       split_budget_over_crops)
 from zip_vlm_ros.errors import ModelLoadError
-from zip_vlm_ros.models.base import Encoder, FamilyAdapter, ImageSize, VisualTokens, check_clip_tower
+from zip_vlm_ros.models.base import EncodedPixels, Encoder, FamilyAdapter, ImageSize, VisualTokens, check_clip_tower
 from zip_vlm_ros.models.clip_features import encode_for_visionzip
+from zip_vlm_ros.models.provenance import (CropBox, TokenProvenance, provenance_from_sequence, provenance_of_all_patches,
+                                           provenance_of_crops, token_of_kept_positions)
 
 __all__ = ["LlavaNextAdapter"]
 
@@ -27,6 +30,7 @@ __all__ = ["LlavaNextAdapter"]
 class LlavaNextAdapter(FamilyAdapter):
     model_type = "llava_next"
     label = "LLaVA-NeXT"
+    traces_visual_tokens = True
 
     def __init__(self, name: str, hf_config, model, processor, contextual_ratio: float, clock):
         super().__init__(name, hf_config, model, processor, contextual_ratio, clock)
@@ -97,59 +101,93 @@ class LlavaNextAdapter(FamilyAdapter):
         return {"pixel_values": inputs["pixel_values"].to(self.model.device, self.model.dtype),
                 "image_sizes": inputs["image_sizes"]}
 
+    def crop_boxes(self, image_size: ImageSize) -> list[CropBox]:
+        """Where the base image (the whole frame) and the grid crops lie in the frame's pixels."""
+        return anyres_crop_boxes(image_size, self.grid_pinpoints, self.crop_size, self.patches_per_side)
+
     def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, reducer: str = "visionzip", *,
-                      encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
-        """One tower forward per image over its crops."""
-        features, reductions, reduction_ms = [], [], 0.0
+                      encoder: Encoder = encode_for_visionzip) -> EncodedPixels:
+        """One tower forward per image over its crops; each image's tokens traced to its frame."""
+        features, reductions, provenance, reduction_ms = [], [], [], 0.0
         for index, image_size in enumerate(image_sizes):
             reduction = self.reduction_name(image_size, budget, reducer)
+            crops = pixels["pixel_values"][index, :self.num_crops(image_size)]  # [num_crops, 3, H, W]
             if reduction in ("visionzip", "vispruner"):
-                grid_shape = self.grid_shape(image_size)
-                crops = pixels["pixel_values"][index, :self.num_crops(image_size)]  # [num_crops, 3, H, W]
-                per_crop = self.tokens_per_crop_at(image_size, budget, reducer)
-                compressed = self.compress_crops(crops, per_crop, encoder, reducer)
-                if reduction == "vispruner":
-                    features.append(anyres_vispruner_layout(compressed.tokens, compressed.kept_indices, grid_shape,
-                                                            self.patches_per_side))
-                else:
-                    features.append(anyres_visionzip_layout(compressed.tokens, compressed.kept_indices,
-                                                            compressed.contextual, grid_shape, self.patches_per_side))
-                reduction_ms += compressed.reduction_ms
+                image_features, image_provenance, ms = self._per_crop_tokens(crops, image_size, budget, reducer,
+                                                                             encoder)
             elif reduction == "divprune":
-                # the stock sequence (base, unpadded grid, newlines) from the tower run to the feature layer
-                # only, then one selection over all of it, as the official NeXT code does
-                crops = pixels["pixel_values"][index, :self.num_crops(image_size)]  # [num_crops, 3, H, W]
-                packed, _ = self.model.model.pack_image_features(
-                    [self.projected_features(crops)], pixels["image_sizes"][index:index + 1], self.select_strategy,
-                    image_newline=self.model.model.image_newline)
-                reduced, divprune_ms = self.divprune_tokens(packed[0], budget)  # packed[0]: [full, hidden]
-                reduction_ms += divprune_ms
-                features.append(reduced.tokens)
+                image_features, image_provenance, ms = self._divprune_tokens(
+                    crops, pixels["image_sizes"][index:index + 1], image_size, budget)
             else:
                 image_outputs = self.model.model.get_image_features(
                     pixel_values=pixels["pixel_values"][index:index + 1],
                     image_sizes=pixels["image_sizes"][index:index + 1],
                     vision_feature_layer=self.feature_layer, vision_feature_select_strategy=self.select_strategy)
-                features.append(image_outputs.pooler_output[0])  # [full count, text_hidden]
+                image_features, ms = image_outputs.pooler_output[0], 0.0  # [full count, text_hidden]
+                position_of_patch, length = anyres_stock_positions(image_size, self.grid_shape(image_size),
+                                                                   self.patches_per_side)
+                image_provenance = provenance_from_sequence(np.arange(length), self.crop_boxes(image_size),
+                                                            position_of_patch, length)
+            features.append(image_features)
             reductions.append(reduction)
-        return torch.cat(features), [len(image_features) for image_features in features], reductions, reduction_ms
+            provenance.append(image_provenance)
+            reduction_ms += ms
+        return EncodedPixels(torch.cat(features), [len(image_features) for image_features in features], reductions,
+                             reduction_ms, provenance)
+
+    def _per_crop_tokens(self, crops: torch.Tensor, image_size: ImageSize, budget: int, reducer: str,
+                         encoder: Encoder) -> tuple[torch.Tensor, TokenProvenance, float]:
+        """VisionZip or VisPruner on every crop, laid out as the authors' NeXT code reads them:
+        ``(tokens [count, text_hidden], their provenance, reduction ms)``."""
+        grid_shape = self.grid_shape(image_size)
+        compressed = self.compress_crops(crops, self.tokens_per_crop_at(image_size, budget, reducer), encoder, reducer)
+
+        def layout(tokens: torch.Tensor) -> torch.Tensor:
+            if reducer == "vispruner":
+                return anyres_vispruner_layout(tokens, compressed.kept_indices, grid_shape, self.patches_per_side)
+            return anyres_visionzip_layout(tokens, compressed.kept_indices, compressed.contextual, grid_shape,
+                                           self.patches_per_side)
+
+        num_crops, kept = compressed.tokens.shape[:2]
+        # the same layout over the tokens' per-crop indices: which crop's token the LLM reads at each place
+        order = layout(torch.arange(num_crops * kept, device=compressed.kept_indices.device).view(num_crops, kept, 1))
+        provenance = provenance_of_crops(compressed.sources, self.crop_boxes(image_size), compressed.first_patch,
+                                         order[:, 0])
+        return layout(compressed.tokens), provenance, compressed.reduction_ms
+
+    def _divprune_tokens(self, crops: torch.Tensor, packed_sizes: torch.Tensor, image_size: ImageSize,
+                         budget: int) -> tuple[torch.Tensor, TokenProvenance, float]:
+        """The stock sequence (base, unpadded grid, newlines) from the tower run to the feature layer only,
+        then one DivPrune selection over all of it, as the official NeXT code does."""
+        packed, _ = self.model.model.pack_image_features(
+            [self.projected_features(crops)], packed_sizes, self.select_strategy,
+            image_newline=self.model.model.image_newline)
+        reduced, reduction_ms = self.divprune_tokens(packed[0], budget)  # packed[0]: [full, hidden]
+        position_of_patch, _ = anyres_stock_positions(image_size, self.grid_shape(image_size), self.patches_per_side)
+        provenance = provenance_from_sequence(token_of_kept_positions(reduced.sources), self.crop_boxes(image_size),
+                                              position_of_patch, len(reduced.tokens))
+        return reduced.tokens, provenance, reduction_ms
 
     def encode_base(self, image: np.ndarray, budget: int, reducer: str = "visionzip") -> VisualTokens:
         """The base crop only (the whole image resized to the tower's input, crop 0 of the processor's
         output): `reducer` to `budget` tokens, or its stock patch features (``base_tokens_full``)."""
         start = self.clock()
         base = self.preprocess([image])["pixel_values"][:, 0]  # [1, 3, crop, crop]
+        whole_frame = [CropBox(0.0, 0.0, float(image.shape[0]), float(image.shape[1]), self.patches_per_side)]
         reduction, reduction_ms = (reducer if budget < self.base_tokens_full else "none"), 0.0
         if reduction in ("visionzip", "vispruner"):
             compressed = self.compress_crops(base, budget, reducer=reducer)
             features, reduction_ms = compressed.tokens[0], compressed.reduction_ms
+            provenance = provenance_of_crops(compressed.sources, whole_frame, compressed.first_patch)
         else:
             llava = self.model.model
             hidden = llava.vision_tower(base, output_hidden_states=True).hidden_states[self.feature_layer]
             # [1, 1 + N, vision_hidden]; the "default" strategy (checked at load) drops CLS, as stock NeXT does
             features = llava.multi_modal_projector(hidden[:, 1:])[0]  # [N, text_hidden]
+            provenance = provenance_of_all_patches(whole_frame)
             if reduction == "divprune":
                 reduced, reduction_ms = self.divprune_tokens(features, budget)
                 features = reduced.tokens
+                provenance = provenance_of_crops(reduced.sources[None], whole_frame, 0)
         vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
-        return VisualTokens(features, [len(features)], [reduction], vision_ms, reduction_ms)
+        return VisualTokens(features, [len(features)], [reduction], vision_ms, reduction_ms, provenance=[provenance])

@@ -5,7 +5,10 @@ adapter knows where those positions sit in the frame (which crop, which patch of
 the crop lies in the frame's pixels). ``TokenProvenance`` joins the two so that an overlay
 (``zip_vlm_ros.engine.overlay``) can draw what the model saw without knowing the family. It is a few
 small integer arrays per image, computed from tensors the reduction already holds: cheap enough to be
-always on.
+always on. LLaVA-1.5 and LLaVA-NeXT (the base image covering the whole frame, the grid crops mapped back
+through the processor's resize and padding, unpadding and ``image_newline`` tokens as the stock sequence
+has them) trace every reducer's tokens; LLaVA-Mini's compressed tokens stand for the whole crop
+(``provenance_of_query_grid``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["CropBox", "TokenProvenance", "center_crop_box", "provenance_from_sources", "provenance_of_all_patches"]
+__all__ = ["CropBox", "TokenProvenance", "center_crop_box", "provenance_from_sequence", "provenance_of_all_patches",
+           "provenance_of_crops", "provenance_of_query_grid", "token_of_kept_positions"]
 
 
 @dataclass(frozen=True)
@@ -62,21 +66,66 @@ def center_crop_box(image_size: tuple[int, int], shortest_edge: int, crop_size: 
     return CropBox(top / scale, left / scale, crop_height / scale, crop_width / scale, side)
 
 
-def provenance_from_sources(sources: torch.Tensor, crops: list[CropBox], first_patch: int) -> TokenProvenance:
-    """``sources [tokens, S]`` bool (a reducer's ``ReducedTokens.sources`` for one image; its positions
-    ``first_patch .. first_patch + crops * side**2 - 1`` are the crops' patches in raster order, earlier
-    positions such as CLS belong to no patch) -> the image's ``TokenProvenance``.
+def provenance_of_crops(sources: torch.Tensor, crops: list[CropBox], first_patch: int,
+                        order: torch.Tensor | None = None) -> TokenProvenance:
+    """A per-crop reducer's output traced to the frame.
+
+    sources: ``[len(crops), K, S]`` bool, per crop the reducer's ``ReducedTokens.sources`` (its K output
+        tokens' positions in the crop's sequence; patch ``p`` of the crop is position ``first_patch + p``,
+        earlier positions such as CLS belong to no patch).
+    order: ``[len(crops) * K]``: the LLM's token ``t`` is the per-crop token ``order[t]`` (``crop * K + k``),
+        how a layout such as ``anyres_visionzip_layout`` arranges them; None: crop by crop, each in its order.
 
     A patch belongs to the first token that stands for it (reducers give each patch to at most one).
     """
+    num_crops, kept, _ = sources.shape
     side = crops[0].side
-    patch_count = len(crops) * side * side
-    patch_sources = sources[:, first_patch:first_patch + patch_count].cpu()  # [tokens, patches]
-    covered = patch_sources.any(dim=0)
-    owner = patch_sources.to(torch.uint8).argmax(dim=0)  # the first True per patch
-    token_of_patch = torch.where(covered, owner, torch.full_like(owner, -1))
-    return TokenProvenance(list(crops), token_of_patch.numpy().astype(np.int32).reshape(len(crops), side, side),
-                           patch_sources.sum(dim=1).numpy().astype(np.int32))
+    # numpy from here: a few small single-threaded array ops (torch's would each wait for its thread pool)
+    patch_sources = sources[:, :, first_patch:first_patch + side * side].cpu().numpy()  # [crops, K, P * P] bool
+    covered = patch_sources.any(axis=1)  # [crops, P * P]
+    owner = patch_sources.argmax(axis=1) + np.arange(num_crops)[:, None] * kept  # the first True per patch
+    order = np.arange(num_crops * kept) if order is None else order.cpu().numpy()
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])  # per-crop token -> its index in the LLM's order
+    token_of_patch = np.where(covered, rank[owner], -1)
+    group_sizes = patch_sources.sum(axis=2).reshape(-1)[order]
+    return TokenProvenance(list(crops), token_of_patch.astype(np.int32).reshape(num_crops, side, side),
+                           group_sizes.astype(np.int32))
+
+
+def provenance_from_sequence(token_of_position: np.ndarray, crops: list[CropBox], position_of_patch: np.ndarray,
+                             visual_tokens: int) -> TokenProvenance:
+    """Tokens of a sequence whose positions are the crops' patches in some order (LLaVA-NeXT's stock
+    sequence) traced to the frame.
+
+    token_of_position: ``[L]`` the visual token that stands for sequence position ``s``, -1 for none.
+    position_of_patch: ``[len(crops) * side * side]`` each patch's position in the sequence (crop by crop,
+        raster order), -1 for a patch the sequence leaves out. A token of a position that is no patch
+        (NeXT's row-closing ``image_newline``) stands for none.
+    """
+    side = crops[0].side
+    patch_tokens = np.where(position_of_patch >= 0, token_of_position[position_of_patch.clip(0)], -1)
+    group_sizes = np.bincount(patch_tokens[patch_tokens >= 0], minlength=visual_tokens)
+    return TokenProvenance(list(crops), patch_tokens.astype(np.int32).reshape(len(crops), side, side),
+                           group_sizes.astype(np.int32))
+
+
+def token_of_kept_positions(sources: torch.Tensor) -> np.ndarray:
+    """``sources [K, L]`` bool of a reducer that keeps one position per token (DivPrune) -> ``[L]`` int64:
+    the kept token of each position, -1 for a dropped one."""
+    kept = sources.cpu().numpy()
+    return np.where(kept.any(axis=0), kept.argmax(axis=0), -1)
+
+
+def provenance_of_query_grid(crop: CropBox, grid_size: int) -> TokenProvenance:
+    """LLaVA-Mini's ``C x C`` compressed tokens traced to the crop: every learned query cross-attends to
+    all of the crop's patches, so each stands for the whole crop; a query carries the position of its
+    cell of a ``C x C`` grid over the crop (and the patches' keys the same table resized), so a patch is
+    drawn as its cell's token. ``C = 1`` (the released model): one token, the whole crop."""
+    cell = np.arange(crop.side) * grid_size // crop.side  # [side] the query row (column) of a patch row (column)
+    token_of_patch = (cell[:, None] * grid_size + cell[None, :]).astype(np.int32)
+    group_sizes = np.bincount(token_of_patch.ravel(), minlength=grid_size ** 2).astype(np.int32)
+    return TokenProvenance([crop], token_of_patch[None], group_sizes)
 
 
 def provenance_of_all_patches(crops: list[CropBox], leading_tokens: int = 0) -> TokenProvenance:

@@ -17,6 +17,7 @@ import numpy as np
 from zip_vlm_ros.node.conversions import ImageConversionError, output_to_result, stamp_to_seconds
 from zip_vlm_ros.node.frame_history import HistoryUnavailable, history_label, pick_history
 from zip_vlm_ros.node.jobs import CameraFeed, Frame, Job, RequestRejected
+from zip_vlm_ros.node.overlays import image_set_views
 from zip_vlm_ros.msg import VlmResult
 from zip_vlm_ros.engine.multi_image import ImageInput
 
@@ -120,11 +121,13 @@ def resolve_total_budget(token_budget: int, count: int, default_per_image: int) 
 
 
 def run_image_set(job: Job, engine: Any, feeds: dict[str, CameraFeed], *, check_age: Callable[[str, Any], None],
-                  age_ms: Callable[[Any], float]) -> list[VlmResult]:
+                  age_ms: Callable[[Any], float],
+                  publish_overlays: Callable[[list], None] | None = None) -> list[VlmResult]:
     """Take, check and decode the job's frames, ask the engine, one VlmResult per prompt (header: newest).
 
     check_age(camera, stamp) raises RequestRejected for a stale, future or unstamped frame; age_ms(stamp)
-    is the node clock minus `stamp` (0 for an unstamped image).
+    is the node clock minus `stamp` (0 for an unstamped image). publish_overlays gets the answers'
+    OverlayViews: per result, each image's with that image's own header.
     """
     spec: ImageSetRequest = job.images
     selected = _history(spec, feeds, check_age) if spec.history_frames else _surround(spec, feeds, check_age)
@@ -132,6 +135,8 @@ def run_image_set(job: Job, engine: Any, feeds: dict[str, CameraFeed], *, check_
     outputs = engine.generate_images(inputs, job.prompts, token_budget=job.token_budget,
                                      max_new_tokens=job.max_new_tokens, should_stop=job.should_stop,
                                      on_token=job.on_token, reducer=job.reducer)
+    if publish_overlays is not None:
+        publish_overlays(image_set_views([(image.rgb, image.frame.msg.header) for image in selected], outputs))
     newest = max(selected, key=lambda image: stamp_to_seconds(image.stamp))
     images = [(image.camera, image.stamp, image.label) for image in selected]
     return [output_to_result(output, header=newest.frame.msg.header, camera=spec.camera_field,

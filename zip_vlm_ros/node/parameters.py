@@ -71,9 +71,10 @@ NODE_PARAMETERS = (
                   '0: off; else describe each camera\'s latest (new) frame every this many seconds '
                   'on ~/description and ~/results', runtime=True),
     ParameterSpec('publish_visual_tokens', False,
-                  'publish each single-image answer\'s overlay of the visual tokens the LLM read (kept patches '
-                  'bright and outlined, merged groups tinted, the rest dimmed) on ~/visual_tokens/image '
-                  '(rgb8, the source frame\'s header); false: no overlay is drawn', runtime=True),
+                  'publish each answer\'s overlay of the visual tokens the LLM read (kept patches bright and '
+                  'outlined, merged groups tinted, the rest dimmed; one per image for several images) on '
+                  '~/visual_tokens/image (rgb8, the source frame\'s header), drawn off the decode path; false: '
+                  'no overlay is drawn', runtime=True),
     ParameterSpec('frame_history_length', 64,
                   'frames each camera keeps for history questions (history_frames over history_s; '
                   '1: the latest frame only); the image callback only appends a reference'),

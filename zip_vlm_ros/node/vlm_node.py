@@ -52,8 +52,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
 from zip_vlm_ros.node.ask_action import CLIENT_PROBE_SERVICE, AskActionServer
-from zip_vlm_ros.node.conversions import (
-    ImageConversionError, image_has_pixels, image_to_rgb, stamp_to_seconds, visual_token_images)
+from zip_vlm_ros.node.conversions import ImageConversionError, image_has_pixels, image_to_rgb, stamp_to_seconds
 from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
 from zip_vlm_ros.node.image_sets import image_set_request, resolve_total_budget
 from zip_vlm_ros.node.jobs import (
@@ -66,6 +65,7 @@ from zip_vlm_ros.node.parameters import (
     ParameterSpec, Settings, camera_parameter_specs, declared_parameter_names, image_qos_profile,
     max_new_tokens_limit, parameter_problem, service_qos_profile, type_problem)
 from zip_vlm_ros.node.spinning import BackgroundSpinner
+from zip_vlm_ros.node.overlays import OverlayPublisher
 from zip_vlm_ros.node.worker import NodeHooks, Worker
 from zip_vlm_ros.reducers import REDUCERS
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
@@ -126,6 +126,7 @@ class VlmNode(LifecycleNode):
         self._describe_timer = None
         self._last_described: dict[str, int] = {}
         self._publishers_made: dict[str, Any] = {}
+        self._overlays: OverlayPublisher | None = None  # draws ~/visual_tokens/image off the worker thread
         self._steady_clock = Clock(clock_type=ClockType.STEADY_TIME)
 
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
@@ -293,6 +294,8 @@ class VlmNode(LifecycleNode):
             'answer': self.create_lifecycle_publisher(String, '~/answer', 10),
             'visual_tokens': self.create_lifecycle_publisher(Image, '~/visual_tokens/image', 10),
         }
+        self._overlays = OverlayPublisher(self._publishers_made['visual_tokens'].publish,
+                                          functools.partial(self._warnings.warn, ('visual_tokens',)))
         self.get_logger().info(
             f'loaded {engine.model_name} on {engine.device} ({str(engine.dtype).replace("torch.", "")}) '
             f'in {time.monotonic() - started:.1f} s: {engine.visual_tokens_full} visual tokens, '
@@ -393,6 +396,9 @@ class VlmNode(LifecycleNode):
     def _release(self) -> None:
         """Free the model (and CUDA memory), publishers and frames."""
         self._join_worker()  # the engine must be idle before it is closed: at most one stage
+        if self._overlays is not None:  # nothing submits once the worker has ended
+            self._overlays.stop()
+            self._overlays = None
         for publisher in self._publishers_made.values():
             self.destroy_lifecycle_publisher(publisher)
         self._publishers_made = {}
@@ -628,12 +634,10 @@ class VlmNode(LifecycleNode):
                           warnings=self._warnings, logger=self.get_logger())
         Worker(self._engine, self._queue, hooks, self._settings.max_batch_size, self._worker_stop).run()
 
-    def _publish_overlays(self, rgb, header, outputs) -> None:
-        """Each output's token-selection overlay on ~/visual_tokens/image, when publish_visual_tokens is on."""
-        overlay_publisher = self._publishers_made.get('visual_tokens')
-        if overlay_publisher is not None and self._param('publish_visual_tokens'):  # off: nothing is drawn
-            for overlay in visual_token_images(rgb, header, outputs):
-                overlay_publisher.publish(overlay)
+    def _publish_overlays(self, views: list) -> None:
+        """A result's token-selection overlays to the overlay thread, when publish_visual_tokens is on."""
+        if self._overlays is not None and views and self._param('publish_visual_tokens'):  # off: nothing is drawn
+            self._overlays.submit(views)
 
     def _image_age_ms(self, stamp: Any) -> float:
         """Node clock minus `stamp`: 0 for an unstamped (inline) image and for a stamp slightly ahead."""

@@ -23,6 +23,7 @@ from zip_vlm_ros.msg import VlmResult
 from zip_vlm_ros.node.conversions import ImageConversionError, output_to_result
 from zip_vlm_ros.node.image_sets import run_image_set
 from zip_vlm_ros.node.jobs import CameraFeed, Job, RequestQueue, RequestRejected, RequestStats, ThrottledWarnings
+from zip_vlm_ros.node.overlays import single_image_views
 
 # How long an idle worker waits for a job before it looks at its stop flag again.
 IDLE_WAIT_S = 0.2
@@ -36,7 +37,7 @@ class NodeHooks:
     check_frame_age: Callable[[str, Any], None]     # (camera, stamp): RequestRejected when unusable
     image_age_ms: Callable[[Any], float]            # (stamp): node clock minus stamp, 0 when unstamped
     publish: Callable[[Job, list[VlmResult]], None]
-    publish_overlays: Callable[[Any, Any, list], None]   # (rgb, header, outputs): the visual-token overlays
+    publish_overlays: Callable[[list], None]        # a result's OverlayViews, drawn on the overlay thread
     stats: RequestStats
     warnings: ThrottledWarnings
     logger: Any
@@ -130,7 +131,7 @@ class Worker:
         if request.error is not None:
             self._deliver(job, [], request.error)
             return
-        self.hooks.publish_overlays(running.rgb, running.header, request.outputs)
+        self.hooks.publish_overlays(single_image_views(running.rgb, running.header, request.outputs))
         # An inline image without a stamp has no age; report 0 rather than the time since 1970.
         image_age_ms = self.hooks.image_age_ms(running.header.stamp)
         self._deliver(job, [output_to_result(output, header=running.header, camera=job.camera,
@@ -141,7 +142,7 @@ class Worker:
         results, error = [], None
         try:
             results = run_image_set(job, self.engine, self.hooks.feeds, check_age=self.hooks.check_frame_age,
-                                    age_ms=self.hooks.image_age_ms)
+                                    age_ms=self.hooks.image_age_ms, publish_overlays=self.hooks.publish_overlays)
         except Exception as failure:
             error = failure
         finally:

@@ -2,7 +2,8 @@
 
 Per evaluated frame: the frame itself on its bag topic, one overlay channel per (reducer, budget) point
 (``<topic>/visual_tokens/<point>``, what the LLM read drawn by ``engine.overlay``), and every answer as a
-``foxglove.Log`` on ``/vlm/answers`` at the frame's time. Images are ``foxglove.CompressedImage`` (PNG).
+``foxglove.Log`` on ``/vlm/answers`` at the frame's time. A question over several images adds, at its
+anchor frame's time, each image's overlay on ``<image topic>/visual_tokens/<point>/image_set`` and its answer. Images are ``foxglove.CompressedImage`` (PNG).
 Written with the pinned ``mcap`` package in JSON, with the schemas Foxglove publishes
 (github.com/foxglove/foxglove-sdk, ``schemas/jsonschema``), so Foxglove picks its image and log panels.
 """
@@ -109,6 +110,19 @@ class FoxgloveRecording:
             self._write(ANSWERS_TOPIC, 'foxglove.Log', frame.log_ns, {
                 'timestamp': _time(frame.stamp_ns), 'level': INFO, 'name': f'{frame.topic} {point}',
                 'message': f'[{point}, {output.visual_tokens} tokens] {text}', 'file': '', 'line': 0})
+
+    def add_image_set(self, anchor: Frame, group: list[Frame], point: str, output) -> None:
+        """An answer over several images (`group`: its frames in ``output.images``' order), at the anchor's time."""
+        for frame, image in zip(group, output.images):
+            if image.provenance is not None:
+                self._write(f'{overlay_topic(frame.topic, point)}/image_set', 'foxglove.CompressedImage', anchor.log_ns,
+                            {'timestamp': _time(frame.stamp_ns), 'frame_id': frame.topic,
+                             'data': _png(draw_overlay(frame.rgb, image.provenance)), 'format': 'png'})
+        labels = ', '.join(image.label for image in output.images)
+        self._write(ANSWERS_TOPIC, 'foxglove.Log', anchor.log_ns, {
+            'timestamp': _time(anchor.stamp_ns), 'level': INFO, 'name': f'{anchor.topic} {point} images',
+            'message': f'[{point}, {output.visual_tokens} tokens over {labels}] {output.prompt} -> {output.text}',
+            'file': '', 'line': 0})
 
     def close(self) -> None:
         try:

@@ -2,8 +2,9 @@
 
 First the summary table (summary.csv's columns) and the plots, then one row per evaluated frame: the frame,
 and per evaluation point (full budget first) what the LLM read drawn on it (``engine.overlay``) with that
-point's answers underneath. The offline loop saves the frames and overlays as PNGs under ``images/`` while it
-runs (``save_frame_images``), so a resumed run's report still shows the frames of earlier runs.
+point's answers underneath; then one row per question over several images: each image's overlay and the
+answer. The offline loop saves the frames and overlays as PNGs under ``images/`` while it runs
+(``save_frame_images``, ``save_image_set_overlays``), so a resumed run's report still shows those of earlier runs.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from zip_vlm_ros.engine.overlay import draw_overlay
 from zip_vlm_ros.replay.inputs import FULL_BUDGET
 from zip_vlm_ros.replay.metrics import SUMMARY_COLUMNS
 
-__all__ = ["HTML_REPORT_FILE", "IMAGES_DIR", "image_path", "save_frame_images", "write_html_report"]
+__all__ = ["HTML_REPORT_FILE", "IMAGES_DIR", "image_path", "save_frame_images", "save_image_set_overlays",
+           "write_html_report"]
 
 HTML_REPORT_FILE = 'report.html'
 IMAGES_DIR = 'images'
@@ -47,6 +49,19 @@ def save_frame_images(out_dir: pathlib.Path, frame, point: str, provenance) -> N
         Image.fromarray(frame.rgb).save(frame_path)
     if provenance is not None:
         Image.fromarray(draw_overlay(frame.rgb, provenance)).save(image_path(out_dir, frame.topic, frame.index, point))
+
+
+def save_image_set_overlays(out_dir: pathlib.Path, anchor, group: list, point: str, output) -> list[str]:
+    """Each image's overlay of a multi-image answer (`group`: its frames, in `output.images`' order), saved
+    under the anchor frame's name and `point`; their paths relative to `out_dir`."""
+    paths = []
+    for number, (frame, image) in enumerate(zip(group, output.images)):
+        if image.provenance is not None:
+            path = image_path(out_dir, anchor.topic, anchor.index, f'{point} image{number}')
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(draw_overlay(frame.rgb, image.provenance)).save(path)
+            paths.append(str(path.relative_to(out_dir)))
+    return paths
 
 
 def _embedded(path: pathlib.Path, alt: str) -> str:
@@ -91,9 +106,25 @@ def _frame_rows(out_dir: pathlib.Path, rows: list[dict], points: list[str]) -> l
     return lines + ['</table>']
 
 
+def _image_set_rows(out_dir: pathlib.Path, rows: list[dict]) -> list[str]:
+    """One table row per answer over several images: what the LLM read of each image, then the answer."""
+    if not rows:
+        return []
+    lines = ['<h2>Questions over several images</h2>', '<table id="image_sets"><tr><th>question</th>'
+             '<th>images (overlays)</th><th>answer</th></tr>']
+    for row in sorted(rows, key=lambda row: (row['stamp_ns'], row['topic'], row['prompt'], row['budget'] != FULL_BUDGET)):
+        labels = [image['label'] for image in row.get('images', [])]
+        images = ''.join(_embedded(out_dir / path, f'{row["prompt"]}, {row["budget"]}, {label}') + f'<p>{html.escape(label)}</p>'
+                         for path, label in zip(row.get('overlay_images', []), labels))
+        question = f'{row["prompt"]}\n{row["budget"]}, {row["visual_tokens"]} visual tokens'
+        lines.append(f'<tr class="image-set"><td class="answers">{html.escape(question)}</td><td>{images}</td>'
+                     f'<td class="answers">{html.escape(row["text"])}</td></tr>')
+    return lines + ['</table>']
+
+
 def write_html_report(out_dir: pathlib.Path, rows: list[dict], summaries: list[dict], plots: list[str]) -> pathlib.Path:
-    """report.html for the single-image rows of results.jsonl (one table row per frame); `plots` are PNG file
-    names in `out_dir` embedded after the summary."""
+    """report.html for the rows of results.jsonl (one table row per frame, then one per answer over several
+    images); `plots` are PNG file names in `out_dir` embedded after the summary."""
     frame_rows = [row for row in rows if row.get('kind') in ('describe', 'question') and 'index' in row]
     points = list(dict.fromkeys(row['budget'] for row in frame_rows))
     points.sort(key=lambda point: point != FULL_BUDGET)  # the reference first, the rest in run order
@@ -104,7 +135,9 @@ def write_html_report(out_dir: pathlib.Path, rows: list[dict], summaries: list[d
     body += ['<h2>Per frame</h2>', '<p>Overlays: the frame dimmed; patches a kept visual token stands for at full '
              'brightness with a yellow outline; each merged group tinted in its own colour; the crop the vision '
              'tower saw outlined in cyan.</p>']
-    body += _frame_rows(out_dir, frame_rows, points) + ['</body></html>']
+    body += _frame_rows(out_dir, frame_rows, points)
+    body += _image_set_rows(out_dir, [row for row in rows if row.get('kind') == 'images'])
+    body += ['</body></html>']
     path = out_dir / HTML_REPORT_FILE
     path.write_text('\n'.join(body) + '\n', encoding='utf-8')
     return path

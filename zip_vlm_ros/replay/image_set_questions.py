@@ -11,7 +11,8 @@ one topic's recent frames (history), asked once per selected frame and budget.
 
 Budgets are per image, as for single frames: at budget 64 a six-topic question reads 6 x 64 = 384
 visual tokens (``full``: every image's full count). Each image is introduced by its topic (surround) or
-its age (history). Rows are ``kind: images`` in results.jsonl, keyed by the anchor frame.
+its age (history). Rows are ``kind: images`` in results.jsonl, keyed by the anchor frame; with an
+``overlays`` callback each row also lists the overlay PNGs of its images (``overlay_images``).
 """
 from __future__ import annotations
 
@@ -46,10 +47,12 @@ class ImageSetQuestions:
 
     def __init__(self, engine, questions: list[Question], budgets: list[str], *, tolerance_s: float,
                  selector_args: dict, done_keys: set, write: Callable[[list[dict]], None],
-                 skipped: list[SkippedFrame]):
+                 skipped: list[SkippedFrame], overlays: Callable[..., list[str]] | None = None):
+        """`overlays(anchor, group, budget, question number, output)` draws an answer's per-image overlays
+        and returns where it saved them (None: none are drawn)."""
         self.engine, self.budgets, self.tolerance_ns = engine, budgets, round(tolerance_s * 1e9)
         self.questions = [question for question in questions if question.several_images]
-        self.done_keys, self.write, self.skipped = done_keys, write, skipped
+        self.done_keys, self.write, self.skipped, self.overlays = done_keys, write, skipped, overlays
         self.selectors = [FrameSelector(**selector_args) for _ in self.questions]
         self.topics = image_set_topics(self.questions)
         # Each topic's recent frames, oldest first, as long as some question may still need them.
@@ -155,6 +158,8 @@ class ImageSetQuestions:
             row = output_row(anchor, budget, output, kind=KIND, expect=question.expect)
             row['image_frames'] = [{'topic': frame.topic, 'index': frame.index, 'stamp_ns': frame.stamp_ns}
                                    for frame in group]
+            if self.overlays is not None:
+                row['overlay_images'] = self.overlays(anchor, group, budget, self.questions.index(question), output)
             self.write([row])
 
     def _skip(self, anchor: Frame, reason: str) -> None:

@@ -14,7 +14,8 @@ from zip_vlm_ros.replay.bag import (Bag, Frame, FrameSelector, SkippedFrame, dam
                                     resolve_topics)
 from zip_vlm_ros.replay.console import note, progress_bar, warn
 from zip_vlm_ros.replay.foxglove import FoxgloveRecording
-from zip_vlm_ros.replay.html_report import HTML_REPORT_FILE, save_frame_images, write_html_report
+from zip_vlm_ros.replay.html_report import (HTML_REPORT_FILE, save_frame_images, save_image_set_overlays,
+                                            write_html_report)
 from zip_vlm_ros.replay.image_set_questions import ImageSetQuestions, image_set_topics
 from zip_vlm_ros.replay.inputs import (FULL_BUDGET, NODE_ENGINE_PARAMETERS, Label, Question, ReplayError,
                                        budget_tokens, load_node_parameters, point_budget, point_reducer)
@@ -125,7 +126,8 @@ class OfflineEvaluation:
         self.skipped: list[SkippedFrame] = []
         self.image_sets = ImageSetQuestions(
             engine, list(questions), self.budgets, tolerance_s=args.pair_tolerance, selector_args=selector_args,
-            done_keys=self.done_keys, write=self._write_rows, skipped=self.skipped) if any(
+            done_keys=self.done_keys, write=self._write_rows, skipped=self.skipped,
+            overlays=self._image_set_overlays) if any(
                 q.several_images for q in questions) else None
         self.skipped_per_topic: Counter[str] = Counter()
         self.new_rows: list[dict] = []
@@ -245,6 +247,13 @@ class OfflineEvaluation:
             self.foxglove.add_point(frame, budget, outputs, [kind for _, kind, _ in todo])
         self.writer.write(rows)
         self.new_rows.extend(rows)
+
+    def _image_set_overlays(self, anchor: Frame, group: list[Frame], budget: str, number: int, output) -> list[str]:
+        """A question over several images: each image's overlay as a PNG (paths under --out) and in the
+        Foxglove recording."""
+        if self.foxglove is not None:
+            self.foxglove.add_image_set(anchor, group, budget, output)
+        return save_image_set_overlays(self.out_dir, anchor, group, f'{budget} q{number}', output)
 
     def _finish(self, interrupted: bool) -> int:
         problems, partial = [], []

@@ -39,9 +39,13 @@ COLUMNS = ('call', 'camera', 'prompt', 'budget', 'visual', 'gen', 'vision', 'red
 
 
 def traces_visual_tokens(model: str) -> bool:
-    """Whether the checkpoint's family reports which patches each visual token stands for (LLaVA-1.5 so far)."""
+    """Whether the local checkpoint's family reports which patches each visual token stands for
+    (``FamilyAdapter.traces_visual_tokens``: LLaVA-1.5, LLaVA-NeXT, LLaVA-Mini)."""
+    from zip_vlm_ros.models import FAMILIES
+
     config = pathlib.Path(model) / 'config.json'
-    return config.is_file() and json.loads(config.read_text()).get('model_type') == 'llava'
+    family = FAMILIES.get(json.loads(config.read_text()).get('model_type')) if config.is_file() else None
+    return family is not None and family.traces_visual_tokens
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -191,12 +195,12 @@ class DemoCalls:
         from zip_vlm_ros.client import wait_until
         from zip_vlm_ros.node.conversions import image_to_rgb
 
-        # Published before its answer; the node answered already, so it is in flight or here.
+        # Drawn on the node's overlay thread after its answer: in flight, or here already.
         if not wait_until(lambda: bool(overlays), 10.0 if required else 2.0):
             if required:
                 self.failures.append('no overlay arrived on /demo/zip_vlm/visual_tokens/image')
             else:
-                print('[demo] no overlay: this model family does not trace its visual tokens yet (LLaVA-1.5 does)',
+                print('[demo] no overlay: this model family does not trace its visual tokens yet',
                       flush=True)
             return
         Image.fromarray(image_to_rgb(overlays[0])).save(path)
