@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument('--dominant-ratio', type=float, help='share of the budget given to dominant tokens')
     engine.add_argument('--max-new-tokens', type=_positive_int, help='answer length limit in tokens')
     parser.add_argument('--describe-prompt', help='scene description prompt (default: the node\'s)')
+    _add_ray_options(parser)
     live = parser.add_argument_group('live mode (plays the bag into a running vlm_node)')
     live.add_argument('--live', action='store_true', help='replay into a running node instead of offline')
     live.add_argument('--rate', type=_positive_float, default=1.0, help='playback rate factor (default 1)')
@@ -68,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument('--wait', type=_positive_float, default=30.0,
                       help='seconds to wait for the node\'s services at start (default 30)')
     return parser
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    fleet = parser.add_argument_group('Ray (offline): frames evaluated by Ray workers, each holding one engine')
+    fleet.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS',
+                       help='run on Ray: alone, a local Ray instance for this run (loopback only); "auto" or '
+                            'ray://host:port joins an existing cluster (needs requirements-ray.txt)')
+    fleet.add_argument('--workers', type=_positive_int, default=1, metavar='N',
+                       help='--ray: number of workers (engines); torch threads are split between them (default 1)')
+    fleet.add_argument('--gpus-per-worker', type=_positive_float, metavar='G',
+                       help='--ray: GPUs each worker reserves on the cluster (use with --device cuda)')
 
 
 def _positive_int(text: str) -> int:
@@ -97,7 +109,12 @@ def main(argv=None) -> int:
         budgets = evaluation_points(parse_budgets(args.budgets), args.reducers)
         questions = load_questions(args.questions) if args.questions else []
         labels = load_labels(args.labels) if args.labels else []
+        if args.ray is None and (args.workers != 1 or args.gpus_per_worker):
+            raise ReplayError('--workers and --gpus-per-worker apply to --ray runs: add --ray (Ray on this machine) '
+                              'or --ray ADDRESS (a cluster)')
         if args.live:
+            if args.ray is not None:
+                raise ReplayError('--ray applies to offline replay; a --live run asks the running node: drop one')
             if args.every != 1:
                 raise ReplayError('--every applies to offline replay; in --live mode use --period to set how '
                                   'often the node is asked')
@@ -110,6 +127,10 @@ def main(argv=None) -> int:
             from zip_vlm_ros.replay.live import run_live
 
             return run_live(args, budgets, questions, labels)
+        if args.ray is not None:
+            from zip_vlm_ros.replay.ray_fleet import run_on_ray
+
+            return run_on_ray(args, budgets, questions, labels)
         return run_offline(args, budgets, questions, labels)
     except ReplayError as error:
         warn(str(error), level='error')

@@ -60,9 +60,9 @@ def load_engine(settings: dict):
         raise ReplayError(str(error)) from None
 
 
-def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Question], labels: list[Label]) -> int:
-    settings = engine_settings(args, questions)
-    out_dir = pathlib.Path(args.out)
+def open_selection(args: argparse.Namespace, questions: list[Question]) -> tuple[Bag, list[str], list[dict]]:
+    """The bag, its topics to evaluate and the rows already done; checked before any (slow) model load, so
+    that a wrong topic, --out or a damaged results file fails at once. The caller closes the bag."""
     bag = open_bag(args.bag)
     try:
         topics = resolve_topics(bag.topics, args.topics, args.bag)
@@ -70,32 +70,56 @@ def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Qu
         if missing:
             raise ReplayError(f'the questions file names topic(s) {", ".join(missing)} that {args.bag} does not '
                               f'have: use its image topics ({", ".join(sorted(bag.topics))})')
-        # Before the (slow) model load, so that a wrong --out or a damaged results file fails at once.
-        done_rows = prepare_out_dir(out_dir, resume=args.resume)
+        return bag, topics, prepare_out_dir(pathlib.Path(args.out), resume=args.resume)
+    except BaseException:
+        bag.close()
+        raise
+
+
+def engine_facts(engine) -> dict:
+    """What the run records about the engine; a Ray worker sends the same dict for the engine it holds."""
+    return {'model': engine.model_name, 'device': str(engine.device),
+            'dtype': str(engine.dtype).removeprefix('torch.'), 'dominant_ratio': 1.0 - engine.config.contextual_ratio,
+            'max_new_tokens': engine.config.max_new_tokens, 'visual_tokens_full': engine.visual_tokens_full,
+            'token_budget_applies': engine.token_budget_applies, 'family': engine.family.label}
+
+
+def start_run(args: argparse.Namespace, settings: dict, bag: Bag, topics: list[str], budgets: list[str],
+              questions: list[Question], facts: dict, done_rows: list[dict]) -> dict:
+    """Note budgets that reduce nothing, check a resumed run against this one and write run.json. The
+    mode stays 'offline' with or without Ray: both give the same rows, so either may resume the other."""
+    if not facts['token_budget_applies']:
+        note(f'note: token budgets do not apply to {facts["family"]}: every budget reads its '
+             f'{facts["visual_tokens_full"]} trained visual token(s) per image')
+    for budget in budgets:
+        tokens = budget_tokens(budget, facts['visual_tokens_full'])
+        if facts['token_budget_applies'] and point_budget(budget) != FULL_BUDGET and tokens >= facts['visual_tokens_full']:
+            note(f'note: budget {budget} >= the {facts["visual_tokens_full"]} visual tokens of '
+                 f'{facts["model"]}: no reduction, same as full')
+    out_dir = pathlib.Path(args.out)
+    run = {
+        'mode': 'offline', 'bag': str(args.bag), 'bag_files': bag.fingerprint(), 'bag_notes': bag.notes,
+        'topics': topics, 'model': facts['model'], 'device': facts['device'], 'dtype': facts['dtype'],
+        'dominant_ratio': facts['dominant_ratio'], 'max_new_tokens': facts['max_new_tokens'],
+        'describe_prompt': settings['describe_prompt'],
+        'questions': [dataclasses.asdict(question) for question in questions], 'budgets': budgets,
+        'reducers': args.reducers,
+        'every': args.every, 'period_s': args.period, 'max_frames': args.max_frames,
+        'pair_tolerance_s': args.pair_tolerance,
+    }
+    if args.resume and (done_rows or (out_dir / RESULTS_FILE).exists()):
+        check_resumed_run(out_dir, run)
+    write_run_file(out_dir, run)
+    return run
+
+
+def run_offline(args: argparse.Namespace, budgets: list[str], questions: list[Question], labels: list[Label]) -> int:
+    settings = engine_settings(args, questions)
+    bag, topics, done_rows = open_selection(args, questions)
+    try:
         engine = load_engine(settings)
         try:
-            if not engine.token_budget_applies:
-                note(f'note: token budgets do not apply to {engine.family.label}: every budget reads its '
-                     f'{engine.visual_tokens_full} trained visual token(s) per image')
-            for budget in budgets:
-                tokens = budget_tokens(budget, engine.visual_tokens_full)
-                if engine.token_budget_applies and point_budget(budget) != FULL_BUDGET and tokens >= engine.visual_tokens_full:
-                    note(f'note: budget {budget} >= the {engine.visual_tokens_full} visual tokens of '
-                         f'{engine.model_name}: no reduction, same as full')
-            run = {
-                'mode': 'offline', 'bag': str(args.bag), 'bag_files': bag.fingerprint(), 'bag_notes': bag.notes,
-                'topics': topics, 'model': engine.model_name, 'device': str(engine.device),
-                'dtype': str(engine.dtype).removeprefix('torch.'),
-                'dominant_ratio': 1.0 - engine.config.contextual_ratio,
-                'max_new_tokens': engine.config.max_new_tokens, 'describe_prompt': settings['describe_prompt'],
-                'questions': [dataclasses.asdict(question) for question in questions], 'budgets': budgets,
-                'reducers': args.reducers,
-                'every': args.every, 'period_s': args.period, 'max_frames': args.max_frames,
-                'pair_tolerance_s': args.pair_tolerance,
-            }
-            if args.resume and (done_rows or (out_dir / RESULTS_FILE).exists()):
-                check_resumed_run(out_dir, run)
-            write_run_file(out_dir, run)
+            run = start_run(args, settings, bag, topics, budgets, questions, engine_facts(engine), done_rows)
             return OfflineEvaluation(args, bag, engine, run, done_rows, labels, questions).run()
         finally:
             engine.close()
@@ -197,39 +221,26 @@ class OfflineEvaluation:
             self.progress.total = max(total, self.progress.n)
             self.progress.refresh()
 
+    def _todo(self, frame: Frame) -> dict[str, list[tuple]]:
+        """Per budget, the prompts of this frame that results.jsonl does not hold yet."""
+        return {budget: [(prompt, kind, expect) for prompt, kind, expect in self.prompts
+                         if (frame.topic, frame.index, budget, prompt) not in self.done_keys]
+                for budget in self.budgets}
+
     def _evaluate_frame(self, frame: Frame) -> None:
-        todo_by_budget = {budget: [(prompt, kind, expect) for prompt, kind, expect in self.prompts
-                                   if (frame.topic, frame.index, budget, prompt) not in self.done_keys]
-                          for budget in self.budgets}
-        if not self.warmed_up and any(todo_by_budget.values()):
-            _warm_up(self.engine, frame.rgb, self.budgets, self.run_info['describe_prompt'])
+        todo_by_budget = self._todo(frame)
+        if any(todo_by_budget.values()):
+            warm_up_prompt = None if self.warmed_up else self.run_info['describe_prompt']
             self.warmed_up = True
-        for budget, todo in todo_by_budget.items():
-            if todo:
-                self._evaluate_budget(frame, budget, todo)
-            self.progress.update(1)
+            self._record(*evaluate_frame(self.engine, frame, todo_by_budget, warm_up_prompt=warm_up_prompt))
+        self.progress.update(len(self.budgets))
 
-    def _evaluate_budget(self, frame: Frame, budget: str, todo: list[tuple]) -> None:
-        from zip_vlm_ros.engine import EngineError
-
-        try:
-            outputs = self.engine.generate_many(
-                frame.rgb, [prompt for prompt, _, _ in todo],
-                token_budget=budget_tokens(budget, self.engine.visual_tokens_full),
-                reducer=point_reducer(budget) or None,
-                # The frame's identity in the bag, never its stamp (several images may share one), and
-                # per budget label: budgets that mean the same token count (192 and full on a small
-                # model) are each timed from scratch instead of sharing one prefix.
-                frame_key=(frame.topic, frame.index, budget))
-        except EngineError as error:
-            self.skipped.append(SkippedFrame(frame.topic, frame.index, frame.stamp_ns, frame.log_ns,
-                                             f'budget {budget}: {error}'))
-            warn(f'{frame.topic} frame {frame.index} at {format_stamp(frame.stamp_ns)}, budget {budget}: {error}')
-            return
-        rows = [output_row(frame, budget, output, kind=kind, expect=expect)
-                for (_, kind, expect), output in zip(todo, outputs)]
-        self.writer.write(rows)
-        self.new_rows.extend(rows)
+    def _record(self, rows: list[dict], skipped: list[SkippedFrame]) -> None:
+        """One frame's answers into results.jsonl, and its budgets the engine refused into the report."""
+        for frame in skipped:
+            self.skipped.append(frame)
+            warn(f'{frame.topic} frame {frame.index} at {format_stamp(frame.stamp_ns)}, {frame.reason}')
+        self._write_rows(rows)
 
     def _finish(self, interrupted: bool) -> int:
         problems, partial = [], []
@@ -254,6 +265,36 @@ class OfflineEvaluation:
             note('interrupted; run again with --resume to continue')
             return EXIT_INTERRUPTED
         return EXIT_OK if all_rows else EXIT_NOTHING_EVALUATED
+
+
+def evaluate_frame(engine, frame: Frame, todo_by_budget: dict[str, list[tuple]], *,
+                   warm_up_prompt: str | None = None) -> tuple[list[dict], list[SkippedFrame]]:
+    """A frame's result rows at every budget (all prompts of a budget sharing the image prefix), and a
+    SkippedFrame per budget the engine refused. `warm_up_prompt` is given on an engine's first frame."""
+    from zip_vlm_ros.engine import EngineError
+
+    if warm_up_prompt is not None:
+        _warm_up(engine, frame.rgb, list(todo_by_budget), warm_up_prompt)
+    rows, skipped = [], []
+    for budget, todo in todo_by_budget.items():
+        if not todo:
+            continue
+        try:
+            outputs = engine.generate_many(
+                frame.rgb, [prompt for prompt, _, _ in todo],
+                token_budget=budget_tokens(budget, engine.visual_tokens_full),
+                reducer=point_reducer(budget) or None,
+                # The frame's identity in the bag, never its stamp (several images may share one), and
+                # per budget label: budgets that mean the same token count (192 and full on a small
+                # model) are each timed from scratch instead of sharing one prefix.
+                frame_key=(frame.topic, frame.index, budget))
+        except EngineError as error:
+            skipped.append(SkippedFrame(frame.topic, frame.index, frame.stamp_ns, frame.log_ns,
+                                        f'budget {budget}: {error}'))
+            continue
+        rows += [output_row(frame, budget, output, kind=kind, expect=expect)
+                 for (_, kind, expect), output in zip(todo, outputs)]
+    return rows, skipped
 
 
 def _warm_up(engine, rgb: np.ndarray, budgets: list[str], prompt: str) -> None:

@@ -1,0 +1,221 @@
+"""Offline replay on Ray (``vlm_replay --ray``): frames are sent to Ray actors that each hold one engine;
+their rows stream back and the driver alone writes results.jsonl and the report, exactly as the
+single-process run does. A worker that dies has its unfinished frames run again on another worker.
+
+Ray is optional: nothing but ``vlm_replay --ray`` imports this module, and it imports ``ray`` only when
+the run starts."""
+from __future__ import annotations
+
+import argparse
+import os
+from collections import deque
+from dataclasses import dataclass
+
+from zip_vlm_ros.replay.bag import Frame, SkippedFrame
+from zip_vlm_ros.replay.console import note, warn
+from zip_vlm_ros.replay.inputs import Label, Question, ReplayError
+from zip_vlm_ros.replay.offline import (OfflineEvaluation, engine_facts, engine_settings, evaluate_frame, load_engine,
+                                        open_selection, start_run)
+
+LOCAL_CLUSTER = 'local'
+WORKER_NAMESPACE = 'zip_vlm_ros.replay'
+# Frames queued on each worker beyond the one it runs: the next frame is already there when one ends,
+# while most frames stay with the driver, free to go to whichever worker is idle (or alive) first.
+FRAMES_AHEAD_PER_WORKER = 1
+# A frame whose worker died this many times is reported as skipped rather than retried forever (a frame
+# that crashes every process it meets, e.g. out of memory, must not stop the run).
+MAX_ATTEMPTS = 3
+
+
+def worker_name(index: int) -> str:
+    """The Ray name of worker `index` of a run (named so an operator, or a test, can find and kill it)."""
+    return f'vlm_replay_worker_{index}'
+
+
+class FrameWorker:
+    """A Ray actor's state: one engine, warmed up on its first frame like the single-process run's."""
+
+    def __init__(self, settings: dict, torch_threads: int):
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        self.engine = load_engine(settings)
+        self.describe_prompt = settings['describe_prompt']
+        self.warmed_up = False
+
+    def facts(self) -> dict:
+        return engine_facts(self.engine)
+
+    def evaluate(self, frame: Frame, todo_by_budget: dict) -> tuple[list[dict], list[SkippedFrame]]:
+        warm_up_prompt = None if self.warmed_up else self.describe_prompt
+        self.warmed_up = True
+        return evaluate_frame(self.engine, frame, todo_by_budget, warm_up_prompt=warm_up_prompt)
+
+
+@dataclass
+class FrameTask:
+    frame: Frame
+    todo_by_budget: dict
+    attempts: int = 0
+
+
+class WorkerPool:
+    """The run's actors and the frames they hold; replaces an actor that died and hands its frames on."""
+
+    def __init__(self, args: argparse.Namespace, settings: dict):
+        import ray
+
+        self.ray, self.settings = ray, settings
+        self.workers, self.gpus_per_worker = args.workers, args.gpus_per_worker
+        cpus = int(ray.cluster_resources().get('CPU', 1))
+        # Torch threads split between the workers: two workers of two threads each on two cores would
+        # only fight over them.
+        self.cpus_per_worker = max(1, cpus // self.workers)
+        self.actors: dict[int, object] = {}
+        self.running: dict[object, tuple[int, FrameTask]] = {}  # object ref -> (worker index, task)
+        self.next_index = 0
+        for _ in range(self.workers):
+            self._start_actor()
+
+    def _start_actor(self) -> None:
+        options = {'num_cpus': self.cpus_per_worker, 'name': worker_name(self.next_index),
+                   'namespace': WORKER_NAMESPACE, 'max_restarts': 0}
+        if self.gpus_per_worker:
+            options['num_gpus'] = self.gpus_per_worker
+        actor_class = self.ray.remote(FrameWorker).options(**options)
+        self.actors[self.next_index] = actor_class.remote(self.settings, self.cpus_per_worker)
+        self.next_index += 1
+
+    def facts(self) -> dict:
+        """The engine facts of the first worker (all load the same checkpoint with the same settings)."""
+        actor = next(iter(self.actors.values()))
+        try:
+            return self.ray.get(actor.facts.remote())
+        except self.ray.exceptions.RayActorError as error:
+            raise ReplayError(f'the Ray worker could not load the model: {_cause(error)}') from None
+
+    def has_room(self) -> bool:
+        return len(self.running) < len(self.actors) * (1 + FRAMES_AHEAD_PER_WORKER)
+
+    def submit(self, task: FrameTask) -> None:
+        """To the live worker holding the fewest frames."""
+        load = {index: 0 for index in self.actors}
+        for index, _ in self.running.values():
+            if index in load:  # frames of a worker that died are counted on no one
+                load[index] += 1
+        index = min(load, key=load.get)
+        task.attempts += 1
+        self.running[self.actors[index].evaluate.remote(task.frame, task.todo_by_budget)] = (index, task)
+
+    def next_done(self) -> tuple[FrameTask, tuple | None]:
+        """Wait for a frame to end: its task and (rows, skipped), or None when its worker died (the
+        worker is replaced, and the caller re-queues the frame)."""
+        [ref], _ = self.ray.wait(list(self.running), num_returns=1)
+        index, task = self.running.pop(ref)
+        try:
+            return task, self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as error:
+            if index in self.actors:
+                del self.actors[index]
+                warn(f'Ray worker {worker_name(index)} died ({_cause(error)}); its unfinished frames run again '
+                     f'on another worker')
+                self._start_actor()
+            return task, None
+
+    def close(self) -> None:
+        for actor in self.actors.values():
+            self.ray.kill(actor)
+        self.actors.clear()
+        self.running.clear()
+
+
+def _cause(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+class RayEvaluation(OfflineEvaluation):
+    """The offline loop with frames evaluated by a WorkerPool; the driver reads the bag, selects frames,
+    and writes every row and the report (so the files are the single-process run's)."""
+
+    def __init__(self, args, bag, pool: WorkerPool, run: dict, done_rows: list[dict], labels: list[Label],
+                 questions: list[Question]):
+        super().__init__(args, bag, None, run, done_rows, labels, questions)
+        self.pool = pool
+        self.waiting: deque[FrameTask] = deque()
+
+    def _evaluate_frame(self, frame: Frame) -> None:
+        todo_by_budget = self._todo(frame)
+        if not any(todo_by_budget.values()):
+            self.progress.update(len(self.budgets))
+            return
+        self.waiting.append(FrameTask(frame, todo_by_budget))
+        self._dispatch(until_empty=False)
+
+    def _read_bag(self) -> None:
+        super()._read_bag()
+        self._dispatch(until_empty=True)
+
+    def _dispatch(self, *, until_empty: bool) -> None:
+        """Keep the workers busy; collect finished frames until the queue is short (reading the bag on)
+        or, at the end, until every frame is done."""
+        while self.waiting or (until_empty and self.pool.running):
+            while self.waiting and self.pool.has_room():
+                self.pool.submit(self.waiting.popleft())
+            if not until_empty and len(self.waiting) < len(self.pool.actors):
+                return
+            task, result = self.pool.next_done()
+            if result is not None:
+                self._record(*result)
+                self.progress.update(len(self.budgets))
+            elif task.attempts < MAX_ATTEMPTS:
+                self.waiting.appendleft(task)
+            else:
+                frame = task.frame
+                self._record([], [SkippedFrame(frame.topic, frame.index, frame.stamp_ns, frame.log_ns,
+                                               f'all budgets: {MAX_ATTEMPTS} Ray workers died on this frame')])
+                self.progress.update(len(self.budgets))
+
+
+def connect(address: str, workers: int, gpus_per_worker: float) -> bool:
+    """Join the cluster at `address`, or start a local one on loopback only; True when this run started
+    Ray (and so shuts it down). An already initialised Ray (a caller's own) is used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address == LOCAL_CLUSTER:
+        # Loopback only, no dashboard, no usage report: nothing of the run leaves this machine.
+        os.environ.setdefault('RAY_USAGE_STATS_ENABLED', '0')
+        ray.init(include_dashboard=False, _node_ip_address='127.0.0.1', num_cpus=max(os.cpu_count() or 1, workers),
+                 num_gpus=None if gpus_per_worker else 0, log_to_driver=True, configure_logging=False)
+    else:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    return True
+
+
+def run_on_ray(args: argparse.Namespace, budgets: list[str], questions: list[Question], labels: list[Label]) -> int:
+    if any(question.several_images for question in questions):
+        raise ReplayError('questions over several images (topics or history) are evaluated in one process: '
+                          'remove them from the questions file for --ray, or run without --ray')
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ReplayError('--ray needs Ray: pip install -r requirements-ray.txt (or run without --ray)') from None
+    settings = engine_settings(args, questions)
+    bag, topics, done_rows = open_selection(args, questions)
+    started = False
+    pool = None
+    try:
+        started = connect(args.ray, args.workers, args.gpus_per_worker)
+        note(f'Ray: {args.workers} worker(s) on {"a local instance" if args.ray == LOCAL_CLUSTER else args.ray}')
+        pool = WorkerPool(args, settings)
+        run = start_run(args, settings, bag, topics, budgets, questions, pool.facts(), done_rows)
+        return RayEvaluation(args, bag, pool, run, done_rows, labels, questions).run()
+    finally:
+        if pool is not None:
+            pool.close()
+        if started:
+            import ray
+
+            ray.shutdown()
+        bag.close()
