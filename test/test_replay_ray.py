@@ -1,11 +1,8 @@
 """vlm_replay --ray on a local Ray instance (loopback only, 2 CPUs, one instance for the module): the
 driver writes the single-process run's rows, a killed worker loses and duplicates nothing, and an
 interrupted Ray run is resumed by either mode."""
-import _thread
 import csv
 import json
-import threading
-import time
 
 import pytest
 import ray
@@ -95,39 +92,44 @@ def test_two_ray_workers_write_the_single_process_results(tmp_path, capsys, loca
         ray.get_actor(worker_name(0), namespace=WORKER_NAMESPACE)
 
 
-def when_rows_appear(out, action):
-    """Run `action` in a thread as soon as the driver has written a first row: the run is then under way,
-    with most frames still to do."""
-    def watch():
-        path = out / 'results.jsonl'
-        while not (path.exists() and path.read_bytes().count(b'\n') >= 1):
-            time.sleep(0.01)
-        action()
+def after_first_rows(monkeypatch, action):
+    """Run `action` in the driver right after it has written its first frame's rows: the run is then
+    under way, with most frames still to do (at a known point, so the test does not race the run)."""
+    write = results.ResultsWriter.write
+    done = []
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    def write_then_act(self, rows):
+        write(self, rows)
+        if not done:
+            done.append(True)
+            action()
+
+    monkeypatch.setattr(results.ResultsWriter, 'write', write_then_act)
 
 
-def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, capsys, local_ray, bag, tiny_model_dir,
+def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, capsys, monkeypatch, local_ray, bag, tiny_model_dir,
                                                       questions_file, single_process):
     out = tmp_path / 'ray'
     # worker 1: worker 0 also answers the driver's question about the engine, before any frame
-    killer = when_rows_appear(out, lambda: ray.kill(ray.get_actor(worker_name(1), namespace=WORKER_NAMESPACE)))
+    after_first_rows(monkeypatch, lambda: ray.kill(ray.get_actor(worker_name(1), namespace=WORKER_NAMESPACE)))
     status = replay(bag, out, tiny_model_dir, questions_file, '--ray', '--workers', 2)
-    killer.join(timeout=5)
     stderr = capsys.readouterr().err
     assert status == 0, stderr
     assert f'Ray worker {worker_name(1)} died' in stderr and 'run again on another worker' in stderr
     check_same_as_single_process(out, single_process)
 
 
-def test_an_interrupted_ray_run_is_resumed_by_either_mode(tmp_path, capsys, local_ray, bag, tiny_model_dir,
+def test_an_interrupted_ray_run_is_resumed_by_either_mode(tmp_path, capsys, monkeypatch, local_ray, bag, tiny_model_dir,
                                                           questions_file, single_process):
     out = tmp_path / 'ray'
-    # Ctrl-C as the terminal sends it: KeyboardInterrupt in the driver's main thread
-    when_rows_appear(out, _thread.interrupt_main)
+    # Ctrl-C: the KeyboardInterrupt Python raises in the driver's main thread on SIGINT
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    after_first_rows(monkeypatch, interrupt)
     assert replay(bag, out, tiny_model_dir, questions_file, '--ray', '--workers', 2) == EXIT_INTERRUPTED
+    monkeypatch.undo()
     stderr = capsys.readouterr().err
     partial = read_rows(out)
     assert 0 < len(partial) < len(read_rows(single_process)), stderr
