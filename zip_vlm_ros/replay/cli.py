@@ -78,6 +78,8 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
                             'ray://host:port joins an existing cluster (needs requirements-ray.txt)')
     fleet.add_argument('--workers', type=_positive_int, default=1, metavar='N',
                        help='--ray: number of workers (engines); torch threads are split between them (default 1)')
+    fleet.add_argument('--threads-per-worker', type=_positive_int, metavar='T',
+                       help='--ray: torch threads of each worker (default: the CPUs split between the workers)')
     fleet.add_argument('--gpus-per-worker', type=_positive_float, metavar='G',
                        help='--ray: GPUs each worker reserves on the cluster (use with --device cuda)')
 
@@ -109,8 +111,8 @@ def main(argv=None) -> int:
         budgets = evaluation_points(parse_budgets(args.budgets), args.reducers)
         questions = load_questions(args.questions) if args.questions else []
         labels = load_labels(args.labels) if args.labels else []
-        if args.ray is None and (args.workers != 1 or args.gpus_per_worker):
-            raise ReplayError('--workers and --gpus-per-worker apply to --ray runs: add --ray (Ray on this machine) '
+        if args.ray is None and (args.workers != 1 or args.gpus_per_worker or args.threads_per_worker):
+            raise ReplayError('--workers, --threads-per-worker and --gpus-per-worker apply to --ray runs: add --ray (Ray on this machine) '
                               'or --ray ADDRESS (a cluster)')
         if args.live:
             if args.ray is not None:

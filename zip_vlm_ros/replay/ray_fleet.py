@@ -71,6 +71,7 @@ class WorkerPool:
         # Torch threads split between the workers: two workers of two threads each on two cores would
         # only fight over them.
         self.cpus_per_worker = max(1, cpus // self.workers)
+        self.torch_threads = args.threads_per_worker or self.cpus_per_worker
         self.actors: dict[int, object] = {}
         self.running: dict[object, tuple[int, FrameTask]] = {}  # object ref -> (worker index, task)
         self.next_index = 0
@@ -83,7 +84,7 @@ class WorkerPool:
         if self.gpus_per_worker:
             options['num_gpus'] = self.gpus_per_worker
         actor_class = self.ray.remote(FrameWorker).options(**options)
-        self.actors[self.next_index] = actor_class.remote(self.settings, self.cpus_per_worker)
+        self.actors[self.next_index] = actor_class.remote(self.settings, self.torch_threads)
         self.next_index += 1
 
     def facts(self) -> dict:
