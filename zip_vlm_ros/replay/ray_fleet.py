@@ -207,10 +207,13 @@ def run_on_ray(args: argparse.Namespace, budgets: list[str], questions: list[Que
     started = False
     pool = None
     try:
-        started = connect(args.ray, args.workers, args.gpus_per_worker)
-        note(f'Ray: {args.workers} worker(s) on {"a local instance" if args.ray == LOCAL_CLUSTER else args.ray}')
-        pool = WorkerPool(args, settings)
-        run = start_run(args, settings, bag, topics, budgets, questions, pool.facts(), done_rows)
+        try:
+            started = connect(args.ray, args.workers, args.gpus_per_worker)
+            note(f'Ray: {args.workers} worker(s) on {"a local instance" if args.ray == LOCAL_CLUSTER else args.ray}')
+            pool = WorkerPool(args, settings)
+            run = start_run(args, settings, bag, topics, budgets, questions, pool.facts(), done_rows)
+        except KeyboardInterrupt:  # Ctrl-C while Ray or the models start: nothing to report yet
+            raise ReplayError('interrupted while the Ray workers started; nothing was evaluated') from None
         return RayEvaluation(args, bag, pool, run, done_rows, labels, questions).run()
     finally:
         if pool is not None:
