@@ -78,3 +78,11 @@ def published_replicas(tmp_path_factory) -> dict:
                 for checkpoint in PUBLISHED_CHECKPOINTS}
     replicas[PUBLISHED_CLIP_TOWER] = build_clip_replica(published_files(PUBLISHED_CLIP_TOWER), root / 'clip')
     return replicas
+
+
+@pytest.fixture(scope='session')
+def tiny_qwen_model_dir(tmp_path_factory) -> pathlib.Path:
+    """A random Qwen2.5-VL checkpoint of the `tiny-qwen2.5-vl` preset, built offline once per session."""
+    from zip_vlm_ros.tools.tiny_model import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp('models') / 'tiny-qwen', preset='tiny-qwen2.5-vl')

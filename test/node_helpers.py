@@ -83,7 +83,8 @@ LONGEST_ANSWER = 1024 - 16 - QUESTION_ROOM_TOKENS  # tiny preset: context 1024 m
 
 
 class LoadedNode:
-    """One long request running and `queued` short ones waiting in a node, each call in its own thread.
+    """One long request running and `queued` short ones waiting in a node (max_batch_size 1), each call
+    in its own thread.
 
     Starts the long call, waits until the node's diagnostics say it runs, then starts the others and
     waits until the node reports them all queued. `responses()` joins the calls.

@@ -25,17 +25,25 @@ def test_demo_runs_every_call_and_exits_0(tmp_path):
     assert rows[8][1] == 'front,rear' and '16/32' in rows[8]
     assert rows[9][1] == 'front' and '24/48' in rows[9]
     assert (tmp_path / 'tiny' / 'config.json').is_file() and (tmp_path / 'vlm_node.log').is_file()
+    overlay = tmp_path / 'visual_tokens.png'  # the first answer's overlay, from ~/visual_tokens/image
+    assert f'what the model saw in the first answer (kept patches bright, merged groups tinted): {overlay}' in (
+        completed.stdout) and overlay.stat().st_size > 0
     assert 'Traceback' not in output
 
 
-def test_demo_runs_the_llava_next_preset(tmp_path):
+def _run_preset_demo(tmp_path, preset: str) -> subprocess.CompletedProcess:
+    """vlm_demo on an offline `preset` (2-token answers); asserts that every call succeeded."""
     completed = subprocess.run(
-        [sys.executable, '-m', 'zip_vlm_ros.tools.demo', '--preset', 'tiny-next', '--cache-dir', str(tmp_path),
+        [sys.executable, '-m', 'zip_vlm_ros.tools.demo', '--preset', preset, '--cache-dir', str(tmp_path),
          '--max-new-tokens', '2', '--timeout', '240'],
         capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
-    output = completed.stdout + completed.stderr
-    assert completed.returncode == 0, output
+    assert completed.returncode == 0, completed.stdout + completed.stderr
     assert '[demo] ok: 10 results, vlm_node exit status 0' in completed.stdout
+    return completed
+
+
+def test_demo_runs_the_llava_next_preset(tmp_path):
+    completed = _run_preset_demo(tmp_path, 'tiny-next')
     visual = [re.search(r' (\d+/\d+) ', line).group(1) for line in completed.stdout.splitlines()
               if line.split()[:1] in (['describe'], ['ask'], ['ask_many'], ['ask_action'])]
     several = [re.search(r' (\d+/\d+) ', line).group(1) for line in completed.stdout.splitlines()
@@ -50,13 +58,7 @@ def test_demo_runs_the_llava_next_preset(tmp_path):
 
 
 def test_demo_runs_the_llava_mini_preset(tmp_path):
-    completed = subprocess.run(
-        [sys.executable, '-m', 'zip_vlm_ros.tools.demo', '--preset', 'tiny-mini', '--cache-dir', str(tmp_path),
-         '--max-new-tokens', '2', '--timeout', '240'],
-        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
-    output = completed.stdout + completed.stderr
-    assert completed.returncode == 0, output
-    assert '[demo] ok: 10 results, vlm_node exit status 0' in completed.stdout
+    completed = _run_preset_demo(tmp_path, 'tiny-mini')
     visual = [re.search(r' (\d+/\d+) ', line).group(1) for line in completed.stdout.splitlines()
               if line.split()[:1] in (['describe'], ['ask'], ['ask_many'], ['ask_action'])]
     assert visual == ['1/1'] * 8  # one compressed token per image, whatever the budget
@@ -65,3 +67,17 @@ def test_demo_runs_the_llava_mini_preset(tmp_path):
                if line.split()[:1] in (['surround'], ['history'])}
     assert several == {'surround': '2/2', 'history': '3/3'} and 'skipped' not in completed.stdout
     assert (tmp_path / 'tiny-mini' / 'config.json').is_file()
+
+
+def test_demo_runs_the_qwen2_5_vl_preset(tmp_path):
+    completed = _run_preset_demo(tmp_path, 'tiny-qwen2.5-vl')
+    visual = [re.search(r' (\d+/\d+) ', line).group(1) for line in completed.stdout.splitlines()
+              if line.split()[:1] in (['describe'], ['ask'], ['ask_many'], ['ask_action'])]
+    # 12 of each photo's merged tokens (its own full count: the frame's size decides it); the last call reads all.
+    assert len(visual) == 8 and all(cell.startswith('12/') for cell in visual[:-1])
+    used, full = visual[-1].split('/')
+    assert used == full and 12 < int(full) <= 36
+    several = {line.split()[0]: re.search(r' (\d+/\d+) ', line).group(1) for line in completed.stdout.splitlines()
+               if line.split()[:1] in (['surround'], ['history'])}
+    assert several['surround'].startswith('24/') and several['history'].startswith('36/')
+    assert (tmp_path / 'tiny-qwen2.5-vl' / 'config.json').is_file()

@@ -39,7 +39,7 @@ def node(tiny_model_dir, tmp_path_factory):
         'model': str(tiny_model_dir), 'cameras': ['front', 'rear', 'side'],
         'camera.rear.type': 'sensor_msgs/CompressedImage',
         'token_budget': BUDGET, 'max_new_tokens': 4, 'max_image_age_s': 10.0,
-        'max_pending_requests': 1, 'request_timeout_s': 120.0,
+        'max_pending_requests': 1, 'max_batch_size': 1, 'request_timeout_s': 120.0,
         'question_max_chars': QUESTION_MAX_CHARS, 'max_clock_skew_s': CLOCK_SKEW_S,
     }
     with running_node(parameters, log_path, namespace=NS) as (process, client):

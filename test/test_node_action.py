@@ -26,8 +26,9 @@ CANCEL_ANSWERED_S = 5.0
 
 @pytest.fixture(scope='module')
 def node(tiny_model_dir, tmp_path_factory):
+    # One goal at a time, so that a second goal waits in the queue (goals in a batch: test_node_batching.py).
     parameters = {'model': str(tiny_model_dir), 'token_budget': 8, 'max_new_tokens': 24,
-                  'max_pending_requests': 2, 'request_timeout_s': REQUEST_TIMEOUT_S}
+                  'max_pending_requests': 2, 'max_batch_size': 1, 'request_timeout_s': REQUEST_TIMEOUT_S}
     with running_node(parameters, tmp_path_factory.mktemp('action') / 'node.log') as (process, client):
         yield process, client
 

@@ -12,6 +12,7 @@ def test_node_bench_quick_run(tiny_model_dir, tmp_path):
                 'dds_callback_us_p50'):
         assert math.isfinite(results[key]) and results[key] > 0, key
     assert results['round_trip_ms_p50'] > results['engine_ms_p50'] > 0
+    assert 0 < results['overlay_ms_p50'] <= results['overlay_ms_p95'] and results['overlay_engine_ms'] > 0
     assert results['overhead_ms_p50'] > 0
     assert results['callback_us_p95'] <= results['callback_us_max']
     assert results['dds_frames_published'] >= 10 and results['dds_frames_received'] >= 1
@@ -33,6 +34,7 @@ def test_node_bench_quick_run(tiny_model_dir, tmp_path):
         assert (intake['requests_per_s'] > 0) == (load != 'idle'), (load, intake)
     report = format_report(results)
     assert 'node overhead = round trip - engine' in report and 'cancel latency' in report
+    assert 'publish_visual_tokens on: overlay per result, 1920x1080' in report
     assert 'first feedback - engine TTFT' in report and 'cancel sent to result received' in report
     assert 'frames received / published, 6 cameras at 10 Hz, refusals' in report
     assert report.count('PASS') + report.count('MISS') == 8

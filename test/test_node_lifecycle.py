@@ -32,7 +32,7 @@ def managed(tiny_model_dir, tmp_path_factory):
     parameters = {
         'model': str(tiny_model_dir), 'autostart': False, 'token_budget': 8, 'max_new_tokens': 4,
         'request_timeout_s': 120.0, 'max_image_age_s': 0.0, 'max_pending_requests': 3,
-        'image_qos': 'reliable',
+        'image_qos': 'reliable', 'max_batch_size': 1,  # LoadedNode: one request runs while others wait
     }
     with running_node(parameters, log_path, wait_for=GetState, service='~/get_state') as (process, client):
         client.diagnostics = client.collect(DiagnosticArray, '/diagnostics')

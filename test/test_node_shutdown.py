@@ -26,7 +26,9 @@ ALARMS = ('Traceback', 'exception', 'Exception', 'terminate called', 'InvalidHan
 
 def start_node(tiny_model_dir, log_path, **parameters):
     process = NodeProcess({'model': str(tiny_model_dir), 'token_budget': 8, 'max_new_tokens': 2,
-                           'max_pending_requests': 3, 'request_timeout_s': 120.0, **parameters}, log_path)
+                           'max_pending_requests': 3, 'request_timeout_s': 120.0,
+                           'max_batch_size': 1,  # LoadedNode: one request runs while others wait
+                           **parameters}, log_path)
     client = VlmClient()
     if not client.wait_for_service(Ask, '~/ask', 120):
         client.close()

@@ -91,9 +91,28 @@ def test_queue_holds_one_running_plus_max_pending():
     queue.submit(second)           # waits behind it
     with pytest.raises(RequestRejected, match='busy: 2 request'):
         queue.submit(make_job())
-    queue.done()
+    queue.done(first)
     queue.submit(make_job())       # the worker is free again: room for one more
     assert len(queue) == 2
+
+
+def test_queue_holds_a_batch_of_running_jobs_plus_max_pending():
+    queue = RequestQueue(max_pending=1, max_running=3)
+    queue.open()
+    jobs = [make_job() for _ in range(4)]
+    for job in jobs:
+        queue.submit(job)
+    with pytest.raises(RequestRejected, match=r'busy: 4 request\(s\) ahead \(0 running, max_batch_size = 3\)'):
+        queue.submit(make_job())
+    assert [queue.next(0) for _ in range(3)] == jobs[:3] and queue.running == jobs[:3]
+    with pytest.raises(RequestRejected, match='3 running'):
+        queue.submit(make_job())
+    queue.done(jobs[1])            # a row left the batch: its slot is free
+    assert queue.running == [jobs[0], jobs[2]]
+    queue.submit(make_job())
+    # A job the worker cannot take now (a multi-image job while rows run) keeps its place at the head.
+    assert queue.next(0, accept=lambda job: job is not jobs[3]) is None
+    assert queue.next(0, accept=lambda job: True) is jobs[3]
 
 
 def test_jobs_whose_callers_gave_up_leave_the_queue():
@@ -208,12 +227,9 @@ def test_warnings_are_throttled_per_key():
     assert logger.lines[-1] == 'question is empty (4 more like this in the last 0.2 s)'
 
 
-class OutOfMemoryEngine:
-    """Stands in for the engine on a GPU that runs out of memory (not causable on this machine)."""
-    visual_tokens_full = 16
-
-    def generate_many(self, *args, **kwargs):
-        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail')
+def out_of_memory(*args, **kwargs):
+    """Stands in for the vision stage on a GPU that runs out of memory (not causable on this machine)."""
+    raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail')
 
 
 def test_worker_answers_an_out_of_memory_error_and_carries_on(tiny_model_dir):
@@ -225,21 +241,24 @@ def test_worker_answers_an_out_of_memory_error_and_carries_on(tiny_model_dir):
     node = VlmNode(context=context)
     try:
         assert node.start()
-        real_engine = node._engine
+        family = node._engine.family
         rgb = np.ascontiguousarray(skimage.data.coffee())
 
-        def run(engine):
-            node._engine = engine
+        def run():
             job = Job('ask', ['What is this?'], camera='inline', inline=InlineImage(rgb, Header()),
                       token_budget=8, max_new_tokens=2, timeout_s=60)
             node._queue.submit(job)
             job.wait()
             return job
 
-        failed = run(OutOfMemoryEngine())
+        family.encode = out_of_memory  # this instance only: the class's method comes back with del
+        try:
+            failed = run()
+        finally:
+            del family.encode
         assert failed.error.startswith('inference failed (OutOfMemoryError: CUDA out of memory.')
         assert '\n' not in failed.error and 'see the node log' in failed.error
-        served = run(real_engine)
+        served = run()
         assert served.error is None and served.results[0].camera == 'inline'
     finally:
         node.close()

@@ -512,3 +512,20 @@ def test_offline_replay_of_a_llava_mini_checkpoint(tmp_path, capsys, bags, quest
     for row in rows:
         by_prompt.setdefault((row['topic'], row['index'], row['prompt']), set()).add(row['text'])
     assert len(by_prompt) == 3 and all(len(answers) == 1 for answers in by_prompt.values())
+
+
+def test_offline_replay_of_a_qwen2_5_vl_checkpoint(tmp_path, capsys, bags, questions_file, tiny_qwen_model_dir):
+    out = tmp_path / 'out'
+    # max_pixels of 16 merged tokens (16 * 28 * 28): every frame of the bag is resized to at most 16 tokens.
+    status = run_replay(bags['mcap'].path, '--out', out, '--model', tiny_qwen_model_dir, '--budgets', 'full,6',
+                        '--reducers', 'divprune', '--max-pixels', 16 * 28 * 28, '--questions', questions_file,
+                        '--max-new-tokens', MAX_NEW_TOKENS, '--max-frames', 1, '--topics', RAW_TOPIC)
+    assert status == 0, capsys.readouterr().err
+    rows = [row for row in read_jsonl(out / 'results.jsonl') if 'reduction' in row]
+    assert rows and all(6 < row['visual_tokens_full'] <= 16 for row in rows)
+    for row in rows:
+        if row['reduction'] == 'none':
+            assert row['visual_tokens'] == row['visual_tokens_full']
+        else:
+            assert row['reduction'] == 'divprune' and row['visual_tokens'] == 6
+    assert {row['reduction'] for row in rows} == {'none', 'divprune'}

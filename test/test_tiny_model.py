@@ -140,3 +140,22 @@ def test_mini_presets_share_the_llava_geometry_and_build_deterministically(tmp_p
     other_seed = build_checkpoint(tmp_path / "mini-seed1", preset="tiny-mini", seed=1)
     assert _sha256(other_seed / "model.safetensors") != _sha256(tiny_mini_model_dir / "model.safetensors")
     assert json.loads((other_seed / MARKER_FILE).read_text())["preset"] == "tiny-mini"
+
+
+def test_qwen_presets_have_the_released_layout_and_bench_has_3b_vision_geometry(tiny_qwen_model_dir, capsys):
+    from zip_vlm_ros.tools import tiny_model_qwen
+
+    released = json.loads((tiny_qwen_model_dir / 'chat_template.json').read_text())['chat_template']
+    assert released == tiny_model_qwen.QWEN_CHAT_TEMPLATE
+    config = json.loads((tiny_qwen_model_dir / 'config.json').read_text())
+    assert config['model_type'] == 'qwen2_5_vl' and config['architectures'] == ['Qwen2_5_VLForConditionalGeneration']
+    preprocessor = json.loads((tiny_qwen_model_dir / 'preprocessor_config.json').read_text())
+    assert preprocessor['processor_class'] == 'Qwen2_5_VLProcessor'
+    # The bench preset: Qwen2.5-VL-3B's vision geometry (its weights take minutes to build: not here).
+    spec = tiny_model_qwen.QWEN_PRESETS['bench-qwen2.5-vl']
+    vision = {'patch_size': spec.patch_size, 'merge': spec.merge_size, 'window': spec.window_size,
+              'depth': spec.vision_layers, 'full': spec.fullatt_block_indexes}
+    assert vision == {'patch_size': 14, 'merge': 2, 'window': 112, 'depth': 32, 'full': (7, 15, 23, 31)}
+    assert spec.text_hidden_size // spec.text_heads // 2 == sum(spec.mrope_section)  # the released 16/24/24
+    assert main([str(tiny_qwen_model_dir), '--preset', 'tiny-qwen2.5-vl']) == 0
+    assert 'Qwen2.5-VL checkpoint' in capsys.readouterr().out

@@ -34,7 +34,8 @@ CLIENTS_PER_PROCESS = 5
 START_DELAY_S = 0.5
 
 
-def _ask_request():
+def ask_request():
+    """The Ask request every burst sends (see QUESTION and THUMBNAIL_STRIDE)."""
     import numpy as np
     import skimage.data
 
@@ -103,7 +104,7 @@ def run_caller(target: str, name: str, clients: int) -> int:
     from zip_vlm_ros.srv import Ask
 
     setup = json.loads(sys.stdin.readline())
-    wait_s, request = setup['wait_s'], _ask_request()
+    wait_s, request = setup['wait_s'], ask_request()
     with VlmClient(target, client_name=name, threads=clients + 1) as vlm_client:
         callers = {service: [_Caller(vlm_client, Ask, service) for _ in range(clients)]
                    for service in setup['services']}

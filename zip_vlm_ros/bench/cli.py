@@ -4,6 +4,7 @@
 ``vlm_bench --node [...]``         the node's own overhead over DDS (``node_bench``)
 ``vlm_bench --multi-image [...]``  surround-view and history questions (``multi_image_bench``)
 ``vlm_bench --mini [...]``         LLaVA-Mini against LLaVA-1.5 (``mini_bench``)
+``vlm_bench --concurrent N [...]`` N requests decoded together against one at a time (``concurrent_bench``)
 ``vlm_bench --reducers A,B [...]`` the visual-token reducers side by side at 64 tokens (``reducer_bench``)
 """
 
@@ -22,8 +23,10 @@ MODES = {"--node": "node_bench", "--multi-image": "multi_image_bench", "--mini":
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     module = "engine_bench"
+    if any(arg == "--concurrent" or arg.startswith("--concurrent=") for arg in argv):
+        module = "concurrent_bench"  # the flag carries N: that module parses it
     for flag, name in MODES.items():
-        if flag in argv:
+        if module == "engine_bench" and flag in argv:
             argv.remove(flag)
             module = name
             break

@@ -110,6 +110,31 @@ def measure_callback_in_process(frames: int) -> dict[str, float]:
             'callback_us_max': max(callback_us), 'deserialize_ms_p50': _percentiles(deserialize_ms)[0]}
 
 
+def measure_visual_token_overlay(model_dir: str, results: int) -> dict[str, float]:
+    """What ``publish_visual_tokens: true`` adds per result in the node's worker: drawing the overlay of a
+    real answer's provenance on a 1080p frame and building its rgb8 Image (``visual_token_images``), beside
+    that answer's engine time. Off, the node draws nothing (one parameter read)."""
+    from zip_vlm_ros.engine import EngineConfig, VlmEngine
+    from zip_vlm_ros.node.conversions import rgb_to_image, visual_token_images
+
+    frame = _full_hd_frame()
+    header = rgb_to_image(frame[:1, :1]).header
+    engine = VlmEngine(EngineConfig(model=model_dir, device='cpu', max_new_tokens=1))
+    try:
+        output = engine.generate(frame, 'Describe the scene.', token_budget=8)
+    finally:
+        engine.close()
+    overlay_ms = []
+    for _ in range(results):
+        started = time.perf_counter()
+        images = visual_token_images(frame, header, [output])
+        overlay_ms.append((time.perf_counter() - started) * 1e3)
+    assert len(images) == 1
+    p50, p95 = _percentiles(overlay_ms)
+    return {'overlay_ms_p50': p50, 'overlay_ms_p95': p95, 'overlay_engine_ms': output.total_ms,
+            'overlay_results': results}
+
+
 def measure_node_process(model_dir: str, *, requests: int, stream_s: float, log_path: pathlib.Path,
                          timeout_s: float, streamed_goals: int) -> dict[str, float]:
     """Round trips and overhead of ~/describe_scene, ~/ask_action's first feedback and cancel
@@ -351,6 +376,7 @@ def run_node_bench(model_dir: str | os.PathLike, *, requests: int = 50, callback
     use_large_frames_profile()
     log_path = pathlib.Path(log_path) if log_path else pathlib.Path(model_dir).parent / 'node_bench_vlm_node.log'
     results = measure_callback_in_process(callback_frames)
+    results.update(measure_visual_token_overlay(str(model_dir), max(3, requests // 5)))
     results.update(measure_node_process(str(model_dir), requests=requests, stream_s=stream_s,
                                         log_path=log_path, timeout_s=timeout_s, streamed_goals=streamed_goals))
     results.update(measure_reliability(str(model_dir), bursts=bursts, cancels=cancels,
@@ -395,6 +421,9 @@ def format_report(results: dict) -> str:
          f'p50 <= {CALLBACK_TARGET_US:g} us', verdict[results['passed']['callback_us_p50']]),
         ('  same, node counter under a 10 Hz DDS stream', f'{results["dds_callback_us_p50"]:.0f} us',
          f'max {results["dds_callback_us_max"]:.0f} us', '', 'info'),
+        (f'publish_visual_tokens on: overlay per result, 1920x1080 ({results["overlay_results"]} results)',
+         f'{results["overlay_ms_p50"]:.1f} ms', f'{results["overlay_ms_p95"]:.1f} ms',
+         f'engine {results["overlay_engine_ms"]:.0f} ms', 'info'),
         ('  rclpy deserialization before the callback', f'{results["deserialize_ms_p50"]:.2f} ms', '', '',
          'info'),
         ('  1080p frames received / published over DDS', str(results['dds_frames_received']),

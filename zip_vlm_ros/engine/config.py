@@ -24,6 +24,7 @@ class EngineConfig:
     visual_cache_entries: int = 64      # multi-image requests: per-image visual tokens kept (0 disables)
     visual_cache_bytes: int = 1 << 28
     vision_tower: str = ""              # LLaVA-Mini: local CLIP dir when the checkpoint names a hub id
+    max_pixels: int = 0                 # Qwen2.5-VL: bound on an image's resized pixels (0: the processor's)
 
 
 def check_engine_config(config: EngineConfig) -> None:
@@ -40,6 +41,7 @@ def check_engine_config(config: EngineConfig) -> None:
         ("prefix_cache_bytes", config.prefix_cache_bytes, 0, ""),
         ("visual_cache_entries", config.visual_cache_entries, 0, " (0 disables the per-image visual-token cache)"),
         ("visual_cache_bytes", config.visual_cache_bytes, 0, ""),
+        ("max_pixels", config.max_pixels, 0, " (0 keeps the processor's)"),
     ]
     for name, value, minimum, note in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

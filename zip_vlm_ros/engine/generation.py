@@ -77,7 +77,8 @@ class Generator:
         prefill_ms = self.clock.ms_since(start)
         prefix = Prefix(fork_cache(kv_cache, len(prefix_ids)), len(prefix_ids),
                         cache_nbytes(kv_cache, positions=len(prefix_ids)),
-                        cache_nbytes(kv_cache) + embedded.prefix_state_bytes, embedded.prefix_state)
+                        cache_nbytes(kv_cache) + embedded.prefix_state_bytes, embedded.prefix_state,
+                        visual.provenance[0] if visual.provenance else None)
         prefixes_this_call[prefix_ids] = prefix
         if cache_key is not None:
             self.prefix_cache.put(cache_key, prefix)
@@ -91,7 +92,8 @@ class Generator:
         PromptEmbeddings with its state for the prefix)``.
         """
         embedded = self.family.embed_prompt(prefix_ids + suffix_ids, len(prefix_ids), visual)
-        output = self.model(inputs_embeds=embedded.inputs_embeds, use_cache=True, logits_to_keep=1)
+        output = self.model(inputs_embeds=embedded.inputs_embeds, position_ids=embedded.position_ids, use_cache=True,
+                            logits_to_keep=1)
         return output.logits[:, -1].float(), output.past_key_values, embedded
 
     def prefill_suffix(self, suffix_ids: tuple[int, ...], prefix: Prefix):
@@ -101,20 +103,23 @@ class Generator:
         """
         kv_cache = fork_cache(prefix.kv_cache)
         inputs_embeds = self.family.embed_suffix(suffix_ids, prefix.family_state)
-        logits = self.model(inputs_embeds=inputs_embeds, past_key_values=kv_cache, use_cache=True,
-                            logits_to_keep=1).logits
+        position_ids = self.family.text_positions(prefix.family_state, prefix.length, len(suffix_ids))
+        logits = self.model(inputs_embeds=inputs_embeds, position_ids=position_ids, past_key_values=kv_cache,
+                            use_cache=True, logits_to_keep=1).logits
         return logits[:, -1].float(), kv_cache
 
     def decode(self, logits: torch.Tensor, kv_cache, max_new_tokens: int, sampling: SamplingOptions,
                 check_stop: Callable[..., None],
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                on_step: Callable[[int, bool], None] | None = None):
+                on_step: Callable[[int, bool], None] | None = None, family_state=None):
         """Generate from the prefill's last-position `logits` ``[batch, vocab]`` (float32).
 
         Each row stops at its first EOS (later steps of a finished row are padding, as in stock
         generate). With `attention_mask` ``[batch, length]`` and `position_ids` (left padding) both
         grow by one per step. `check_stop(rows)` runs before each step, so a stop request waits for
         at most one step. `on_step(row 0's token id, last)` runs after each step (single-row streaming).
+        `family_state`: the prompt prefix's state (``Prefix.family_state``), from which a family with its
+        own positions (M-RoPE) places each new token (``family.text_positions``).
         Returns ``(tokens per row incl. EOS, first token time, end time)``.
         """
         batch_size = logits.shape[0]
@@ -139,6 +144,8 @@ class Generator:
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch_size, 1))], dim=1)
                 position_ids = position_ids[:, -1:] + 1
+            else:
+                position_ids = self.family.text_positions(family_state, kv_cache.get_seq_length(), 1)
             logits = self.model(input_ids=next_tokens[:, None], attention_mask=attention_mask,
                                 position_ids=position_ids, past_key_values=kv_cache,
                                 use_cache=True).logits[:, -1].float()

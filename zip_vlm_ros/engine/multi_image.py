@@ -66,6 +66,8 @@ class CachedImage:
     reduction: str
     held_bytes: int                     # what PrefixCache's byte bound counts
     patch_features: torch.Tensor | None = None  # LLaVA-Mini: [patches, text_hidden] its pre-fusion reads
+    grid: tuple[int, int, int] | None = None    # M-RoPE families: the image's stock token grid (VisualTokens.grids)
+    kept: torch.Tensor | None = None            # M-RoPE families: stock indices of the tokens kept (None: all)
 
 
 @dataclass
@@ -169,7 +171,9 @@ class MultiImageAnswerer:
         max_new = engine.check_max_new_tokens(max_new_tokens)
         if engine.token_budget_applies:
             shares = split_total_budget(total, len(images))
-            counts = [min(share, self.base_tokens_full) for share in shares]
+            # each image's own full count caps its share (Qwen2.5-VL's depends on the image's size)
+            counts = [min(share, engine.family.base_token_count(item.image.shape[:2]))
+                      for item, share in zip(images, shares)]
         else:  # C^2 tokens per image, fixed by training (LLaVA-Mini)
             shares = counts = [self.base_tokens_full] * len(images)
         block = engine.family.multi_image_text([item.label for item in images], counts, engine.image_token)
@@ -211,7 +215,8 @@ class MultiImageAnswerer:
                                                  check_stop)
             tokens, first_token_time, end_time = engine.generator.decode(
                 step.logits, step.kv_cache, request.max_new_tokens, request.sampling, check_stop,
-                on_step=engine.generator.text_stream(on_token, prompt_index, start))
+                on_step=engine.generator.text_stream(on_token, prompt_index, start),
+                family_state=step.prefix.family_state)
             image_tokens = encoded[0].images if encoded else self._described(images, shares, counts, reducer)
             outputs.append(self._output(prompt, tokens[0], image_tokens, start=start, vision_ms=step.vision_ms,
                                         reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms,
@@ -225,18 +230,19 @@ class MultiImageAnswerer:
         """Everything besides the pixels that decides one image's visual tokens at `count` tokens."""
         return self.engine.family.multi_image_settings(count, reducer)
 
-    def _reduction(self, count: int, reducer: str) -> str:
-        """What an image read at `count` visual tokens reports as its reduction."""
+    def _reduction(self, count: int, reducer: str, full: int) -> str:
+        """What an image of `full` visual tokens read at `count` reports as its reduction."""
         family = self.engine.family
         if not family.token_budget_applies:
             return family.reduction_name((0, 0), count)
-        return reducer if count < self.base_tokens_full else "none"
+        return reducer if count < full else "none"
 
     def _encode(self, images: list[ImageInput], shares: list[int], counts: list[int], check_stop,
                 reducer: str = "visionzip") -> _EncodedImages:
         """Every image's visual tokens, from the per-image cache or encoded alone (and then cached)."""
         engine = self.engine
         features, patch_features, described, vision_ms, reduction_ms = [], [], [], 0.0, 0.0
+        grids, kept = [], []
         for item, share, count in zip(images, shares, counts):
             key = None if item.key is None else (engine.model_name, item.key, self._settings(count, reducer))
             cached = self.visual_cache.get(key) if key is not None else None
@@ -251,24 +257,31 @@ class MultiImageAnswerer:
                 patches = visual.patch_features[0] if visual.patch_features else None
                 held = sum(tensor.numel() * tensor.element_size() for tensor in (visual.features, patches)
                            if tensor is not None)
-                entry = CachedImage(visual.features, visual.reductions[0], held, patches)
+                entry = CachedImage(visual.features, visual.reductions[0], held, patches,
+                                    visual.grids[0] if visual.grids else None, visual.kept[0] if visual.kept else None)
                 if key is not None:
                     self.visual_cache.put(key, entry)
             else:
                 entry = cached
             features.append(entry.features)
             patch_features.append(entry.patch_features)
-            described.append(ImageTokens(item.label, share, count, self.base_tokens_full, entry.reduction,
+            grids.append(entry.grid)
+            kept.append(entry.kept)
+            full = engine.family.base_token_count(item.image.shape[:2])
+            described.append(ImageTokens(item.label, share, count, full, entry.reduction,
                                          cached=cached is not None))
         visual = VisualTokens(torch.cat(features), [image.visual_tokens for image in described],
                               [image.reduction for image in described], vision_ms, reduction_ms,
-                              patch_features=patch_features if all(p is not None for p in patch_features) else None)
+                              patch_features=patch_features if all(p is not None for p in patch_features) else None,
+                              grids=grids if all(grid is not None for grid in grids) else None, kept=kept)
         return _EncodedImages(visual, described, vision_ms, reduction_ms)
 
     def _described(self, images: list[ImageInput], shares: list[int], counts: list[int],
                    reducer: str) -> list[ImageTokens]:
         """ImageTokens of images whose prefix came from the cache (nothing was encoded for them)."""
-        return [ImageTokens(item.label, share, count, self.base_tokens_full, self._reduction(count, reducer),
+        family = self.engine.family
+        return [ImageTokens(item.label, share, count, family.base_token_count(item.image.shape[:2]),
+                            self._reduction(count, reducer, family.base_token_count(item.image.shape[:2])),
                             cached=True)
                 for item, share, count in zip(images, shares, counts)]
 

@@ -53,6 +53,9 @@ class VlmOutput:
     prefix_reused: bool                 # the frame's prefix (vision + its KV cache) came from the cache
     kv_cache_bytes: int                 # KV cache bytes of the prompt prefix incl. visual tokens
     images: list[ImageTokens] = field(default_factory=list)  # multi-image requests: each image, prompt order
+    # Single-image answers: the frame patches each visual token stands for (models.TokenProvenance; what
+    # engine.overlay draws); None for multi-image answers and families that do not trace their tokens.
+    provenance: object = None
 
 
 class GenerationStopped(EngineError):

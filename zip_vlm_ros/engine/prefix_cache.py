@@ -28,6 +28,9 @@ class Prefix:
     # The model family's own state for the prefix (``PromptEmbeddings.prefix_state``; LLaVA-Mini: its
     # pre-fusion key/value views, one per image), None for families that need none. Never written either.
     family_state: object = None
+    # What each visual token of the prefix's image stands for in the frame (``TokenProvenance``), so an
+    # answer from a reused prefix still says what the model saw; None when the family does not trace it.
+    provenance: object = None
 
 
 class PrefixCache:

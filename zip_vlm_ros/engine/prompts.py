@@ -24,18 +24,20 @@ class PromptFormat:
     cannot hold one image followed by the question.
     """
 
-    def __init__(self, processor, image_token_id: int, model_name: str):
+    def __init__(self, processor, image_token_id: int, model_name: str, image_slot: str = "{image}"):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_id = image_token_id
         self.image_token = getattr(processor, "image_token", None) or "<image>"
+        # the template's text around one image's placeholder, which several images' text replaces whole
+        self.image_slot = image_slot.format(image=self.image_token)
         if self.tokenizer.convert_tokens_to_ids(self.image_token) != image_token_id:
             raise ModelLoadError(
                 f"{model_name}: the tokenizer's {self.image_token!r} token is not the model's image token id "
                 f"{image_token_id}; the processor and model files come from different checkpoints")
         probe = "Describe the scene."
         text = self.render(probe)
-        if text.count(self.image_token) != 1 or probe not in text.split(self.image_token, 1)[1]:
+        if text.count(self.image_slot) != 1 or probe not in text.split(self.image_token, 1)[1]:
             raise ModelLoadError(
                 f"{model_name}: its chat template renders {text!r}, which does not place one "
                 f"{self.image_token!r} before the question; use a LLaVA-1.5 style template")
@@ -58,8 +60,10 @@ class PromptFormat:
         LLaVA processor does, so the ids equal the stock processor's; the image token is special, so
         the prefix ids do not depend on the question that follows.
         """
-        image_text = self.image_token * visual_tokens if image_text is None else image_text
-        text = self.render(prompt).replace(self.image_token, image_text)
+        if image_text is None:
+            text = self.render(prompt).replace(self.image_token, self.image_token * visual_tokens)
+        else:
+            text = self.render(prompt).replace(self.image_slot, image_text)
         # A template that writes <s> itself must not get a second one from the tokenizer.
         bos = self.tokenizer.bos_token
         add_special_tokens = not (bos and text.startswith(bos))

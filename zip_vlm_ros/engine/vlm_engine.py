@@ -29,13 +29,14 @@ differ only in how the prompt is split into forwards, so their logits differ by 
 any change of batch shape.
 
 Stages 1-2 and the LLM's input embeddings belong to the checkpoint's model family
-(``zip_vlm_ros.models``: LLaVA-1.5, LLaVA-NeXT, LLaVA-Mini): the adapter turns a tokenized prompt and the
-image's visual tokens into input embeddings (``embed_prompt``; ``embed_suffix`` for a later question on a
+(``zip_vlm_ros.models``: LLaVA-1.5, LLaVA-NeXT, LLaVA-Mini, Qwen2.5-VL): the adapter turns a tokenized
+prompt and the image's visual tokens into input embeddings (``embed_prompt``; ``embed_suffix`` for a later question on a
 cached prefix, from the state the adapter kept for that prefix), so prefill, decode, sampling and the
 cache never learn the family. For LLaVA-1.5 and LLaVA-NeXT that is the token embeddings with the visual
 tokens at the image placeholders; LLaVA-Mini first runs its pre-fusion layers over the prompt, and its
-prefix state is their key/value cache. ``token_budget`` means the same for every family that applies
-it: the visual tokens the LLM reads per image. LLaVA-Mini's count is fixed by training
+prefix state is their key/value cache; Qwen2.5-VL's prompt carries its own M-RoPE positions, and its prefix
+state is the position offset that later questions and decode steps add (``family.text_positions``).
+``token_budget`` means the same for every family that applies it: the visual tokens the LLM reads per image. LLaVA-Mini's count is fixed by training
 (``family.token_budget_applies`` is False): budgets are accepted and ignored.
 
 Several images, one question (surround cameras, a camera's recent frames): ``generate_images``, in
@@ -59,7 +60,8 @@ import torch
 
 from zip_vlm_ros.engine.config import EngineConfig, check_engine_config
 from zip_vlm_ros.engine.devices import DeviceClock, resolve_device, resolve_dtype
-from zip_vlm_ros.engine.generation import Generator
+from zip_vlm_ros.engine.batching import BatchRequest, DecodeBatch
+from zip_vlm_ros.engine.generation import Generator, PrefillStep
 from zip_vlm_ros.engine.multi_image import MultiImageAnswerer
 from zip_vlm_ros.engine.outputs import OnToken, ShouldStop, VlmOutput
 from zip_vlm_ros.engine.prefix_cache import Prefix, PrefixCache
@@ -94,7 +96,7 @@ class VlmEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.clock = DeviceClock(self.device)
         self.family = load_family(config.model, self.dtype, self.device, config.contextual_ratio, self.clock.now,
-                                  config.vision_tower)
+                                  config.vision_tower, config.max_pixels)
         self.model, self.processor = self.family.model, self.family.processor
         self.tokenizer = self.processor.tokenizer
         self.image_processor = self.processor.image_processor
@@ -102,7 +104,7 @@ class VlmEngine:
         self.token_budget_applies = self.family.token_budget_applies
         self.context_tokens = self.family.context_tokens
         self.image_token_id = self.family.image_token_id
-        self.prompts = PromptFormat(self.processor, self.image_token_id, self.model_name)
+        self.prompts = PromptFormat(self.processor, self.image_token_id, self.model_name, self.family.image_slot)
         self.image_token = self.prompts.image_token
         self.generator = Generator(self.family, self.tokenizer, self.clock,
                                    PrefixCache(config.prefix_cache_entries, config.prefix_cache_bytes))
@@ -168,50 +170,48 @@ class VlmEngine:
         `should_stop` and `on_token` as in ``generate``; GenerationStopped.completed holds the prompts
         answered before; StreamedText.prompt_index says which prompt a step belongs to.
         """
+        request = self.open_request(image, prompts, token_budget=token_budget, max_new_tokens=max_new_tokens,
+                                    frame_key=frame_key, sampling=sampling, should_stop=should_stop,
+                                    on_token=on_token, reducer=reducer)
+        check_stop = self.generator.stop_checker(should_stop, completed=request.outputs)
+        for prompt_index in range(len(request.prompts)):
+            check_stop()
+            step, start = request.prefill(prompt_index, check_stop)
+            stream = self.generator.text_stream(on_token, prompt_index, start)
+            tokens, first_token_time, end_time = self.generator.decode(step.logits, step.kv_cache,
+                                                                       request.max_new_tokens, request.sampling,
+                                                                       check_stop, on_step=stream,
+                                                                       family_state=step.prefix.family_state)
+            request.outputs.append(request.make_output(prompt_index, tokens[0], step, start, first_token_time,
+                                                       end_time))
+        return request.outputs
+
+    def open_request(self, image: np.ndarray, prompts: Sequence[str], *, token_budget: int | None = None,
+                     max_new_tokens: int | None = None, frame_key: Hashable | None = None,
+                     sampling: SamplingOptions | None = None, should_stop: ShouldStop | None = None,
+                     on_token: OnToken | None = None, reducer: str | None = None) -> BatchRequest:
+        """Check a ``generate_many`` request and prepare it for a ``DecodeBatch`` (no model work yet).
+
+        The arguments mean what they mean for ``generate_many``; RequestError for bad ones. The batch
+        prefills its prompts one at a time (on the frame's cached prefix when `frame_key` finds it) and
+        decodes them beside other requests; see ``zip_vlm_ros.engine.batching``.
+        """
         self.check_open()
         check_image(image)
         prompts = check_prompts(prompts, self.image_token)
         budget = self.check_budget(token_budget)
         reducer = self.check_reducer(reducer)
         max_new = self.check_max_new_tokens(max_new_tokens)
-        sampling = check_sampling(sampling)
-        cache_key_base = None
-        if frame_key is not None:
-            check_frame_key(frame_key)
-            cache_key_base = (self.model_name, frame_key, budget,
-                              self.family.reduction_settings(image.shape[:2], budget, reducer))
+        plan = _ImagePrompts(self, image, prompts, budget, reducer, frame_key)
+        for prefix_ids, suffix_ids in plan.tokenized:  # refuse before any prompt runs
+            check_context(len(prefix_ids) + len(suffix_ids), plan.visual_tokens, max_new, self.context_tokens)
+        return BatchRequest(prompts, prefill=plan.prefill, make_output=plan.output, max_new_tokens=max_new,
+                            sampling=check_sampling(sampling), should_stop=should_stop, on_token=on_token)
 
-        visual_tokens = self.family.visual_token_count(image.shape[:2], budget, reducer)
-        tokenized = [self.prompts.tokenize(prompt, visual_tokens) for prompt in prompts]
-        for prefix_ids, suffix_ids in tokenized:  # refuse before any prompt runs
-            check_context(len(prefix_ids) + len(suffix_ids), visual_tokens, max_new, self.context_tokens)
-        encoded: list[VisualTokens] = []
-
-        def encode() -> tuple[VisualTokens, float, float]:
-            if encoded:
-                return encoded[0], 0.0, 0.0
-            encoded.append(self.family.encode([image], budget, reducer))
-            return encoded[0], encoded[0].vision_ms, encoded[0].reduction_ms
-
-        prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
-        outputs = []
-        check_stop = self.generator.stop_checker(should_stop, completed=outputs)
-        for prompt_index, prompt in enumerate(prompts):
-            check_stop()
-            start = self.clock.now()
-            prefix_ids, suffix_ids = tokenized[prompt_index]
-            cache_key = None if cache_key_base is None else cache_key_base + (prefix_ids,)
-            step = self.generator.prefill_step(prefix_ids, suffix_ids, cache_key, prefixes_this_call, encode,
-                                               check_stop)
-            stream = self.generator.text_stream(on_token, prompt_index, start)
-            tokens, first_token_time, end_time = self.generator.decode(step.logits, step.kv_cache, max_new, sampling,
-                                                              check_stop, on_step=stream)
-            outputs.append(self._output(
-                prompt, tokens[0], budget, reducer, image.shape[:2], visual_tokens, vision_ms=step.vision_ms,
-                reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms, start=start,
-                first_token_time=first_token_time, end_time=end_time, prefix_reused=step.reused,
-                kv_cache_bytes=step.prefix.nbytes))
-        return outputs
+    def decode_batch(self, max_rows: int) -> DecodeBatch:
+        """A DecodeBatch on this engine's model, for requests from ``open_request``."""
+        self.check_open()
+        return DecodeBatch(self.generator, max_rows)
 
     def generate_images(self, images: Sequence[ImageInput], prompts: Sequence[str], *,
                         token_budget: int | None = None, max_new_tokens: int | None = None,
@@ -243,6 +243,10 @@ class VlmEngine:
         prefix cache is not used. `should_stop` as in ``generate``.
         """
         self.check_open()
+        if not self.family.batches_prompts:
+            raise RequestError(f"{self.family.label} checkpoints do not answer a batch of cameras in one forward "
+                               f"(their prompts carry M-RoPE positions); ask each camera with generate, or all "
+                               f"of them together with generate_images")
         if not isinstance(images, Sequence) or isinstance(images, np.ndarray):
             raise RequestError(f"images must be a list of HxWx3 uint8 arrays; got {type(images).__name__}")
         prompts = check_prompts(prompts, self.image_token)
@@ -286,11 +290,12 @@ class VlmEngine:
         tokens, first_token_time, end_time = self.generator.decode(logits, kv_cache, max_new, sampling, check_stop,
                                                           attention_mask=attention_mask, position_ids=position_ids)
         return [
-            self._output(prompt, row_tokens, budget, reducer, image.shape[:2], count, vision_ms=visual.vision_ms,
+            self.output(prompt, row_tokens, budget, reducer, image.shape[:2], count, vision_ms=visual.vision_ms,
                          reduction_ms=visual.reduction_ms, prefill_ms=prefill_ms, start=start,
                          first_token_time=first_token_time, end_time=end_time, prefix_reused=False,
-                         kv_cache_bytes=kv_bytes_per_row)
-            for prompt, row_tokens, image, count in zip(prompts, tokens, images, counts)
+                         kv_cache_bytes=kv_bytes_per_row,
+                         provenance=visual.provenance[index] if visual.provenance else None)
+            for index, (prompt, row_tokens, image, count) in enumerate(zip(prompts, tokens, images, counts))
         ]
 
     @property
@@ -325,20 +330,65 @@ class VlmEngine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ outputs
+    # output(): one prompt's VlmOutput from its tokens and stage times (also used by _ImagePrompts).
 
-    def _output(self, prompt: str, tokens: list[int], budget: int, reducer: str, image_size: tuple[int, int],
-                visual_tokens: int,
+    def output(self, prompt: str, tokens: list[int], budget: int, reducer: str, image_size: tuple[int, int],
+               visual_tokens: int,
                 *, vision_ms: float, reduction_ms: float, prefill_ms: float, start: float, first_token_time: float,
-                end_time: float, prefix_reused: bool, kv_cache_bytes: int) -> VlmOutput:
+                end_time: float, prefix_reused: bool, kv_cache_bytes: int, provenance=None) -> VlmOutput:
         text = self.generator.decode_text(tokens)
         total_ms = self.clock.ms_since(start)
         full = self.family.full_token_count(image_size)
         reduced = self.family.reduced(image_size, budget)
         return VlmOutput(
-            prompt=prompt, text=text, model=self.model_name, reduction=self.family.reduction_name(image_size, budget, reducer),
+            prompt=prompt, text=text, model=self.model_name,
+            reduction=self.family.reduction_name(image_size, budget, reducer),
             token_budget=budget if reduced else full, visual_tokens=visual_tokens, visual_tokens_full=full,
             generated_tokens=len(tokens),
             vision_ms=vision_ms, reduction_ms=reduction_ms, prefill_ms=prefill_ms,
             ttft_ms=(first_token_time - start) * 1000.0, decode_ms=(end_time - first_token_time) * 1000.0,
-            total_ms=total_ms, prefix_reused=prefix_reused, kv_cache_bytes=kv_cache_bytes)
+            total_ms=total_ms, prefix_reused=prefix_reused, kv_cache_bytes=kv_cache_bytes, provenance=provenance)
 
+
+
+class _ImagePrompts:
+    """Prompts about one image, prefilled one at a time on a prefix computed once (``generate_many``,
+    ``open_request``): encodes the image on the first prompt that misses the prefix cache."""
+
+    def __init__(self, engine: VlmEngine, image: np.ndarray, prompts: list[str], budget: int, reducer: str,
+                 frame_key: Hashable | None):
+        self.engine, self.image, self.prompts, self.budget, self.reducer = engine, image, prompts, budget, reducer
+        self.cache_key_base = None
+        if frame_key is not None:
+            check_frame_key(frame_key)
+            self.cache_key_base = (engine.model_name, frame_key, budget,
+                                   engine.family.reduction_settings(image.shape[:2], budget, reducer))
+        self.visual_tokens = engine.family.visual_token_count(image.shape[:2], budget, reducer)
+        self.tokenized = [engine.prompts.tokenize(prompt, self.visual_tokens) for prompt in prompts]
+        self.encoded: list[VisualTokens] = []
+        self.prefixes_this_call: dict[tuple[int, ...], Prefix] = {}
+
+    def encode(self) -> tuple[VisualTokens, float, float]:
+        if self.encoded:
+            return self.encoded[0], 0.0, 0.0
+        self.encoded.append(self.engine.family.encode([self.image], self.budget, self.reducer))
+        return self.encoded[0], self.encoded[0].vision_ms, self.encoded[0].reduction_ms
+
+    @torch.inference_mode()
+    def prefill(self, prompt_index: int, check_stop) -> tuple[PrefillStep, float]:
+        """Prompt `prompt_index`'s prefill and its start time (the origin of its ttft_ms)."""
+        engine = self.engine
+        start = engine.clock.now()
+        prefix_ids, suffix_ids = self.tokenized[prompt_index]
+        cache_key = None if self.cache_key_base is None else self.cache_key_base + (prefix_ids,)
+        step = engine.generator.prefill_step(prefix_ids, suffix_ids, cache_key, self.prefixes_this_call,
+                                             self.encode, check_stop)
+        return step, start
+
+    def output(self, prompt_index: int, tokens: list[int], step: PrefillStep, start: float,
+               first_token_time: float, end_time: float) -> VlmOutput:
+        return self.engine.output(
+            self.prompts[prompt_index], tokens, self.budget, self.reducer, self.image.shape[:2], self.visual_tokens,
+            vision_ms=step.vision_ms, reduction_ms=step.reduction_ms, prefill_ms=step.prefill_ms, start=start,
+            first_token_time=first_token_time, end_time=end_time, prefix_reused=step.reused,
+            kv_cache_bytes=step.prefix.nbytes, provenance=step.prefix.provenance)

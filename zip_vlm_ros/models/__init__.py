@@ -2,13 +2,16 @@
 
 ``zip_vlm_ros.models.llava``       LLaVA-1.5 (``LlavaForConditionalGeneration``): one 336 px image.
 ``zip_vlm_ros.models.llava_next``  LLaVA-NeXT (``LlavaNextForConditionalGeneration``): AnyRes crops.
+``zip_vlm_ros.models.qwen2_5_vl``  Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): dynamic resolution,
+                                   merged 2x2 patches, M-RoPE positions.
 ``zip_vlm_ros.models.llava_mini``  LLaVA-Mini (``llava_mini_llama`` checkpoints): one compressed token per
                                    image after modality pre-fusion (``llava_mini_modules``,
                                    ``llava_mini_checkpoint``).
 
 Shared by the families: ``base`` (the adapter interface, visual-token records, loading), ``clip_features``
 (a CLIP tower run to the feature layer with the attention the reducers read), ``anyres`` (LLaVA-NeXT's
-crop geometry), ``kv_cache`` (forking and sizing transformers key/value caches).
+crop geometry), ``provenance`` (which frame patches each visual token stands for), ``kv_cache`` (forking
+and sizing transformers key/value caches).
 
 ``load_family`` reads a checkpoint's config, picks the adapter by its ``model_type``, lets it check
 the config, and loads weights and processor. A new family is a new module plus an entry in FAMILIES.
@@ -27,25 +30,31 @@ from zip_vlm_ros.models.base import FamilyAdapter, PromptEmbeddings, VisualToken
 from zip_vlm_ros.models.llava import LlavaAdapter
 from zip_vlm_ros.models.llava_mini import LlavaMiniAdapter
 from zip_vlm_ros.models.llava_next import LlavaNextAdapter
+from zip_vlm_ros.models.provenance import CropBox, TokenProvenance
+from zip_vlm_ros.models.qwen2_5_vl import QwenVLAdapter
 
-__all__ = ["FAMILIES", "FamilyAdapter", "PromptEmbeddings", "VisualTokens", "load_family"]
+__all__ = ["FAMILIES", "CropBox", "FamilyAdapter", "PromptEmbeddings", "TokenProvenance", "VisualTokens", "load_family"]
 
 FAMILIES: dict[str, type[FamilyAdapter]] = {
-    adapter.model_type: adapter for adapter in (LlavaAdapter, LlavaNextAdapter, LlavaMiniAdapter)}
+    adapter.model_type: adapter for adapter in (LlavaAdapter, LlavaNextAdapter, LlavaMiniAdapter, QwenVLAdapter)}
 
 
 def load_family(name: str, dtype: torch.dtype, device: torch.device, contextual_ratio: float,
-                clock: Callable[[], float], vision_tower: str = "") -> FamilyAdapter:
+                clock: Callable[[], float], vision_tower: str = "", max_pixels: int = 0) -> FamilyAdapter:
     """The adapter for checkpoint `name` (a directory or hub id) with its model and processor loaded.
 
     `vision_tower`: a local CLIP directory for LLaVA-Mini checkpoints that do not hold their tower
-    (ignored by the other families). Raises ModelLoadError (one line) for a missing path, an
+    (ignored by the other families). `max_pixels` > 0 bounds a dynamic-resolution family's image size
+    (Qwen2.5-VL; ModelLoadError for the others); 0 keeps the processor's. Raises ModelLoadError (one line) for a missing path, an
     unsupported model type or broken files.
     """
     model_type, hf_config = _read_config(name)
     adapter_class = FAMILIES[model_type]
     adapter_class.check_config(name, hf_config)
-    return adapter_class.load(name, hf_config, dtype, device, contextual_ratio, clock, vision_tower)
+    adapter = adapter_class.load(name, hf_config, dtype, device, contextual_ratio, clock, vision_tower)
+    if max_pixels:
+        adapter.limit_pixels(max_pixels)
+    return adapter
 
 
 def _looks_like_local_path(model: str) -> bool:

@@ -14,16 +14,18 @@ import json
 import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from zip_vlm_ros.errors import ModelLoadError, first_line
 from zip_vlm_ros.models.clip_features import encode_for_visionzip, encode_to_feature_layer
-from zip_vlm_ros.reducers import (DEFAULT_IMPORTANT_RATIO, VisionZipFeatures, divprune_reduce, split_budget, vispruner_reduce,
-                                  visionzip_compress)
+from zip_vlm_ros.models.provenance import TokenProvenance
+from zip_vlm_ros.reducers import (DEFAULT_IMPORTANT_RATIO, ReducedTokens, VisionZipFeatures, divprune_reduce, split_budget,
+                                  vispruner_reduce, visionzip_reduce)
 
-__all__ = ["FamilyAdapter", "PromptEmbeddings", "VisualTokens", "check_clip_tower", "image_block",
+__all__ = ["EncodedPixels", "FamilyAdapter", "PromptEmbeddings", "VisualTokens", "check_clip_tower", "image_block",
            "load_weights_and_processor", "move_to_device", "read_config_json"]
 
 ImageSize = tuple[int, int]  # (height, width) in pixels
@@ -43,6 +45,23 @@ class VisualTokens:
     # Per image, tokens the family's prompt embedding reads besides `features` (LLaVA-Mini: the
     # [patches, text_hidden] projected patch features its pre-fusion layers see); None for the others.
     patch_features: list[torch.Tensor] | None = None
+    # Families with M-RoPE (Qwen2.5-VL): per image its stock token grid (t, rows, columns) on the LLM side,
+    # and the stock raster indices of the tokens it feeds (None: all of them); None for the others.
+    grids: list[tuple[int, int, int]] | None = None
+    kept: list[torch.Tensor | None] | None = None
+    # Per image, the frame patches each of its visual tokens stands for; None for an image (or a
+    # family) that does not trace its tokens yet.
+    provenance: list[TokenProvenance | None] | None = None
+
+
+class EncodedPixels(NamedTuple):
+    """What ``FamilyAdapter.encode_pixels`` returns (a 4-tuple without provenance is accepted too)."""
+
+    features: torch.Tensor              # [sum(counts), text_hidden]
+    counts: list[int]
+    reductions: list[str]
+    reduction_ms: float
+    provenance: list[TokenProvenance | None] | None = None
 
 
 @dataclass
@@ -54,6 +73,8 @@ class PromptEmbeddings:
     # ``embed_suffix`` continues (LLaVA-Mini: the pre-fusion key/value cache); None: nothing but the LLM's cache.
     prefix_state: object = None
     prefix_state_bytes: int = 0         # memory prefix_state keeps alive
+    # [3, 1, length] M-RoPE positions of the prompt (Qwen2.5-VL); None: the LLM counts positions itself.
+    position_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -64,12 +85,16 @@ class CropTokens:
     ascending positions of the dominant tokens in each crop's ``1 + N`` tower tokens (0 is CLS).
     VisPruner: ``tokens [crops, kept, text_hidden]``, ``kept_indices [crops, kept]`` ascending patch
     positions in ``0..N-1`` (CLS dropped), ``contextual`` 0.
+    ``sources [crops, tokens, S]``: the reducer's positions per output token (``ReducedTokens.sources``);
+    position ``first_patch`` is a crop's first patch (1 for VisionZip, whose position 0 is CLS; 0 for VisPruner).
     """
 
     tokens: torch.Tensor
     kept_indices: torch.Tensor
     contextual: int
     reduction_ms: float
+    sources: torch.Tensor
+    first_patch: int
 
 
 class FamilyAdapter:
@@ -88,6 +113,9 @@ class FamilyAdapter:
     # False for a family whose visual token count is fixed by training (LLaVA-Mini): token_budget is
     # then accepted and ignored, and results report the tokens the LLM really read.
     token_budget_applies = True
+    # False for a family whose prompts carry their own positions (Qwen2.5-VL's M-RoPE): ``generate_batch``'s
+    # left-padded rows count positions from the attention mask, which such a family cannot use.
+    batches_prompts = True
 
     def __init__(self, name: str, hf_config, model, processor, contextual_ratio: float,
                  clock: Callable[[], float]):
@@ -99,6 +127,10 @@ class FamilyAdapter:
         self.contextual_ratio = contextual_ratio
         self.important_ratio = DEFAULT_IMPORTANT_RATIO  # VisPruner's T_imp = int(T * ratio), the official default
         self.clock = clock  # perf_counter after the device's queued work (the engine's)
+        self.read_tower_geometry(hf_config)
+
+    def read_tower_geometry(self, hf_config) -> None:
+        """The vision tower's token geometry from the checkpoint's config (a CLIP tower's here)."""
         self.feature_layer = hf_config.vision_feature_layer
         self.select_strategy = hf_config.vision_feature_select_strategy
         vision_config = hf_config.vision_config
@@ -131,6 +163,11 @@ class FamilyAdapter:
         """The adapter with the checkpoint's weights and processor loaded (`vision_tower`: LLaVA-Mini only)."""
         model, processor = load_weights_and_processor(name, cls.model_class(), dtype, device)
         return cls(name, hf_config, model, processor, contextual_ratio, clock)
+
+    def limit_pixels(self, max_pixels: int) -> None:
+        """Bound the pixels (and so the full visual-token count) of a dynamic-resolution family's images."""
+        raise ModelLoadError(f"{self.name}: max_pixels={max_pixels} applies to dynamic-resolution checkpoints "
+                             f"(Qwen2.5-VL); {self.label} reads images at a fixed size; set max_pixels to 0")
 
     @property
     def image_token_id(self) -> int:
@@ -177,16 +214,22 @@ class FamilyAdapter:
     def encode(self, images: list[np.ndarray], budget: int, reducer: str = "visionzip") -> VisualTokens:
         """Visual tokens for ``HxWx3 uint8`` `images` at `budget`, as ``visual_token_count`` says."""
         start = self.clock()
-        features, counts, reductions, reduction_ms = self.encode_pixels(
-            self.preprocess(images), [image.shape[:2] for image in images], budget, reducer)
-        vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
-        return VisualTokens(features, counts, reductions, vision_ms, reduction_ms)
+        encoded = EncodedPixels(*self.encode_pixels(
+            self.preprocess(images), [image.shape[:2] for image in images], budget, reducer))
+        vision_ms = (self.clock() - start) * 1000.0 - encoded.reduction_ms
+        return VisualTokens(encoded.features, encoded.counts, encoded.reductions, vision_ms, encoded.reduction_ms,
+                            provenance=encoded.provenance)
 
     @property
     def base_tokens_full(self) -> int:
         """Visual tokens of one image at the tower's square input, without AnyRes crops: an image's full
         count in a multi-image request (576 for LLaVA-1.5 and LLaVA-NeXT-7B)."""
         return self.patches_per_side ** 2 + (1 if self.select_strategy == "full" else 0)
+
+    def base_token_count(self, image_size: ImageSize) -> int:
+        """Full visual tokens of an image of this size in a multi-image request (``base_tokens_full`` unless
+        the family's count depends on the image, as Qwen2.5-VL's does)."""
+        return self.base_tokens_full
 
     def encode_base(self, image: np.ndarray, budget: int, reducer: str = "visionzip") -> VisualTokens:
         """One image of a multi-image request: ``min(budget, base_tokens_full)`` visual tokens of the whole
@@ -200,6 +243,10 @@ class FamilyAdapter:
         if count >= self.base_tokens_full:
             return ("base", count, self.feature_layer, self.select_strategy, None)
         return ("base", count, self.feature_layer, self.select_strategy, reducer, self.reducer_options(reducer))
+
+    # How the checkpoint's chat template wraps one image's placeholder (Qwen2.5-VL: between
+    # <|vision_start|> and <|vision_end|>); a multi-image prompt replaces that whole slot.
+    image_slot = "{image}"
 
     def multi_image_text(self, labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:
         """What replaces the template's image placeholder in a multi-image prompt: each image's label, then
@@ -231,6 +278,12 @@ class FamilyAdapter:
         prefix that ``embed_prompt`` returned `prefix_state` for (plain token embeddings here)."""
         suffix = torch.tensor([list(suffix_ids)], dtype=torch.long, device=self.model.device)
         return self.model.get_input_embeddings()(suffix)
+
+    def text_positions(self, prefix_state, start: int, length: int) -> torch.Tensor | None:
+        """Position ids of `length` tokens at sequence index `start` after a prompt whose prefix state is
+        `prefix_state` (a later question's tokens, a decode step). None: the LLM counts them itself, as
+        every family does whose positions are sequence indices."""
+        return None
 
     def embed_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: VisualTokens) -> torch.Tensor:
         """``[batch, length, text_hidden]`` embeddings of left-padded prompts (``attention_mask`` 1 on
@@ -271,12 +324,15 @@ class FamilyAdapter:
             patches = encoded.hidden_states[:, 1:]  # [crops, N, vision_hidden]
             reduced = vispruner_reduce(patches, encoded.cls_attention, per_crop, self.important_ratio)
             kept = reduced.sources.float().argmax(dim=2)  # [crops, kept] each output's one patch position
-            tokens, contextual = reduced.tokens, 0
+            contextual, first_patch = 0, 0
         else:
             dominant, contextual = split_budget(per_crop, self.contextual_ratio)
-            tokens, kept = visionzip_compress(*encoded, dominant, contextual)  # [crops, per_crop, hidden]
+            reduced = visionzip_reduce(encoded, dominant, contextual)  # tokens [crops, per_crop, hidden]
+            kept = reduced.sources[:, :dominant].float().argmax(dim=2)  # [crops, dominant] ascending
+            first_patch = 1
         reduction_ms = (self.clock() - reduction_start) * 1000.0
-        return CropTokens(llava.multi_modal_projector(tokens), kept, contextual, reduction_ms)
+        return CropTokens(llava.multi_modal_projector(reduced.tokens), kept, contextual, reduction_ms,
+                          reduced.sources, first_patch)
 
     def projected_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The stock projected features of ``pixel_values [crops, 3, H, W]``: ``[crops, tokens, text_hidden]``
@@ -285,12 +341,13 @@ class FamilyAdapter:
         hidden = encode_to_feature_layer(llava.vision_tower, pixel_values, self.feature_layer)
         return llava.multi_modal_projector(hidden[:, 1:] if self.select_strategy == "default" else hidden)
 
-    def divprune_tokens(self, features: torch.Tensor, budget: int) -> tuple[torch.Tensor, float]:
+    def divprune_tokens(self, features: torch.Tensor, budget: int) -> tuple[ReducedTokens, float]:
         """DivPrune on one image's projected tokens ``features [N, text_hidden]`` (the stock LLM input):
-        ``([min(budget, N), text_hidden] in original order, reduction ms)``."""
+        ``(ReducedTokens of tokens [min(budget, N), text_hidden] in original order and their sources
+        [min(budget, N), N], reduction ms)``."""
         reduction_start = self.clock()
-        tokens = divprune_reduce(features[None], budget).tokens[0]
-        return tokens, (self.clock() - reduction_start) * 1000.0
+        reduced = divprune_reduce(features[None], budget)
+        return ReducedTokens(reduced.tokens[0], reduced.sources[0]), (self.clock() - reduction_start) * 1000.0
 
 
 def image_block(labels: Sequence[str], counts: Sequence[int], image_token: str) -> str:
@@ -311,14 +368,16 @@ def check_clip_tower(name: str, hf_config) -> None:
                              f"has {vision_type!r} with vision_feature_layer={hf_config.vision_feature_layer!r}")
 
 
-def load_weights_and_processor(name: str, model_class, dtype: torch.dtype, device: torch.device):
-    """``model_class.from_pretrained`` (eval, on `device`, SDPA as configured) and its processor."""
+def load_weights_and_processor(name: str, model_class, dtype: torch.dtype, device: torch.device, processor=None):
+    """``model_class.from_pretrained`` (eval, on `device`, SDPA as configured) and its processor
+    (``AutoProcessor``'s unless the family loaded `processor` itself)."""
     from transformers import AutoProcessor
 
     # Any failure inside transformers' loaders is a problem with the checkpoint's files: report it in
     # one line and keep the original exception chained for logs.
     try:
-        processor = AutoProcessor.from_pretrained(name)
+        if processor is None:
+            processor = AutoProcessor.from_pretrained(name)
     except Exception as error:
         raise ModelLoadError(f"cannot load the processor of {name!r}: {first_line(error)}") from error
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:

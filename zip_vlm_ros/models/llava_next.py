@@ -122,9 +122,9 @@ class LlavaNextAdapter(FamilyAdapter):
                 packed, _ = self.model.model.pack_image_features(
                     [self.projected_features(crops)], pixels["image_sizes"][index:index + 1], self.select_strategy,
                     image_newline=self.model.model.image_newline)
-                image_features, divprune_ms = self.divprune_tokens(packed[0], budget)  # packed[0]: [full, hidden]
+                reduced, divprune_ms = self.divprune_tokens(packed[0], budget)  # packed[0]: [full, hidden]
                 reduction_ms += divprune_ms
-                features.append(image_features)
+                features.append(reduced.tokens)
             else:
                 image_outputs = self.model.model.get_image_features(
                     pixel_values=pixels["pixel_values"][index:index + 1],
@@ -149,6 +149,7 @@ class LlavaNextAdapter(FamilyAdapter):
             # [1, 1 + N, vision_hidden]; the "default" strategy (checked at load) drops CLS, as stock NeXT does
             features = llava.multi_modal_projector(hidden[:, 1:])[0]  # [N, text_hidden]
             if reduction == "divprune":
-                features, reduction_ms = self.divprune_tokens(features, budget)
+                reduced, reduction_ms = self.divprune_tokens(features, budget)
+                features = reduced.tokens
         vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
         return VisualTokens(features, [len(features)], [reduction], vision_ms, reduction_ms)

@@ -21,6 +21,7 @@ from builtin_interfaces.msg import Time
 from PIL import Image as PILImage
 from sensor_msgs.msg import CompressedImage, Image
 
+from zip_vlm_ros.engine.overlay import draw_overlay
 from zip_vlm_ros.msg import VlmResult
 
 
@@ -261,6 +262,13 @@ def rgb_to_image(rgb: np.ndarray, *, stamp: Any = None, frame_id: str = '',
     msg.header.frame_id = frame_id
     msg.data = np.ascontiguousarray(pixels).tobytes()
     return msg
+
+
+def visual_token_images(rgb: np.ndarray, header: Any, outputs: list) -> list[Image]:
+    """Each engine output's overlay of its visual tokens on `rgb` (``engine.overlay``) as an rgb8 Image
+    with the source frame's `header`; an output without provenance (multi-image, LLaVA-Mini) gives none."""
+    return [rgb_to_image(draw_overlay(rgb, output.provenance), stamp=header.stamp, frame_id=header.frame_id)
+            for output in outputs if output.provenance is not None]
 
 
 def rgb_to_compressed(rgb: np.ndarray, *, stamp: Any = None, frame_id: str = '',

@@ -30,7 +30,9 @@ def diagnostic_status(*, node_name: str, state: str, engine: Any, parameters: di
         'visual_tokens_full': str(engine.visual_tokens_full) if engine else '',
         'token_budget': str(parameters['token_budget']),
         'queue_depth': str(len(queue) if queue else 0),
-        'running': str(queue is not None and queue.running is not None).lower(),
+        'running': str(queue is not None and bool(queue.running)).lower(),
+        'batch_size': str(len(queue.running) if queue is not None else 0),  # requests decoding together now
+        'max_batch_size': str(queue.max_running if queue is not None else 0),
         'latency_p50_ms': f'{percentile(samples["round_trip_ms"], 50):.1f}',
         'latency_p95_ms': f'{percentile(samples["round_trip_ms"], 95):.1f}',
         'inference_p50_ms': f'{percentile(samples["inference_ms"], 50):.1f}',

@@ -252,12 +252,14 @@ def check_frame_age(camera: str, *, stamped: bool, age_s: float, settings: Any) 
 
 
 class RequestQueue:
-    """FIFO of jobs for the worker: one running plus at most `max_pending` waiting."""
+    """FIFO of jobs for the worker: at most `max_running` running (the decode batch) plus `max_pending`
+    waiting."""
 
-    def __init__(self, max_pending: int):
+    def __init__(self, max_pending: int, max_running: int = 1):
         self.max_pending = max_pending
+        self.max_running = max_running
         self._jobs: collections.deque[Job] = collections.deque()
-        self.running: Job | None = None  # the job the worker holds (from `next` until `done`)
+        self.running: list[Job] = []  # the jobs the worker holds (from `next` until `done`)
         self._open = False  # accepting jobs (the node is active)
         self._refusal = INACTIVE_MESSAGE  # the answer to a job submitted while closed
         self._ready = threading.Condition()
@@ -271,53 +273,57 @@ class RequestQueue:
         running ones with `reason`."""
         with self._ready:
             self._open, self._refusal = False, refuse_with
-            jobs = list(self._jobs) + ([self.running] if self.running is not None else [])
+            jobs = list(self._jobs) + self.running
             self._jobs.clear()
             self._ready.notify_all()
         for job in jobs:
             job.cancel(reason)
 
     def submit(self, job: Job) -> None:
-        """Queue `job`, or raise RequestRejected at once: inactive, or max_pending already waiting."""
+        """Queue `job`, or raise RequestRejected at once: inactive, or the batch full and max_pending waiting."""
         with self._ready:
             if not self._open:
                 raise RequestRejected('inactive', self._refusal)
             self._prune()
-            ahead = len(self._jobs) + int(self.running is not None)
-            if ahead >= self.max_pending + 1:
+            ahead = len(self._jobs) + len(self.running)
+            if ahead >= self.max_pending + self.max_running:
                 raise RequestRejected('busy', (
-                    f'busy: {ahead} request(s) ahead and max_pending_requests = {self.max_pending}: '
+                    f'busy: {ahead} request(s) ahead ({len(self.running)} running, max_batch_size = '
+                    f'{self.max_running}) and max_pending_requests = {self.max_pending}: '
                     f'retry later, or raise max_pending_requests'))
             self._jobs.append(job)
             self._ready.notify()
 
-    def next(self, timeout_s: float) -> Job | None:
-        """Worker: the oldest waiting job (held as `running` until `done`), or None after timeout_s."""
+    def next(self, timeout_s: float, accept: Callable[[Job], bool] | None = None) -> Job | None:
+        """Worker: the oldest waiting job (held in `running` until `done`), or None after timeout_s.
+
+        `accept(job)` False leaves the oldest job waiting (None is returned): FIFO order is kept.
+        """
         with self._ready:
             self._prune()
-            if not self._jobs:
+            if not self._jobs and timeout_s > 0:
                 self._ready.wait(timeout_s)
                 self._prune()
-            if not self._jobs:
+            if not self._jobs or (accept is not None and not accept(self._jobs[0])):
                 return None
-            self.running = self._jobs.popleft()
-            return self.running
+            job = self._jobs.popleft()
+            self.running.append(job)
+            return job
 
-    def done(self) -> None:
+    def done(self, job: Job) -> None:
         with self._ready:
-            self.running = None
+            if job in self.running:
+                self.running.remove(job)
 
     def expire_overdue(self) -> None:
         """Answer every job whose deadline has passed, running or waiting (called periodically)."""
-        with self._ready:
-            jobs = list(self._jobs) + ([self.running] if self.running is not None else [])
-        for job in jobs:
+        for job in self.jobs():
             job.expire()
 
     def jobs(self) -> list[Job]:
-        """The running job (if any) and the waiting ones, oldest first."""
+        """The running jobs and the waiting ones, oldest first."""
         with self._ready:
-            return ([self.running] if self.running is not None else []) + list(self._jobs)
+            return self.running + list(self._jobs)
 
     def _prune(self) -> None:
         """Forget settled jobs (deadline passed, cancelled): they hold no place in the queue."""

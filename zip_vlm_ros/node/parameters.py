@@ -35,13 +35,16 @@ class ParameterSpec:
 NODE_PARAMETERS = (
     ParameterSpec('model', 'llava-hf/llava-1.5-7b-hf',
                   'LLaVA-1.5 or LLaVA-NeXT checkpoint (LlavaForConditionalGeneration, '
-                  'LlavaNextForConditionalGeneration): a local directory or a hub id; LLaVA-Mini '
-                  '(model_type llava_mini_llama): a local directory'),
+                  'LlavaNextForConditionalGeneration) or Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration): a '
+                  'local directory or a hub id; LLaVA-Mini (model_type llava_mini_llama): a local directory'),
     ParameterSpec('vision_tower', '',
                   'LLaVA-Mini only: local CLIP directory (config.json, preprocessor_config.json, and '
                   'weights unless the checkpoint holds the tower) for a checkpoint whose mm_vision_tower '
                   'is a hub id; empty: mm_vision_tower as a local path or from the Hugging Face cache '
                   '(never downloaded)'),
+    ParameterSpec('max_pixels', 0,
+                  'Qwen2.5-VL only: the most pixels an image is resized to (its full visual-token count is '
+                  'max_pixels / 784); 0: the checkpoint processor\'s max_pixels'),
     ParameterSpec('device', 'auto', 'auto (CUDA when available), cpu, cuda or cuda:N'),
     ParameterSpec('dtype', 'auto', 'auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32'),
     ParameterSpec('cameras', ['front'],
@@ -67,6 +70,10 @@ NODE_PARAMETERS = (
     ParameterSpec('describe_period_s', 0.0,
                   '0: off; else describe each camera\'s latest (new) frame every this many seconds '
                   'on ~/description and ~/results', runtime=True),
+    ParameterSpec('publish_visual_tokens', False,
+                  'publish each single-image answer\'s overlay of the visual tokens the LLM read (kept patches '
+                  'bright and outlined, merged groups tinted, the rest dimmed) on ~/visual_tokens/image '
+                  '(rgb8, the source frame\'s header); false: no overlay is drawn', runtime=True),
     ParameterSpec('frame_history_length', 64,
                   'frames each camera keeps for history questions (history_frames over history_s; '
                   '1: the latest frame only); the image callback only appends a reference'),
@@ -77,8 +84,11 @@ NODE_PARAMETERS = (
                   'refuse frames older than this (node clock minus image stamp; 0: no limit)'),
     ParameterSpec('max_clock_skew_s', 0.5,
                   'refuse frames stamped more than this in the future (camera clock ahead of the node\'s)'),
+    ParameterSpec('max_batch_size', 4,
+                  'requests decoded together (continuous batching: a waiting request joins at the next decode '
+                  'step); 1: one request at a time'),
     ParameterSpec('max_pending_requests', 4,
-                  'requests that may wait behind the running one; more are refused at once'),
+                  'requests that may wait while max_batch_size run; more are refused at once'),
     ParameterSpec('request_timeout_s', 30.0,
                   'deadline of a request, waiting plus inference; past it the caller gets "timed out"'),
     ParameterSpec('question_max_chars', 500, 'longest accepted question or prompt, in characters'),
@@ -90,7 +100,7 @@ NODE_PARAMETERS = (
 )
 RUNTIME_PARAMETERS = frozenset(spec.name for spec in NODE_PARAMETERS if spec.runtime)
 # Settable while the node is unconfigured, so a failed configure can be corrected without a restart.
-ENGINE_PARAMETERS = frozenset({'model', 'vision_tower', 'device', 'dtype'})
+ENGINE_PARAMETERS = frozenset({'model', 'vision_tower', 'max_pixels', 'device', 'dtype'})
 _TYPE_NAMES = {bool: 'true or false', int: 'a whole number', float: 'a number', str: 'a string',
                list: 'a list of strings'}
 _CAMERA_NAME = re.compile(r'^[A-Za-z][A-Za-z0-9_]*$')
@@ -181,6 +191,8 @@ def _is_time(value) -> bool:
 # name -> (is the value valid, what to say when it is not; {value} is the value)
 _VALUE_CHECKS = {
     'max_new_tokens': (lambda value: value >= 1, 'max_new_tokens {value} is out of range: use at least 1'),
+    'max_pixels': (lambda value: value >= 0,
+                   'max_pixels {value} is out of range: use 0 (the processor\'s) or a pixel count such as 1003520'),
     'describe_period_s': (_is_time, 'describe_period_s {value} is invalid: use 0 (off) or a period in seconds'),
     'describe_prompt': (lambda value: bool(value.strip()),
                         'describe_prompt is empty: give the prompt text used for scene descriptions'),
@@ -195,6 +207,8 @@ _VALUE_CHECKS = {
     'service_history_depth': (lambda value: value >= 1,
                               'service_history_depth {value} is out of range: use at least the number of callers '
                               'that may call at once (default 100)'),
+    'max_batch_size': (lambda value: value >= 1,
+                       'max_batch_size {value} is out of range: use 1 (one request at a time) or more'),
     'max_pending_requests': (lambda value: value >= 0, 'max_pending_requests {value} is negative: use 0 or more'),
     'request_timeout_s': (lambda value: math.isfinite(value) and value > 0,
                           'request_timeout_s {value} is invalid: use a positive number of seconds'),
@@ -240,6 +254,7 @@ class Settings:
 
     model: str
     vision_tower: str
+    max_pixels: int
     device: str
     dtype: str
     cameras: tuple[str, ...]
@@ -252,6 +267,7 @@ class Settings:
     frame_history_length: int
     frame_history_bytes: int
     max_pending_requests: int
+    max_batch_size: int
     request_timeout_s: float
     question_max_chars: int
     service_history_depth: int

@@ -8,9 +8,10 @@ What it does, and what it never does:
   callback; a frame is decoded when a request uses it.
 - A request may name several cameras (surround view: one question over each camera's latest frame)
   or a history (N frames of one camera over the last S seconds); see image_sets.py.
-- One worker thread runs the engine. Service requests wait FIFO (at most `max_pending_requests`;
-  beyond that they are refused at once), each with a deadline of `request_timeout_s` that covers
-  waiting and inference.
+- One worker thread runs the engine (worker.py), decoding up to `max_batch_size` requests together:
+  a waiting request joins the running batch at the next decode step. Requests wait FIFO (at most
+  `max_pending_requests` beyond a full batch; more are refused at once), each with a deadline of
+  `request_timeout_s` that covers waiting and inference.
 - Every caller gets an answer. Service callbacks are coroutines: they queue a job and await its
   outcome without holding an executor thread, so refusals are answered at once at any load. A job
   is answered the moment its deadline passes or the node deactivates, and the engine, which asks
@@ -52,9 +53,9 @@ from std_msgs.msg import String
 
 from zip_vlm_ros.node.ask_action import CLIENT_PROBE_SERVICE, AskActionServer
 from zip_vlm_ros.node.conversions import (
-    ImageConversionError, image_has_pixels, image_to_rgb, output_to_result, stamp_to_seconds)
-from zip_vlm_ros.engine import EngineConfig, EngineError, GenerationStopped, VlmEngine
-from zip_vlm_ros.node.image_sets import image_set_request, resolve_total_budget, run_image_set
+    ImageConversionError, image_has_pixels, image_to_rgb, stamp_to_seconds, visual_token_images)
+from zip_vlm_ros.engine import EngineConfig, EngineError, VlmEngine
+from zip_vlm_ros.node.image_sets import image_set_request, resolve_total_budget
 from zip_vlm_ros.node.jobs import (
     INACTIVE_MESSAGE, SHUTTING_DOWN_MESSAGE, CameraFeed, InlineImage, Job, RequestQueue, RequestRejected,
     RequestStats, ThrottledWarnings, check_frame_age, check_prompt)
@@ -65,6 +66,7 @@ from zip_vlm_ros.node.parameters import (
     ParameterSpec, Settings, camera_parameter_specs, declared_parameter_names, image_qos_profile,
     max_new_tokens_limit, parameter_problem, service_qos_profile, type_problem)
 from zip_vlm_ros.node.spinning import BackgroundSpinner
+from zip_vlm_ros.node.worker import NodeHooks, Worker
 from zip_vlm_ros.reducers import REDUCERS
 from zip_vlm_ros.srv import Ask, AskMany, DescribeScene
 
@@ -237,7 +239,8 @@ class VlmNode(LifecycleNode):
                 raise ParameterError(problem)
         cameras = tuple(self._param('cameras'))
         return Settings(
-            model=self._param('model'), vision_tower=self._param('vision_tower'), device=self._param('device'),
+            model=self._param('model'), vision_tower=self._param('vision_tower'),
+            max_pixels=int(self._param('max_pixels')), device=self._param('device'),
             dtype=self._param('dtype'),
             cameras=cameras,
             camera_topics={camera: self._param(f'camera.{camera}.topic') for camera in cameras},
@@ -248,6 +251,7 @@ class VlmNode(LifecycleNode):
             frame_history_length=int(self._param('frame_history_length')),
             frame_history_bytes=int(self._param('frame_history_bytes')),
             max_pending_requests=int(self._param('max_pending_requests')),
+            max_batch_size=int(self._param('max_batch_size')),
             request_timeout_s=float(self._param('request_timeout_s')),
             question_max_chars=int(self._param('question_max_chars')),
             service_history_depth=int(self._param('service_history_depth')))
@@ -259,7 +263,8 @@ class VlmNode(LifecycleNode):
         try:
             settings = self._read_settings()
             engine = VlmEngine(EngineConfig(
-                model=settings.model, vision_tower=settings.vision_tower, device=settings.device,
+                model=settings.model, vision_tower=settings.vision_tower, max_pixels=settings.max_pixels,
+                device=settings.device,
                 dtype=settings.dtype,
                 token_budget=int(self._param('token_budget')), reducer=self._param('reducer'),
                 contextual_ratio=1.0 - settings.dominant_ratio,
@@ -281,11 +286,12 @@ class VlmNode(LifecycleNode):
                                           history_frames=settings.frame_history_length,
                                           history_bytes=settings.frame_history_bytes)
                        for camera in settings.cameras}
-        self._queue = RequestQueue(settings.max_pending_requests)
+        self._queue = RequestQueue(settings.max_pending_requests, settings.max_batch_size)
         self._publishers_made = {
             'results': self.create_lifecycle_publisher(VlmResult, '~/results', 10),
             'description': self.create_lifecycle_publisher(String, '~/description', 10),
             'answer': self.create_lifecycle_publisher(String, '~/answer', 10),
+            'visual_tokens': self.create_lifecycle_publisher(Image, '~/visual_tokens/image', 10),
         }
         self.get_logger().info(
             f'loaded {engine.model_name} on {engine.device} ({str(engine.dtype).replace("torch.", "")}) '
@@ -616,80 +622,18 @@ class VlmNode(LifecycleNode):
 
     # ---------------------------------------------------------------- worker
     def _worker_loop(self) -> None:
-        """The only thread that runs the engine: jobs in FIFO order until the node deactivates."""
-        while not self._worker_stop.is_set():
-            job = self._queue.next(timeout_s=0.2)
-            if job is None:
-                continue
-            try:
-                self._run_job(job)
-            finally:
-                self._queue.done()
+        """The only thread that runs the engine (see worker.py) until the node deactivates."""
+        hooks = NodeHooks(feeds=self._feeds, check_frame_age=self._check_frame_age, image_age_ms=self._image_age_ms,
+                          publish=self._publish, publish_overlays=self._publish_overlays, stats=self._stats,
+                          warnings=self._warnings, logger=self.get_logger())
+        Worker(self._engine, self._queue, hooks, self._settings.max_batch_size, self._worker_stop).run()
 
-    def _run_job(self, job: Job) -> None:
-        """Run one job unless its deadline passed; answer its caller; publish its results."""
-        if not job.start():
-            if job.state == Job.DROPPED and job.periodic:
-                self._stats.failed('timed_out', 'periodic description ' + job.timeout_message())
-            return  # a caller's dropped job is counted by the caller
-        results, error = [], None
-        try:
-            results = self._run(job)
-        except GenerationStopped:
-            # The job was answered when it was settled (deadline or cancel); time how long the
-            # engine took to notice, the worker's cancel latency.
-            self._stats.stopped((time.monotonic() - job.stop_requested_s) * 1e3)
-            return
-        except RequestRejected as rejected:
-            error = str(rejected)
-            self._warnings.warn(rejected.key, f'request failed: {rejected}')
-        except EngineError as engine_error:
-            error = str(engine_error)
-            self._warnings.warn(('engine', type(engine_error).__name__), f'request failed: {error}')
-        except Exception as unexpected:  # a bug or e.g. CUDA out of memory: answer, log, carry on
-            reason = (str(unexpected).splitlines() or [''])[0]
-            error = f'inference failed ({type(unexpected).__name__}: {reason}): see the node log'
-            self.get_logger().error(f'{error}\n{traceback.format_exc()}')
-        error = error.splitlines()[0] if error else error
-        if not job.finish(results, error):
-            if job.state == Job.TIMED_OUT:  # the deadline passed during the last step
-                self._stats.failed('late', 'discarded a result that came after its deadline')
-            return
-        if error is not None:
-            self._stats.failed('failed', error)
-            return
-        self._stats.succeeded((time.monotonic() - job.submitted_s) * 1e3,
-                              [result.total_ms for result in results])
-        self._publish(job, results)
-
-    def _run(self, job: Job) -> list[VlmResult]:
-        """Decode the frame, check its age, run the engine; one VlmResult per prompt."""
-        if job.images is not None:
-            return run_image_set(job, self._engine, self._feeds, check_age=self._check_frame_age,
-                                 age_ms=self._image_age_ms)
-        if job.inline is not None:
-            rgb, header, frame_key = job.inline.rgb, job.inline.header, None
-        else:
-            feed = self._feeds[job.camera]
-            frame = feed.take()
-            self._check_frame_age(job.camera, frame.msg.header.stamp)
-            try:
-                rgb = feed.rgb(frame)
-            except ImageConversionError as error:
-                raise RequestRejected(('malformed', job.camera),
-                                      f'camera {job.camera!r} sent a bad frame: {error}') from None
-            # Same key while this frame is the camera's latest: the engine reuses its image prefix.
-            # A new frame has a new seq, so an old prefix is never used for new pixels.
-            header, frame_key = frame.msg.header, (job.camera, frame.seq)
-        # generate is generate_many with one prompt: one call serves every kind of job.
-        outputs = self._engine.generate_many(
-            rgb, job.prompts, token_budget=job.token_budget, max_new_tokens=job.max_new_tokens,
-            frame_key=frame_key, should_stop=job.should_stop, on_token=job.on_token, reducer=job.reducer)
-        # An inline image without a stamp has no age; report 0 rather than the time since 1970.
-        # A stamp slightly ahead of the node's clock (within max_clock_skew_s) reports 0, never < 0.
-        image_age_ms = self._image_age_ms(header.stamp)
-        return [output_to_result(output, header=header, camera=job.camera, image_age_ms=image_age_ms)
-                for output in outputs]
+    def _publish_overlays(self, rgb, header, outputs) -> None:
+        """Each output's token-selection overlay on ~/visual_tokens/image, when publish_visual_tokens is on."""
+        overlay_publisher = self._publishers_made.get('visual_tokens')
+        if overlay_publisher is not None and self._param('publish_visual_tokens'):  # off: nothing is drawn
+            for overlay in visual_token_images(rgb, header, outputs):
+                overlay_publisher.publish(overlay)
 
     def _image_age_ms(self, stamp: Any) -> float:
         """Node clock minus `stamp`: 0 for an unstamped (inline) image and for a stamp slightly ahead."""

@@ -39,22 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--pair-tolerance', type=_positive_float, default=0.05, metavar='S',
                         help='offline: questions naming several topics pair each frame of the first topic with '
                              'the other topics\' frames stamped within S seconds of it (default 0.05)')
+    parser.add_argument('--foxglove', metavar='OUT.mcap',
+                        help='offline: also write the drive for Foxglove: the frames, one visual-token overlay '
+                             'channel per (reducer, budget) and the answers as foxglove.Log')
     parser.add_argument('--resume', action='store_true',
                         help='continue an earlier run in --out, skipping work already in results.jsonl')
+    _add_engine_arguments(parser)
+    _add_live_arguments(parser)
+    _add_ray_arguments(parser)
+    return parser
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Offline: the node's engine parameters of the same names."""
     engine = parser.add_argument_group(
         'engine (offline): the node\'s parameters of the same names; defaults are the node\'s defaults')
     engine.add_argument('--params-file', metavar='YAML',
-                        help='read model, device, dtype, dominant_ratio, max_new_tokens and describe_prompt from '
-                             'the node\'s params file (e.g. config/vlm.yaml); the options below override it')
+                        help='read model, max_pixels, device, dtype, dominant_ratio, max_new_tokens, describe_prompt '
+                             'from the node\'s params file (e.g. config/vlm.yaml); the options below override it')
     engine.add_argument('--model', help='LLaVA checkpoint directory or hub id (required offline)')
     engine.add_argument('--vision-tower', dest='vision_tower',
                         help='LLaVA-Mini only: local CLIP directory when the checkpoint names its tower by hub id')
+    engine.add_argument('--max-pixels', dest='max_pixels', type=_positive_int,
+                        help='Qwen2.5-VL only: the most pixels a frame is resized to (full visual tokens = '
+                             'max_pixels / 784; default: the processor\'s)')
     engine.add_argument('--device', help='auto|cpu|cuda|cuda:N')
     engine.add_argument('--dtype', help='auto|float16|bfloat16|float32')
     engine.add_argument('--dominant-ratio', type=float, help='share of the budget given to dominant tokens')
     engine.add_argument('--max-new-tokens', type=_positive_int, help='answer length limit in tokens')
     parser.add_argument('--describe-prompt', help='scene description prompt (default: the node\'s)')
-    _add_ray_options(parser)
+
+
+def _add_live_arguments(parser: argparse.ArgumentParser) -> None:
+    """Live mode: playing the bag into a running vlm_node."""
     live = parser.add_argument_group('live mode (plays the bag into a running vlm_node)')
     live.add_argument('--live', action='store_true', help='replay into a running node instead of offline')
     live.add_argument('--rate', type=_positive_float, default=1.0, help='playback rate factor (default 1)')
@@ -68,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help='seconds before a service call counts as timed out (default 60)')
     live.add_argument('--wait', type=_positive_float, default=30.0,
                       help='seconds to wait for the node\'s services at start (default 30)')
-    return parser
 
 
-def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """Offline on Ray: frames evaluated by Ray workers, each holding one engine."""
     fleet = parser.add_argument_group('Ray (offline): frames evaluated by Ray workers, each holding one engine')
     fleet.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS',
                        help='run on Ray: alone, a local Ray instance for this run (loopback only); "auto" or '
@@ -104,6 +121,31 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _check_mode_options(args: argparse.Namespace, questions: list) -> None:
+    """Options that only one mode (offline, --live, --ray) reads, refused in the others."""
+    if args.ray is None and (args.workers != 1 or args.gpus_per_worker or args.threads_per_worker):
+        raise ReplayError('--workers, --threads-per-worker and --gpus-per-worker apply to --ray runs: add --ray '
+                          '(Ray on this machine) or --ray ADDRESS (a cluster)')
+    if args.live:
+        if args.ray is not None:
+            raise ReplayError('--ray applies to offline replay; a --live run asks the running node: drop one')
+        if args.every != 1:
+            raise ReplayError('--every applies to offline replay; in --live mode use --period to set how '
+                              'often the node is asked')
+        if args.resume:
+            raise ReplayError('--resume applies to offline replay; a live run cannot be repeated exactly: '
+                              'use a new --out')
+        if args.foxglove:
+            raise ReplayError('--foxglove applies to offline replay (the overlays come from the engine\'s '
+                              'own tokens): run without --live')
+        if any(question.several_images for question in questions):
+            raise ReplayError('questions over several images (topics or history) are evaluated offline: '
+                              'remove them from the questions file for --live, or run without --live')
+    elif args.foxglove and args.resume:
+        raise ReplayError('--foxglove records the frames a run evaluates; a resumed run skips the done ones: '
+                          'write the MCAP in a run without --resume')
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -111,21 +153,8 @@ def main(argv=None) -> int:
         budgets = evaluation_points(parse_budgets(args.budgets), args.reducers)
         questions = load_questions(args.questions) if args.questions else []
         labels = load_labels(args.labels) if args.labels else []
-        if args.ray is None and (args.workers != 1 or args.gpus_per_worker or args.threads_per_worker):
-            raise ReplayError('--workers, --threads-per-worker and --gpus-per-worker apply to --ray runs: add --ray (Ray on this machine) '
-                              'or --ray ADDRESS (a cluster)')
+        _check_mode_options(args, questions)
         if args.live:
-            if args.ray is not None:
-                raise ReplayError('--ray applies to offline replay; a --live run asks the running node: drop one')
-            if args.every != 1:
-                raise ReplayError('--every applies to offline replay; in --live mode use --period to set how '
-                                  'often the node is asked')
-            if args.resume:
-                raise ReplayError('--resume applies to offline replay; a live run cannot be repeated exactly: '
-                                  'use a new --out')
-            if any(question.several_images for question in questions):
-                raise ReplayError('questions over several images (topics or history) are evaluated offline: '
-                                  'remove them from the questions file for --live, or run without --live')
             from zip_vlm_ros.replay.live import run_live
 
             return run_live(args, budgets, questions, labels)

@@ -189,8 +189,8 @@ def _image_set(item: dict, where: str) -> tuple[tuple[str, ...], History | None]
 
 
 # Node parameters that decide the answers, read from a node params file for offline replay.
-NODE_ENGINE_PARAMETERS = ('model', 'vision_tower', 'device', 'dtype', 'dominant_ratio', 'max_new_tokens',
-                          'describe_prompt')
+NODE_ENGINE_PARAMETERS = ('model', 'vision_tower', 'max_pixels', 'device', 'dtype', 'dominant_ratio',
+                          'max_new_tokens', 'describe_prompt')
 
 
 def load_node_parameters(path: str | os.PathLike) -> dict[str, Any]:

@@ -13,10 +13,12 @@ import numpy as np
 from zip_vlm_ros.replay.bag import (Bag, Frame, FrameSelector, SkippedFrame, damaged_frames, decode_frame, open_bag,
                                     resolve_topics)
 from zip_vlm_ros.replay.console import note, progress_bar, warn
+from zip_vlm_ros.replay.foxglove import FoxgloveRecording
+from zip_vlm_ros.replay.html_report import HTML_REPORT_FILE, save_frame_images, write_html_report
 from zip_vlm_ros.replay.image_set_questions import ImageSetQuestions, image_set_topics
 from zip_vlm_ros.replay.inputs import (FULL_BUDGET, NODE_ENGINE_PARAMETERS, Label, Question, ReplayError,
                                        budget_tokens, load_node_parameters, point_budget, point_reducer)
-from zip_vlm_ros.replay.report import format_stamp, write_report
+from zip_vlm_ros.replay.report import AGREEMENT_PLOT, LATENCY_PLOT, format_stamp, write_report
 from zip_vlm_ros.replay.results import (REPORT_FILE, RESULTS_FILE, ResultsWriter, check_resumed_run, output_row,
                                         prepare_out_dir, result_key, write_run_file)
 from zip_vlm_ros.replay.storage import DamagedRegion
@@ -50,6 +52,7 @@ def load_engine(settings: dict):
 
     ratio = settings['dominant_ratio']
     values = {'model': str(settings['model']), 'vision_tower': settings['vision_tower'] or None,
+              'max_pixels': settings['max_pixels'] or None,
               'device': settings['device'], 'dtype': settings['dtype'],
               'contextual_ratio': None if ratio is None else 1.0 - ratio, 'max_new_tokens': settings['max_new_tokens']}
     config = EngineConfig(**{key: value for key, value in values.items() if value is not None})
@@ -153,17 +156,24 @@ class OfflineEvaluation:
         self.warmed_up = False
         self.progress = None
         self.writer = None
+        self.foxglove_path = getattr(args, 'foxglove', None)
+        self.foxglove: FoxgloveRecording | None = None
 
     def run(self) -> int:
         interrupted = False
         self.writer = ResultsWriter(self.out_dir / RESULTS_FILE)
         self.progress = progress_bar(self._estimated_total(), 'frame-budgets')
+        if self.foxglove_path:
+            self.foxglove = FoxgloveRecording(self.foxglove_path)
         try:
             self._read_bag()
         except KeyboardInterrupt:
             interrupted = True
         finally:
             self.writer.close()
+            if self.foxglove is not None:
+                self.foxglove.close()
+                note(f'Foxglove recording in {self.foxglove_path}')
             if not interrupted and self.progress.total is not None:
                 self.progress.total = self.progress.n  # the estimate becomes exact
             self.progress.close()
@@ -232,14 +242,24 @@ class OfflineEvaluation:
         if any(todo_by_budget.values()):
             warm_up_prompt = None if self.warmed_up else self.run_info['describe_prompt']
             self.warmed_up = True
-            self._record(*evaluate_frame(self.engine, frame, todo_by_budget, warm_up_prompt=warm_up_prompt))
+            self._record(frame, evaluate_frame(self.engine, frame, todo_by_budget, warm_up_prompt=warm_up_prompt))
         self.progress.update(len(self.budgets))
 
-    def _record(self, rows: list[dict], skipped: list[SkippedFrame]) -> None:
-        """One frame's answers into results.jsonl, and its budgets the engine refused into the report."""
-        for frame in skipped:
-            self.skipped.append(frame)
-            warn(f'{frame.topic} frame {frame.index} at {format_stamp(frame.stamp_ns)}, {frame.reason}')
+    def _record(self, frame: Frame, evaluated: FrameEvaluation) -> None:
+        """One frame's answers into results.jsonl (and its images, and the Foxglove recording), and its
+        budgets the engine refused into the report."""
+        for skipped in evaluated.skipped:
+            self.skipped.append(skipped)
+            warn(f'{skipped.topic} frame {skipped.index} at {format_stamp(skipped.stamp_ns)}, {skipped.reason}')
+        if self.foxglove is not None:
+            self.foxglove.add_frame(frame)
+        rows = []
+        for point in evaluated.points:
+            rows += [output_row(frame, point.budget, output, kind=kind, expect=expect)
+                     for kind, expect, output in zip(point.kinds, point.expects, point.outputs)]
+            save_frame_images(self.out_dir, frame, point.budget, point.outputs[0].provenance)
+            if self.foxglove is not None:
+                self.foxglove.add_point(frame, point.budget, point.outputs, point.kinds)
         self._write_rows(rows)
 
     def _finish(self, interrupted: bool) -> int:
@@ -254,10 +274,11 @@ class OfflineEvaluation:
                 problems.append(f'no frame of {topic} could be evaluated (selection empty or every frame malformed)')
                 warn(problems[-1])
         all_rows = self.done_rows + self.new_rows
-        write_report(self.out_dir, all_rows, self.skipped, self.run_info, problems=problems, partial=partial,
-                     labels=self.labels)
+        summaries = write_report(self.out_dir, all_rows, self.skipped, self.run_info, problems=problems,
+                                 partial=partial, labels=self.labels)
+        write_html_report(self.out_dir, all_rows, summaries, [LATENCY_PLOT, AGREEMENT_PLOT])
         note(f'{len(self.new_rows)} new answers ({len(self.done_rows)} from earlier runs), {len(self.skipped)} '
-             f'skipped frames; report in {self.out_dir / REPORT_FILE}')
+             f'skipped frames; report in {self.out_dir / REPORT_FILE} and {self.out_dir / HTML_REPORT_FILE}')
         if self.bag.stopped:
             warn(f'{self.bag.stopped}; the report covers the frames before it', level='error')
             return EXIT_BAG_UNREADABLE
@@ -267,15 +288,31 @@ class OfflineEvaluation:
         return EXIT_OK if all_rows else EXIT_NOTHING_EVALUATED
 
 
+@dataclasses.dataclass
+class EvaluatedPoint:
+    """One (reducer, budget) point of a frame: the engine's outputs (``VlmOutput``) for its prompts, in order."""
+    budget: str
+    kinds: list[str]
+    expects: list[tuple]
+    outputs: list
+
+
+@dataclasses.dataclass
+class FrameEvaluation:
+    """What an engine gave for one frame: its evaluated points, and a SkippedFrame per budget it refused."""
+    points: list[EvaluatedPoint]
+    skipped: list[SkippedFrame]
+
+
 def evaluate_frame(engine, frame: Frame, todo_by_budget: dict[str, list[tuple]], *,
-                   warm_up_prompt: str | None = None) -> tuple[list[dict], list[SkippedFrame]]:
-    """A frame's result rows at every budget (all prompts of a budget sharing the image prefix), and a
-    SkippedFrame per budget the engine refused. `warm_up_prompt` is given on an engine's first frame."""
+                   warm_up_prompt: str | None = None) -> FrameEvaluation:
+    """A frame at every budget (all prompts of a budget sharing the image prefix). `warm_up_prompt` is
+    given on an engine's first frame."""
     from zip_vlm_ros.engine import EngineError
 
     if warm_up_prompt is not None:
         _warm_up(engine, frame.rgb, list(todo_by_budget), warm_up_prompt)
-    rows, skipped = [], []
+    evaluated = FrameEvaluation([], [])
     for budget, todo in todo_by_budget.items():
         if not todo:
             continue
@@ -289,12 +326,12 @@ def evaluate_frame(engine, frame: Frame, todo_by_budget: dict[str, list[tuple]],
                 # model) are each timed from scratch instead of sharing one prefix.
                 frame_key=(frame.topic, frame.index, budget))
         except EngineError as error:
-            skipped.append(SkippedFrame(frame.topic, frame.index, frame.stamp_ns, frame.log_ns,
-                                        f'budget {budget}: {error}'))
+            evaluated.skipped.append(SkippedFrame(frame.topic, frame.index, frame.stamp_ns, frame.log_ns,
+                                                  f'budget {budget}: {error}'))
             continue
-        rows += [output_row(frame, budget, output, kind=kind, expect=expect)
-                 for (_, kind, expect), output in zip(todo, outputs)]
-    return rows, skipped
+        evaluated.points.append(EvaluatedPoint(budget, [kind for _, kind, _ in todo],
+                                               [expect for _, _, expect in todo], outputs))
+    return evaluated
 
 
 def _warm_up(engine, rgb: np.ndarray, budgets: list[str], prompt: str) -> None:

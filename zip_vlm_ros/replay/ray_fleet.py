@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from zip_vlm_ros.replay.bag import Frame, SkippedFrame
 from zip_vlm_ros.replay.console import note, warn
 from zip_vlm_ros.replay.inputs import Label, Question, ReplayError
-from zip_vlm_ros.replay.offline import (OfflineEvaluation, engine_facts, engine_settings, evaluate_frame, load_engine,
-                                        open_selection, start_run)
+from zip_vlm_ros.replay.offline import (FrameEvaluation, OfflineEvaluation, engine_facts, engine_settings,
+                                        evaluate_frame, load_engine, open_selection, start_run)
 
 LOCAL_CLUSTER = 'local'
 WORKER_NAMESPACE = 'zip_vlm_ros.replay'
@@ -46,7 +46,7 @@ class FrameWorker:
     def facts(self) -> dict:
         return engine_facts(self.engine)
 
-    def evaluate(self, frame: Frame, todo_by_budget: dict) -> tuple[list[dict], list[SkippedFrame]]:
+    def evaluate(self, frame: Frame, todo_by_budget: dict) -> FrameEvaluation:
         warm_up_prompt = None if self.warmed_up else self.describe_prompt
         self.warmed_up = True
         return evaluate_frame(self.engine, frame, todo_by_budget, warm_up_prompt=warm_up_prompt)
@@ -108,8 +108,8 @@ class WorkerPool:
         task.attempts += 1
         self.running[self.actors[index].evaluate.remote(task.frame, task.todo_by_budget)] = (index, task)
 
-    def next_done(self) -> tuple[FrameTask, tuple | None]:
-        """Wait for a frame to end: its task and (rows, skipped), or None when its worker died (the
+    def next_done(self) -> tuple[FrameTask, FrameEvaluation | None]:
+        """Wait for a frame to end: its task and evaluation, or None when its worker died (the
         worker is replaced, and the caller re-queues the frame)."""
         [ref], _ = self.ray.wait(list(self.running), num_returns=1)
         index, task = self.running.pop(ref)
@@ -166,14 +166,15 @@ class RayEvaluation(OfflineEvaluation):
                 return
             task, result = self.pool.next_done()
             if result is not None:
-                self._record(*result)
+                self._record(task.frame, result)
                 self.progress.update(len(self.budgets))
             elif task.attempts < MAX_ATTEMPTS:
                 self.waiting.appendleft(task)
             else:
                 frame = task.frame
-                self._record([], [SkippedFrame(frame.topic, frame.index, frame.stamp_ns, frame.log_ns,
-                                               f'all budgets: {MAX_ATTEMPTS} Ray workers died on this frame')])
+                self._record(frame, FrameEvaluation([], [SkippedFrame(
+                    frame.topic, frame.index, frame.stamp_ns, frame.log_ns,
+                    f'all budgets: {MAX_ATTEMPTS} Ray workers died on this frame')]))
                 self.progress.update(len(self.budgets))
 
 

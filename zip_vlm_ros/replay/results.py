@@ -77,7 +77,9 @@ def output_row(frame: Any, budget: str, output: Any, *, kind: str, expect: tuple
     the label names none: the engine's default, or "none" when nothing was reduced)."""
     row = {'topic': frame.topic, 'index': frame.index, 'stamp_ns': frame.stamp_ns, 'budget': budget,
            'reducer': point_reducer(budget) or output.reduction, 'kind': kind, 'expect': list(expect)}
-    row.update(dataclasses.asdict(output))
+    # The provenance (numpy arrays per patch) is drawn as overlays, never stored in the rows.
+    row.update(dataclasses.asdict(dataclasses.replace(output, provenance=None)))
+    del row['provenance']
     return row
 
 

@@ -3,6 +3,7 @@
     vlm_demo                          # tiny random checkpoint (built once into the cache dir)
     vlm_demo --preset tiny-next       # the same as LLaVA-NeXT (AnyRes crops)
     vlm_demo --preset tiny-mini       # the same as LLaVA-Mini (one visual token per image)
+    vlm_demo --preset tiny-qwen2.5-vl # the same as Qwen2.5-VL (dynamic resolution, M-RoPE, DivPrune)
     vlm_demo --model /models/llava-1.5-7b-hf --token-budget 64
 
 Builds (or reuses) a tiny LLaVA checkpoint, starts vlm_node as a separate process, streams real
@@ -18,6 +19,7 @@ DDS stays on this machine (ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) in a random 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -27,11 +29,19 @@ from zip_vlm_ros.client import DOMAIN_IDS, use_local_ros_domain
 
 # Offline presets: (largest full visual-token count per image, default budget). tiny: 56x56 pixels in
 # 14x14 patches; tiny-next: a base crop and up to a 2x2 grid of them, the budget is 8 tokens per crop;
-# tiny-mini: LLaVA-Mini's one compressed token per image, which no budget changes.
-PRESET_TOKENS = {'tiny': (16, 8), 'tiny-next': (88, 40), 'tiny-mini': (1, 1)}
+# tiny-mini: LLaVA-Mini's one compressed token per image, which no budget changes; tiny-qwen2.5-vl: up to
+# 36 merged tokens (max_pixels 168x168), reduced by DivPrune (Qwen2.5-VL has no CLS token for VisionZip).
+PRESET_TOKENS = {'tiny': (16, 8), 'tiny-next': (88, 40), 'tiny-mini': (1, 1), 'tiny-qwen2.5-vl': (36, 12)}
+PRESET_REDUCERS = {'tiny-qwen2.5-vl': 'divprune'}
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
 COLUMNS = ('call', 'camera', 'prompt', 'budget', 'visual', 'gen', 'vision', 'reduce', 'prefill',
            'decode', 'total ms', 'age ms', 'reused', 'answer')
+
+
+def traces_visual_tokens(model: str) -> bool:
+    """Whether the checkpoint's family reports which patches each visual token stands for (LLaVA-1.5 so far)."""
+    config = pathlib.Path(model) / 'config.json'
+    return config.is_file() and json.loads(config.read_text()).get('model_type') == 'llava'
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -45,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                         'checkpoint, random weights: its answers are gibberish)')
     parser.add_argument('--preset', choices=sorted(PRESET_TOKENS), default='tiny',
                         help='offline checkpoint without --model: tiny (LLaVA-1.5 style), tiny-next '
-                             '(LLaVA-NeXT style) or tiny-mini (LLaVA-Mini style) (default: %(default)s)')
+                             '(LLaVA-NeXT style), tiny-mini (LLaVA-Mini style) or tiny-qwen2.5-vl (Qwen2.5-VL) '
+                             '(default: %(default)s)')
     parser.add_argument('--cache-dir', type=pathlib.Path, default=default_cache_dir(),
                         help='where the tiny checkpoint and the node log go (default: %(default)s)')
     parser.add_argument('--domain-id', type=int, choices=DOMAIN_IDS, metavar='N',
@@ -83,6 +94,8 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Returns the exit status: 0 when every call succeeded and the node exited cleanly."""
+    from sensor_msgs.msg import Image
+
     from zip_vlm_ros.client import NodeProcess, VlmClient, use_large_frames_profile
     from zip_vlm_ros.srv import DescribeScene
 
@@ -99,9 +112,12 @@ def run_demo(args: argparse.Namespace) -> int:
         if not client.wait_for_service(DescribeScene, '~/describe_scene', args.timeout):
             print(f'[demo] vlm_node did not come up; its log:\n{node.log()}', file=sys.stderr)
             return 1
+        overlays = client.collect(Image, '/demo/zip_vlm/visual_tokens/image')
         streamers = stream_photos(client)
         time.sleep(1.5)  # a few frames in, so the first call has one
         calls.run_all(full_budget=None if args.model else PRESET_TOKENS[args.preset][0])
+        calls.save_overlay(overlays, args.cache_dir / 'visual_tokens.png',
+                           required=traces_visual_tokens(parameters['model']))
     finally:
         for streamer in streamers:
             streamer.stop()
@@ -125,9 +141,11 @@ def node_parameters(args: argparse.Namespace) -> dict:
     token_budget = args.token_budget or (None if args.model else PRESET_TOKENS[args.preset][1])
     parameters = {'model': model, 'cameras': ['front', 'rear'], 'camera.front.topic': 'front/image_raw',
                   'max_new_tokens': args.max_new_tokens, 'max_image_age_s': 5.0,
-                  'request_timeout_s': args.timeout}
+                  'request_timeout_s': args.timeout, 'publish_visual_tokens': True}
     if token_budget is not None:
         parameters['token_budget'] = token_budget
+    if not args.model and args.preset in PRESET_REDUCERS:
+        parameters['reducer'] = PRESET_REDUCERS[args.preset]
     return parameters
 
 
@@ -163,6 +181,27 @@ class DemoCalls:
             for result in getattr(response, 'results', None) or [response.result]:
                 self.rows.append(result_row(call, result))
         return response
+
+    def save_overlay(self, overlays: list, path: pathlib.Path, required: bool) -> None:
+        """The first answer's overlay the node published on ~/visual_tokens/image, as a PNG at `path`.
+
+        `required`: the model's family traces its visual tokens, so a missing overlay is a failure."""
+        from PIL import Image
+
+        from zip_vlm_ros.client import wait_until
+        from zip_vlm_ros.node.conversions import image_to_rgb
+
+        # Published before its answer; the node answered already, so it is in flight or here.
+        if not wait_until(lambda: bool(overlays), 10.0 if required else 2.0):
+            if required:
+                self.failures.append('no overlay arrived on /demo/zip_vlm/visual_tokens/image')
+            else:
+                print('[demo] no overlay: this model family does not trace its visual tokens yet (LLaVA-1.5 does)',
+                      flush=True)
+            return
+        Image.fromarray(image_to_rgb(overlays[0])).save(path)
+        print(f'[demo] what the model saw in the first answer (kept patches bright, merged groups tinted): {path}',
+              flush=True)
 
     def run_all(self, full_budget: int | None) -> None:
         """`full_budget`: the preset's largest full count; None: the first answer's own full count."""

@@ -22,6 +22,11 @@ Presets:
   tiny-mini, bench-mini  LLaVA-Mini (one compressed token per image, 4 pre-fusion layers) with the tiny
          and bench presets' tower and Llama, in the layout of the released LLaVA-Mini checkpoint
          (``zip_vlm_ros.tools.tiny_model_mini``), so they load through the code that loads the real one.
+  tiny-qwen2.5-vl  Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``, ``zip_vlm_ros.tools.tiny_model_qwen``):
+         a 3-layer window-attention tower (full attention in the last), 2x2 merger, a 2-layer M-RoPE LLM,
+         images of up to 36 merged tokens (168x168 px).
+  bench-qwen2.5-vl  Qwen2.5-VL-3B's vision geometry (patch 14, merge 2, window 112, 32 layers, full
+         attention at 7/15/23/31) with a narrow tower and the bench preset's LLM; max_pixels 1280*28*28.
 
 The text they generate is meaningless; they exist to exercise and time the pipeline.
 """
@@ -37,6 +42,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
 
+from zip_vlm_ros.tools.tiny_model_qwen import QWEN_PRESETS, write_qwen_checkpoint
 from zip_vlm_ros.tools.tokenizer import IMAGE_TOKEN, train_tokenizer
 
 # Written last: its presence means the directory holds a complete checkpoint of that preset.
@@ -195,8 +201,8 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0) -> pathlib.Pa
     so a reader never sees a half-written one and concurrent builders do not collide.
     Raises ValueError for an unknown preset or an `out_dir` that holds something else.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset not in PRESETS and preset not in QWEN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join([*PRESETS, *QWEN_PRESETS])}")
     out_dir = pathlib.Path(out_dir).expanduser().absolute()
     if _is_complete(out_dir, preset, seed):
         return out_dir
@@ -206,11 +212,13 @@ def build_checkpoint(out_dir, preset: str = "tiny", seed: int = 0) -> pathlib.Pa
         raise ValueError(f"{out_dir} already holds {found}; give an empty or new directory for the "
                          f"{preset!r} checkpoint with seed {seed}")
 
-    spec = PRESETS[preset]
+    spec = PRESETS[preset] if preset in PRESETS else QWEN_PRESETS[preset]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        if spec.compressor_size is None:
+        if preset in QWEN_PRESETS:
+            write_qwen_checkpoint(staging, spec, seed)
+        elif spec.compressor_size is None:
             _write_llava_checkpoint(staging, spec, seed)
         else:
             from zip_vlm_ros.tools.tiny_model_mini import write_mini_checkpoint
@@ -261,11 +269,12 @@ def main(argv=None) -> int:
                     "is meaningless.",
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to create (empty or new)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+    parser.add_argument("--preset", choices=sorted([*PRESETS, *QWEN_PRESETS]), default="tiny",
                         help="tiny: seconds to build and run; bench: LLaVA-1.5 token geometry and "
                              "cost proportions; tiny-next, bench-next: the same as LLaVA-NeXT (AnyRes "
                              "crops) checkpoints; tiny-mini, bench-mini: the same as LLaVA-Mini "
-                             "checkpoints (default: %(default)s)")
+                             "checkpoints; tiny-qwen2.5-vl, bench-qwen2.5-vl: Qwen2.5-VL checkpoints "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="weight init seed (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -273,6 +282,13 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"vlm_tiny_model: {error}", file=sys.stderr)
         return 2
+    if args.preset in QWEN_PRESETS:
+        qwen = QWEN_PRESETS[args.preset]
+        print(f"{path}: {args.preset} Qwen2.5-VL checkpoint with random weights (seed {args.seed}), up to "
+              f"{qwen.max_pixels} px per image ({qwen.max_pixels // (qwen.patch_size * qwen.merge_size) ** 2} merged "
+              f"visual tokens), {qwen.vision_layers}-layer vision tower, {qwen.text_layers}-layer "
+              f"{qwen.text_hidden_size}-wide LLM")
+        return 0
     spec = PRESETS[args.preset]
     patches = (spec.image_size // spec.patch_size) ** 2
     family = "LLaVA" if spec.grid_pinpoints is None else "LLaVA-NeXT (AnyRes)"
