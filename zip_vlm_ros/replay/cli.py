@@ -15,7 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog='vlm_replay',
         description='Evaluate visual-token budgets on a rosbag2 recording: scene descriptions and questions '
                     'per frame and budget, with results.jsonl, summary.csv, report.md and plots in --out.')
-    parser.add_argument('bag', help='rosbag2 directory (with metadata.yaml) or a .mcap/.db3 file')
+    parser.add_argument('bags', nargs='+', metavar='BAG',
+                        help='rosbag2 directory (with metadata.yaml), .mcap/.db3 file, or a folder of bags; offline, '
+                             'several in one run (frames are (bag, topic, index); report per bag and overall)')
     parser.add_argument('--out', required=True, help='directory for results.jsonl, summary.csv, report.md, plots')
     parser.add_argument('--topics', nargs='+', metavar='TOPIC', help='image topics to evaluate (default: all)')
     parser.add_argument('--questions', metavar='FILE',
@@ -97,6 +99,9 @@ def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                        help='--ray: number of workers (engines); torch threads are split between them (default 1)')
     fleet.add_argument('--threads-per-worker', type=_positive_int, metavar='T',
                        help='--ray: torch threads of each worker (default: the CPUs split between the workers)')
+    fleet.add_argument('--frames-per-task', type=_positive_int, metavar='K',
+                       help='--ray: frames sent to a worker at once (default 4): fewer Ray round trips per frame; '
+                            'a worker that dies re-runs at most K frames')
     fleet.add_argument('--gpus-per-worker', type=_positive_float, metavar='G',
                        help='--ray: GPUs each worker reserves on the cluster (use with --device cuda)')
 
@@ -123,10 +128,14 @@ def _positive_float(text: str) -> float:
 
 def _check_mode_options(args: argparse.Namespace, questions: list) -> None:
     """Options that only one mode (offline, --live, --ray) reads, refused in the others."""
-    if args.ray is None and (args.workers != 1 or args.gpus_per_worker or args.threads_per_worker):
-        raise ReplayError('--workers, --threads-per-worker and --gpus-per-worker apply to --ray runs: add --ray '
-                          '(Ray on this machine) or --ray ADDRESS (a cluster)')
+    if args.ray is None and (args.workers != 1 or args.gpus_per_worker or args.threads_per_worker
+                             or args.frames_per_task):
+        raise ReplayError('--workers, --threads-per-worker, --frames-per-task and --gpus-per-worker apply to --ray '
+                          'runs: add --ray (Ray on this machine) or --ray ADDRESS (a cluster)')
     if args.live:
+        if len(args.bags) > 1:
+            raise ReplayError(f'--live plays one bag into the node, got {len(args.bags)}: run once per bag, or '
+                              f'evaluate them together offline (without --live)')
         if args.ray is not None:
             raise ReplayError('--ray applies to offline replay; a --live run asks the running node: drop one')
         if args.every != 1:
@@ -157,6 +166,7 @@ def main(argv=None) -> int:
         if args.live:
             from zip_vlm_ros.replay.live import run_live
 
+            args.bag = args.bags[0]
             return run_live(args, budgets, questions, labels)
         if args.ray is not None:
             from zip_vlm_ros.replay.ray_fleet import run_on_ray
