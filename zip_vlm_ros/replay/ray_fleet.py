@@ -1,6 +1,7 @@
-"""Offline replay on Ray (``vlm_replay --ray``): frames are sent to Ray actors that each hold one engine;
-their rows stream back and the driver alone writes results.jsonl and the report, exactly as the
-single-process run does. A worker that dies has its unfinished frames run again on another worker.
+"""Offline replay on Ray (``vlm_replay --ray``): frames are sent, several per task, to Ray actors that
+each hold one engine; their rows stream back and the driver alone writes results.jsonl and the reports,
+exactly as the single-process run does. A worker that dies has its unfinished tasks run again on another
+worker. A local Ray instance (no address) listens on 127.0.0.1 only.
 
 Ray is optional: nothing but ``vlm_replay --ray`` imports this module, and it imports ``ray`` only when
 the run starts."""
@@ -74,7 +75,7 @@ class FrameTask:
 
 
 class WorkerPool:
-    """The run's actors and the frames they hold; replaces an actor that died and hands its frames on."""
+    """The run's actors and the tasks they hold; replaces an actor that died and hands its tasks on."""
 
     def __init__(self, args: argparse.Namespace, settings: dict):
         import ray
