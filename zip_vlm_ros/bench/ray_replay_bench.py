@@ -3,12 +3,16 @@ torch thread per worker, the two commands alternated in each repeat so that a bu
 
 Each command is timed whole, as a user waits for it (Ray start, model loads, the frames, the report);
 the Ray start-up (instance and workers ready, which the command prints) is reported beside it, and
-frames/s is the evaluated frames over the whole command's wall clock.
+frames/s is the evaluated frames over the whole command's wall clock. Beside it, how much parallel CPU
+the machine gives this process right now: the same pure-Python loop in 2 processes at once against 1
+(2.0x on two free cores; on a machine shared with other jobs, or under a CPU quota, less). 2 Ray workers
+cannot beat 1 by more than that.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import pathlib
 import re
@@ -52,9 +56,28 @@ def run_replay(args: argparse.Namespace, workers: int, out: pathlib.Path) -> dic
             'frames': frames, 'frames_per_s': frames / wall_s}
 
 
+def _spin(iterations: int) -> float:
+    start = time.perf_counter()
+    total = 0
+    for step in range(iterations):
+        total += step * step
+    return time.perf_counter() - start
+
+
+def parallel_cpu(iterations: int = 20_000_000) -> float:
+    """Work done per second by 2 processes at once over 1 process alone (2.0 on two free cores)."""
+    alone_s = _spin(iterations)
+    with multiprocessing.Pool(2) as pool:
+        start = time.perf_counter()
+        pool.map(_spin, [iterations, iterations])
+        together_s = time.perf_counter() - start
+    return 2 * alone_s / together_s
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     load_start = os.getloadavg()[0]
+    cpu_before = parallel_cpu()
     runs = []
     with tempfile.TemporaryDirectory(prefix='ray_replay_bench_') as scratch:
         for repeat in range(args.repeats):
@@ -72,6 +95,8 @@ def main(argv=None) -> int:
     ratios = [two['frames_per_s'] / one['frames_per_s'] for one, two in zip(ones, twos)]
     print('\nframes/s, 2 workers / 1 worker, per repeat: ' + ', '.join(f'{ratio:.2f}x' for ratio in ratios)
           + f' (range {min(ratios):.2f}-{max(ratios):.2f}x; target >= 1.6x)')
+    print(f'parallel CPU available (2 processes / 1, pure Python): {cpu_before:.2f}x at start, '
+          f'{parallel_cpu():.2f}x at end')
     print(f'load average (1 min): {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end')
     return 0
 
