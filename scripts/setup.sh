@@ -23,10 +23,11 @@ py=$venv/bin/python
 
 # 1. pinned dependencies
 req_stamp=$venv/.zip_vlm_ros.requirements
-req_digest=$(digest requirements.txt requirements-ml.txt)
+req_digest=$(digest requirements.txt requirements-ml.txt requirements-ray.txt)
 if [ "$(cat "$req_stamp" 2>/dev/null)" != "$req_digest" ]; then
-  say "installing pinned dependencies (requirements.txt, requirements-ml.txt)"
-  "$py" -m pip install --quiet --disable-pip-version-check -r requirements.txt
+  say "installing pinned dependencies (requirements.txt, requirements-ml.txt, requirements-ray.txt)"
+  # Ray is optional for users (vlm_replay --ray only); installed here so that its tests run in CI.
+  "$py" -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-ray.txt
   echo "$req_digest" > "$req_stamp"
 else
   say "dependencies up to date"

@@ -187,7 +187,7 @@ def test_resume_names_what_differs_from_the_run_it_continues(tmp_path, capsys, c
     cases = [
         ([other_bag.path, out, tiny_model_dir, '--max-frames', 1, '--topics', RAW_TOPIC], 'bag_files was'),
         ([clean_bags['mcap'].path, out, tiny_model_dir, '--max-frames', 1, '--topics', COMPRESSED_TOPIC],
-         f'topics was ["{RAW_TOPIC}"] and is now ["{COMPRESSED_TOPIC}"]'),
+         f'topics was {{"mcap": ["{RAW_TOPIC}"]}} and is now {{"mcap": ["{COMPRESSED_TOPIC}"]}}'),  # per bag
     ]
     for (bag, *rest), message in cases:
         capsys.readouterr()

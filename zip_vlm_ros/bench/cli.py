@@ -7,6 +7,7 @@
 ``vlm_bench --concurrent N [...]`` N requests decoded together against one at a time (``concurrent_bench``)
 ``vlm_bench --reducers A,B [...]`` the visual-token reducers side by side at 64 tokens (``reducer_bench``)
 ``vlm_bench --provenance [...]``   what tracing visual tokens to frame patches costs (``provenance_bench``)
+``vlm_bench --replay-ray [...]``   vlm_replay --ray, 2 workers against 1 (``ray_replay_bench``)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ __all__ = ["main"]
 
 # flag -> module of zip_vlm_ros.bench with a main(argv); imported on demand (the node bench needs rclpy)
 MODES = {"--node": "node_bench", "--multi-image": "multi_image_bench", "--mini": "mini_bench",
-         "--reducers": "reducer_bench", "--provenance": "provenance_bench"}
+         "--reducers": "reducer_bench", "--provenance": "provenance_bench", "--replay-ray": "ray_replay_bench"}
 
 
 def main(argv=None) -> int:

@@ -40,6 +40,7 @@ class Frame:
     stamp_ns: int          # header stamp (the bag's log time when the header stamp is zero)
     log_ns: int
     rgb: np.ndarray        # (height, width, 3) uint8
+    bag: str = ''          # the bag's label in a run over several bags (its name; see replay.bags)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class SkippedFrame:
     stamp_ns: int | None   # None when the message could not even be deserialised
     log_ns: int | None
     reason: str
+    bag: str = ''          # as Frame.bag
 
 
 class Bag:
@@ -266,29 +268,63 @@ def stamp_ns_of(message: Any) -> int:
     return int(stamp.sec) * 10**9 + int(stamp.nanosec)
 
 
-def decode_frame(typestore, message: BagMessage) -> Frame | SkippedFrame:
-    """Deserialise one bag message and decode its pixels; a SkippedFrame says why when that fails."""
+def decode_frame(typestore, message: BagMessage, bag: str = '') -> Frame | SkippedFrame:
+    """Deserialise one bag message and decode its pixels; a SkippedFrame says why when that fails. `bag`
+    is the label of the bag the message came from."""
     from zip_vlm_ros.node.conversions import ImageConversionError, message_to_rgb
 
     try:
         decoded = typestore.deserialize_cdr(message.raw, message.msgtype)
     except Exception as error:  # rosbags raises struct/index/value errors on truncated or garbled CDR
         return SkippedFrame(message.topic, message.index, None, message.log_ns,
-                            f'message cannot be deserialised as {message.msgtype} ({type(error).__name__}: {error})')
+                            f'message cannot be deserialised as {message.msgtype} ({type(error).__name__}: {error})',
+                            bag)
     stamp_ns = stamp_ns_of(decoded) or message.log_ns
     try:
         rgb = message_to_rgb(decoded)
     except ImageConversionError as error:
-        return SkippedFrame(message.topic, message.index, stamp_ns, message.log_ns, str(error))
-    return Frame(message.topic, message.index, stamp_ns, message.log_ns, rgb)
+        return SkippedFrame(message.topic, message.index, stamp_ns, message.log_ns, str(error), bag)
+    return Frame(message.topic, message.index, stamp_ns, message.log_ns, rgb, bag)
 
 
-def damaged_frames(region: DamagedRegion, topics: list[str]) -> list[SkippedFrame]:
+def damaged_frames(region: DamagedRegion, topics: list[str], bag: str = '') -> list[SkippedFrame]:
     """The skipped-frame rows of a damaged region: one per lost message of an evaluated topic, or one for
     the region when the damage hides which messages it held."""
     reason = f'damaged: {region.file} {region.where}: {region.reason}'
     if not region.lost:
-        return [SkippedFrame('', None, None, None, reason)]
+        return [SkippedFrame('', None, None, None, reason, bag)]
     indices = region.lost_indices or (None,) * len(region.lost)
-    return [SkippedFrame(topic, index, None, log_ns, reason)
+    return [SkippedFrame(topic, index, None, log_ns, reason, bag)
             for (topic, log_ns), index in zip(region.lost, indices) if topic in topics]
+
+
+def expand_bag_paths(paths: list[str | os.PathLike]) -> list[pathlib.Path]:
+    """The bags of a run, in the order given: a bag (directory or storage file) stands for itself; a folder
+    of bags (no metadata.yaml and no storage file of its own) for the bags directly inside it, by name:
+    folders holding metadata.yaml or storage files, and .mcap/.db3 files."""
+    bags: list[pathlib.Path] = []
+    for path in map(pathlib.Path, paths):
+        if path.is_dir() and not _is_bag_dir(path):
+            inside = sorted(child for child in path.iterdir()
+                            if _is_bag_dir(child) or (child.is_file() and child.suffix in STORAGE_SUFFIXES))
+            # An empty folder stays one (broken) bag: open_bag says what a bag folder must hold.
+            bags += inside or [path]
+        else:
+            bags.append(path)
+    repeated = sorted({str(path) for path in bags if bags.count(path) > 1})
+    if repeated:
+        raise ReplayError(f'bag(s) {", ".join(repeated)} given more than once: pass each bag once')
+    return bags
+
+
+def _is_bag_dir(path: pathlib.Path) -> bool:
+    return path.is_dir() and ((path / 'metadata.yaml').is_file()
+                              or any(file.suffix in STORAGE_SUFFIXES for file in path.iterdir()))
+
+
+def bag_labels(paths: list[pathlib.Path]) -> list[str]:
+    """A short unique name per bag for rows, reports and --resume: the bag's file or folder name (without
+    a .mcap/.db3 suffix), or its whole path where two bags share a name. It stays the same when the
+    bags move, so a moved run still resumes."""
+    names = [path.stem if path.suffix in STORAGE_SUFFIXES else path.name for path in paths]
+    return [name if names.count(name) == 1 else str(path) for name, path in zip(names, paths)]

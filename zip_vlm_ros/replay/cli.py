@@ -15,7 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog='vlm_replay',
         description='Evaluate visual-token budgets on a rosbag2 recording: scene descriptions and questions '
                     'per frame and budget, with results.jsonl, summary.csv, report.md and plots in --out.')
-    parser.add_argument('bag', help='rosbag2 directory (with metadata.yaml) or a .mcap/.db3 file')
+    parser.add_argument('bags', nargs='+', metavar='BAG',
+                        help='rosbag2 directory (with metadata.yaml), .mcap/.db3 file, or a folder of bags; offline, '
+                             'several in one run (frames are (bag, topic, index); report per bag and overall)')
     parser.add_argument('--out', required=True, help='directory for results.jsonl, summary.csv, report.md, plots')
     parser.add_argument('--topics', nargs='+', metavar='TOPIC', help='image topics to evaluate (default: all)')
     parser.add_argument('--questions', metavar='FILE',
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='continue an earlier run in --out, skipping work already in results.jsonl')
     _add_engine_arguments(parser)
     _add_live_arguments(parser)
+    _add_ray_arguments(parser)
     return parser
 
 
@@ -86,6 +89,23 @@ def _add_live_arguments(parser: argparse.ArgumentParser) -> None:
                       help='seconds to wait for the node\'s services at start (default 30)')
 
 
+def _add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """Offline on Ray: frames evaluated by Ray workers, each holding one engine."""
+    fleet = parser.add_argument_group('Ray (offline): frames evaluated by Ray workers, each holding one engine')
+    fleet.add_argument('--ray', nargs='?', const='local', metavar='ADDRESS',
+                       help='run on Ray: alone, a local Ray instance for this run (loopback only); "auto" or '
+                            'ray://host:port joins an existing cluster (needs requirements-ray.txt)')
+    fleet.add_argument('--workers', type=_positive_int, default=1, metavar='N',
+                       help='--ray: number of workers (engines); torch threads are split between them (default 1)')
+    fleet.add_argument('--threads-per-worker', type=_positive_int, metavar='T',
+                       help='--ray: torch threads of each worker (default: the CPUs split between the workers)')
+    fleet.add_argument('--frames-per-task', type=_positive_int, metavar='K',
+                       help='--ray: frames sent to a worker at once (default 4): fewer Ray round trips per frame; '
+                            'a worker that dies re-runs at most K frames')
+    fleet.add_argument('--gpus-per-worker', type=_positive_float, metavar='G',
+                       help='--ray: GPUs each worker reserves on the cluster (use with --device cuda)')
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -106,6 +126,35 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _check_mode_options(args: argparse.Namespace, questions: list) -> None:
+    """Options that only one mode (offline, --live, --ray) reads, refused in the others."""
+    if args.ray is None and (args.workers != 1 or args.gpus_per_worker or args.threads_per_worker
+                             or args.frames_per_task):
+        raise ReplayError('--workers, --threads-per-worker, --frames-per-task and --gpus-per-worker apply to --ray '
+                          'runs: add --ray (Ray on this machine) or --ray ADDRESS (a cluster)')
+    if args.live:
+        if len(args.bags) > 1:
+            raise ReplayError(f'--live plays one bag into the node, got {len(args.bags)}: run once per bag, or '
+                              f'evaluate them together offline (without --live)')
+        if args.ray is not None:
+            raise ReplayError('--ray applies to offline replay; a --live run asks the running node: drop one')
+        if args.every != 1:
+            raise ReplayError('--every applies to offline replay; in --live mode use --period to set how '
+                              'often the node is asked')
+        if args.resume:
+            raise ReplayError('--resume applies to offline replay; a live run cannot be repeated exactly: '
+                              'use a new --out')
+        if args.foxglove:
+            raise ReplayError('--foxglove applies to offline replay (the overlays come from the engine\'s '
+                              'own tokens): run without --live')
+        if any(question.several_images for question in questions):
+            raise ReplayError('questions over several images (topics or history) are evaluated offline: '
+                              'remove them from the questions file for --live, or run without --live')
+    elif args.foxglove and args.resume:
+        raise ReplayError('--foxglove records the frames a run evaluates; a resumed run skips the done ones: '
+                          'write the MCAP in a run without --resume')
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -113,25 +162,16 @@ def main(argv=None) -> int:
         budgets = evaluation_points(parse_budgets(args.budgets), args.reducers)
         questions = load_questions(args.questions) if args.questions else []
         labels = load_labels(args.labels) if args.labels else []
+        _check_mode_options(args, questions)
         if args.live:
-            if args.every != 1:
-                raise ReplayError('--every applies to offline replay; in --live mode use --period to set how '
-                                  'often the node is asked')
-            if args.resume:
-                raise ReplayError('--resume applies to offline replay; a live run cannot be repeated exactly: '
-                                  'use a new --out')
-            if args.foxglove:
-                raise ReplayError('--foxglove applies to offline replay (the overlays come from the engine\'s '
-                                  'own tokens): run without --live')
-            if any(question.several_images for question in questions):
-                raise ReplayError('questions over several images (topics or history) are evaluated offline: '
-                                  'remove them from the questions file for --live, or run without --live')
             from zip_vlm_ros.replay.live import run_live
 
+            args.bag = args.bags[0]
             return run_live(args, budgets, questions, labels)
-        if args.foxglove and args.resume:
-            raise ReplayError('--foxglove records the frames a run evaluates; a resumed run skips the done ones: '
-                              'write the MCAP in a run without --resume')
+        if args.ray is not None:
+            from zip_vlm_ros.replay.ray_fleet import run_on_ray
+
+            return run_on_ray(args, budgets, questions, labels)
         return run_offline(args, budgets, questions, labels)
     except ReplayError as error:
         warn(str(error), level='error')

@@ -20,8 +20,8 @@ from zip_vlm_ros.engine.overlay import draw_overlay
 from zip_vlm_ros.replay.inputs import FULL_BUDGET
 from zip_vlm_ros.replay.metrics import SUMMARY_COLUMNS
 
-__all__ = ["HTML_REPORT_FILE", "IMAGES_DIR", "image_path", "save_frame_images", "save_image_set_overlays",
-           "write_html_report"]
+__all__ = ["HTML_REPORT_FILE", "IMAGES_DIR", "file_name_of", "image_path", "save_frame_images",
+           "save_image_set_overlays", "write_html_report"]
 
 HTML_REPORT_FILE = 'report.html'
 IMAGES_DIR = 'images'
@@ -34,21 +34,29 @@ td img { max-width: 320px; display: block; }
 """
 
 
-def image_path(out_dir: pathlib.Path, topic: str, index: int, point: str = '') -> pathlib.Path:
-    """Where the frame (`point` empty) or its overlay at `point` is saved under --out."""
+def image_path(out_dir: pathlib.Path, topic: str, index: int, point: str = '', bag: str = '') -> pathlib.Path:
+    """Where the frame (`point` empty) or its overlay at `point` is saved under --out (in a folder per
+    bag when the frame has a bag label)."""
     name = re.sub(r'[^A-Za-z0-9]+', '_', topic).strip('_') + f'_{index}' + (
         '_' + re.sub(r'[^A-Za-z0-9]+', '_', point) if point else '')
-    return out_dir / IMAGES_DIR / f'{name}.png'
+    folder = out_dir / IMAGES_DIR
+    return (folder / file_name_of(bag) if bag else folder) / f'{name}.png'
+
+
+def file_name_of(label: str) -> str:
+    """A bag label as a file or folder name (letters, digits, dots and dashes; the rest as _)."""
+    return re.sub(r'[^A-Za-z0-9.-]+', '_', label).strip('_') or '_'
 
 
 def save_frame_images(out_dir: pathlib.Path, frame, point: str, provenance) -> None:
     """Save `frame`'s image (once) and its overlay at `point` (when the family traces its tokens)."""
-    frame_path = image_path(out_dir, frame.topic, frame.index)
-    frame_path.parent.mkdir(exist_ok=True)
+    frame_path = image_path(out_dir, frame.topic, frame.index, bag=frame.bag)
+    frame_path.parent.mkdir(parents=True, exist_ok=True)
     if not frame_path.exists():
         Image.fromarray(frame.rgb).save(frame_path)
     if provenance is not None:
-        Image.fromarray(draw_overlay(frame.rgb, provenance)).save(image_path(out_dir, frame.topic, frame.index, point))
+        Image.fromarray(draw_overlay(frame.rgb, provenance)).save(image_path(out_dir, frame.topic, frame.index, point,
+                                                                              frame.bag))
 
 
 def save_image_set_overlays(out_dir: pathlib.Path, anchor, group: list, point: str, output) -> list[str]:
@@ -57,8 +65,8 @@ def save_image_set_overlays(out_dir: pathlib.Path, anchor, group: list, point: s
     paths = []
     for number, (frame, image) in enumerate(zip(group, output.images)):
         if image.provenance is not None:
-            path = image_path(out_dir, anchor.topic, anchor.index, f'{point} image{number}')
-            path.parent.mkdir(exist_ok=True)
+            path = image_path(out_dir, anchor.topic, anchor.index, f'{point} image{number}', anchor.bag)
+            path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(draw_overlay(frame.rgb, image.provenance)).save(path)
             paths.append(str(path.relative_to(out_dir)))
     return paths
@@ -89,18 +97,20 @@ def _format(value) -> str:
 
 
 def _frame_rows(out_dir: pathlib.Path, rows: list[dict], points: list[str]) -> list[str]:
-    frames = sorted({(row['stamp_ns'], row['topic'], row['index']) for row in rows})
+    frames = sorted({(row.get('bag', ''), row['stamp_ns'], row['topic'], row['index']) for row in rows})
     lines = ['<table id="frames"><tr><th>frame</th>' + ''.join(f'<th>{html.escape(p)}</th>' for p in points)
              + '</tr>']
-    for stamp_ns, topic, index in frames:
-        label = f'{topic} frame {index} at {stamp_ns / 1e9:.3f} s'
-        cells = [f'<td>{_embedded(image_path(out_dir, topic, index), label)}<p>{html.escape(label)}</p></td>']
+    for bag, stamp_ns, topic, index in frames:
+        label = (f'{bag}: ' if bag else '') + f'{topic} frame {index} at {stamp_ns / 1e9:.3f} s'
+        cells = [f'<td>{_embedded(image_path(out_dir, topic, index, bag=bag), label)}'
+                 f'<p>{html.escape(label)}</p></td>']
         for point in points:
-            answers = [row for row in rows if (row['topic'], row['index'], row['budget']) == (topic, index, point)]
+            answers = [row for row in rows
+                       if (row.get('bag', ''), row['topic'], row['index'], row['budget']) == (bag, topic, index, point)]
             answers.sort(key=lambda row: row['kind'] != 'describe')
             text = '\n'.join(f'{row["prompt"]}\n-> {row["text"]}' for row in answers)
             tokens = f'{answers[0]["visual_tokens"]} visual tokens\n' if answers else ''
-            cells.append(f'<td>{_embedded(image_path(out_dir, topic, index, point), f"{label}, {point}")}'
+            cells.append(f'<td>{_embedded(image_path(out_dir, topic, index, point, bag), f"{label}, {point}")}'
                          f'<div class="answers">{html.escape(tokens + text)}</div></td>')
         lines.append('<tr class="frame">' + ''.join(cells) + '</tr>')
     return lines + ['</table>']
@@ -122,9 +132,11 @@ def _image_set_rows(out_dir: pathlib.Path, rows: list[dict]) -> list[str]:
     return lines + ['</table>']
 
 
-def write_html_report(out_dir: pathlib.Path, rows: list[dict], summaries: list[dict], plots: list[str]) -> pathlib.Path:
+def write_html_report(out_dir: pathlib.Path, rows: list[dict], summaries: list[dict], plots: list[str], *,
+                      images_dir: pathlib.Path | None = None) -> pathlib.Path:
     """report.html for the rows of results.jsonl (one table row per frame, then one per answer over several
-    images); `plots` are PNG file names in `out_dir` embedded after the summary."""
+    images); `plots` are PNG file names in `out_dir` embedded after the summary; the frames' PNGs are read
+    from `images_dir` (the run's --out, where ``save_frame_images`` put them; default `out_dir`)."""
     frame_rows = [row for row in rows if row.get('kind') in ('describe', 'question') and 'index' in row]
     points = list(dict.fromkeys(row['budget'] for row in frame_rows))
     points.sort(key=lambda point: point != FULL_BUDGET)  # the reference first, the rest in run order
@@ -135,8 +147,8 @@ def write_html_report(out_dir: pathlib.Path, rows: list[dict], summaries: list[d
     body += ['<h2>Per frame</h2>', '<p>Overlays: the frame dimmed; patches a kept visual token stands for at full '
              'brightness with a yellow outline; each merged group tinted in its own colour; the crop the vision '
              'tower saw outlined in cyan.</p>']
-    body += _frame_rows(out_dir, frame_rows, points)
-    body += _image_set_rows(out_dir, [row for row in rows if row.get('kind') == 'images'])
+    body += _frame_rows(images_dir or out_dir, frame_rows, points)
+    body += _image_set_rows(images_dir or out_dir, [row for row in rows if row.get('kind') == 'images'])
     body += ['</body></html>']
     path = out_dir / HTML_REPORT_FILE
     path.write_text('\n'.join(body) + '\n', encoding='utf-8')

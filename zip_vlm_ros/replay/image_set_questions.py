@@ -144,10 +144,10 @@ class ImageSetQuestions:
         from zip_vlm_ros.engine import EngineError, ImageInput
 
         for budget in self.budgets:
-            if (anchor.topic, anchor.index, budget, question.question) in self.done_keys:
+            if (anchor.bag, anchor.topic, anchor.index, budget, question.question) in self.done_keys:
                 continue
             per_image = budget_tokens(budget, self.engine.family.base_tokens_full)
-            inputs = [ImageInput(frame.rgb, label, key=(frame.topic, frame.index, budget))
+            inputs = [ImageInput(frame.rgb, label, key=(frame.bag, frame.topic, frame.index, budget))
                       for frame, label in zip(group, labels)]
             try:
                 output = self.engine.generate_images(inputs, [question.question], token_budget=per_image * len(inputs),
@@ -163,5 +163,6 @@ class ImageSetQuestions:
             self.write([row])
 
     def _skip(self, anchor: Frame, reason: str) -> None:
-        self.skipped.append(SkippedFrame(anchor.topic, anchor.index, anchor.stamp_ns, anchor.log_ns, reason))
+        self.skipped.append(SkippedFrame(anchor.topic, anchor.index, anchor.stamp_ns, anchor.log_ns, reason,
+                                         anchor.bag))
         warn(f'skipped {anchor.topic} frame {anchor.index} at {format_stamp(anchor.stamp_ns)}: {reason}')

@@ -230,21 +230,24 @@ class Label:
     question: str | None          # None: the scene description
     answer: str | None
     keywords: tuple[str, ...] = ()
+    bag: str | None = None        # a run over several bags: the bag's label (None: the label fits any bag)
 
     def matches(self, row: dict, describe_prompt: str) -> bool:
         prompt = describe_prompt if self.question is None else self.question
         if row['topic'] != self.topic or row['prompt'] != prompt:
+            return False
+        if self.bag is not None and row.get('bag') != self.bag:
             return False
         return row.get('index') == self.index if self.index is not None else row.get('stamp_ns') == self.stamp_ns
 
 
 LABELS_EXAMPLE = ('e.g. "- topic: /camera/front/image_raw\\n  index: 0\\n  question: Is there a person?\\n  '
                   'answer: yes\\n  keywords: [yes, person]"')
-LABEL_KEYS = {'topic', 'index', 'stamp', 'question', 'answer', 'keywords'}
+LABEL_KEYS = {'bag', 'topic', 'index', 'stamp', 'question', 'answer', 'keywords'}
 
 
 def load_labels(path: str | os.PathLike) -> list[Label]:
-    """Read a labels file: a YAML list of ``{topic, index | stamp, question?, answer?, keywords?}``.
+    """Read a labels file: a YAML list of ``{bag?, topic, index | stamp, question?, answer?, keywords?}``.
 
     ``stamp`` is the header stamp as ``"sec.nanosec"`` or integer nanoseconds; without ``question``
     the label is for the scene description. Each label needs an answer, keywords, or both.
@@ -285,9 +288,13 @@ def _label(item: dict, where: str) -> Label:
         raise ReplayError(f'{where}: "keywords" must be a list of non-empty words, got {keywords!r}')
     if answer is None and not keywords:
         raise ReplayError(f'{where} has neither "answer" nor "keywords": give at least one')
+    bag = item.get('bag')
+    if bag is not None and (not isinstance(bag, str) or not bag.strip()):
+        raise ReplayError(f'{where}: "bag" must be the bag\'s name as the report lists it, got {bag!r}')
     return Label(topic if topic.startswith('/') else '/' + topic, index, stamp_ns,
                  None if question is None else question.strip(),
-                 None if answer is None else str(answer).strip(), tuple(str(k).strip() for k in keywords))
+                 None if answer is None else str(answer).strip(), tuple(str(k).strip() for k in keywords),
+                 None if bag is None else bag.strip())
 
 
 def parse_stamp(value: Any, where: str) -> int:

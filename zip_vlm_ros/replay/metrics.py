@@ -120,7 +120,7 @@ def is_fresh(row: dict) -> bool:
 
 
 def frame_id(row: dict) -> tuple:
-    return row['topic'], row.get('index')
+    return row.get('bag', ''), row['topic'], row.get('index')
 
 
 def summarize(rows: list[dict], budgets: list[str], *, live: bool = False, labels: list[Label] = (),

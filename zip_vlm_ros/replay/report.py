@@ -10,7 +10,7 @@ import numpy as np
 
 from zip_vlm_ros.replay.bag import SkippedFrame
 from zip_vlm_ros.replay.inputs import FULL_BUDGET, Label, point_budget, point_reducer
-from zip_vlm_ros.replay.metrics import (LATENCY_FIELDS, MIN_SAMPLES_FOR_P95, SUMMARY_COLUMNS, summarize,
+from zip_vlm_ros.replay.metrics import (LATENCY_FIELDS, MIN_SAMPLES_FOR_P95, SUMMARY_COLUMNS, frame_id, summarize,
                                         summarize_image_sets)
 from zip_vlm_ros.replay.results import REPORT_FILE, RESULTS_FILE, SUMMARY_FILE
 
@@ -240,14 +240,16 @@ def write_report(out_dir: pathlib.Path, rows: list[dict], skipped: list[SkippedF
                 'an answer. Service latency is measured by the caller from request to response. Image age is '
                 'the bag time at the response minus the header stamp of the frame the answer is about.']
     lines += ['', f'![latency vs budget]({LATENCY_PLOT})', '', f'![agreement vs budget]({AGREEMENT_PLOT})']
-    lines += _skipped_lines(skipped) + _failure_lines(rows) + _example_lines(rows, summaries)
+    lines += _skipped_lines(skipped, several_bags=len(run.get('bags', {})) > 1)
+    lines += _failure_lines(rows) + _example_lines(rows, summaries)
     (out_dir / REPORT_FILE).write_text('\n'.join(lines) + '\n', encoding='utf-8')
     return summaries
 
 
 def _run_lines(rows: list[dict], skipped: list[SkippedFrame], run: dict, problems: list[str]) -> list[str]:
     answered = [row for row in rows if row.get('status', 'ok') == 'ok']
-    frames_per_topic = Counter(topic for topic, _ in {(row['topic'], row.get('index')) for row in answered})
+    frames = {(row.get('bag', ''), row['topic'], row.get('index')) for row in answered}
+    frames_per_topic = Counter(topic for _, topic, _ in frames)
     if run['mode'] == 'live':
         lines = [f'- mode: live, bag `{run["bag"]}` played at rate {run["rate"]:g} into node `{run["node_name"]}` '
                  f'(camera `{run["camera"] or "node default"}`), one round of requests every {run["ask_period_s"]:g} s '
@@ -259,7 +261,10 @@ def _run_lines(rows: list[dict], skipped: list[SkippedFrame], run: dict, problem
                  f'- model: `{run["model"]}` on {run["device"]} ({run["dtype"]}) with the node\'s settings, max new '
                  f'tokens {run["max_new_tokens"]}, greedy decoding']
     else:
-        lines = [f'- mode: offline, bag `{run["bag"]}`',
+        bags = run.get('bags', {})
+        lines = [f'- mode: offline, bag `{run["bag"]}`' if len(bags) < 2 else
+                 f'- mode: offline, {len(bags)} bags (per-bag reports in `bags/`): '
+                 + ', '.join(f'`{label}` {sum(bag == label for bag, _, _ in frames)} frames' for label in bags),
                  f'- model: `{run["model"]}` on {run["device"]} ({run["dtype"]}), VisionZip dominant ratio '
                  f'{run["dominant_ratio"]:.4g}, max new tokens {run["max_new_tokens"]}, greedy decoding']
     questions = run['questions']
@@ -295,11 +300,12 @@ def _reading_guide(run: dict, summaries: list[dict]) -> str:
             + warning)
 
 
-def _skipped_lines(skipped: list[SkippedFrame]) -> list[str]:
+def _skipped_lines(skipped: list[SkippedFrame], *, several_bags: bool) -> list[str]:
     if not skipped:
         return []
     lines = ['', '## Skipped frames', '', '| topic | index | stamp | reason |', '|---|---|---|---|']
-    return lines + [f'| {frame.topic or "—"} | {"—" if frame.index is None else frame.index} '
+    return lines + [f'| {f"{frame.bag}: " if several_bags else ""}{frame.topic or "—"} '
+                    f'| {"—" if frame.index is None else frame.index} '
                     f'| {format_stamp(frame.stamp_ns)} | {_cell(frame.reason)} |' for frame in skipped]
 
 
@@ -321,8 +327,8 @@ def _example_lines(rows: list[dict], summaries: list[dict]) -> list[str]:
     answered = [row for row in rows if row.get('status', 'ok') == 'ok']
     if not answered:
         return []
-    first = min(answered, key=lambda row: (row['stamp_ns'], row['topic'], row.get('index') or 0))
-    example = [row for row in answered if (row['topic'], row.get('index')) == (first['topic'], first.get('index'))]
+    first = min(answered, key=lambda row: (row['stamp_ns'], row.get('bag', ''), row['topic'], row.get('index') or 0))
+    example = [row for row in answered if frame_id(row) == frame_id(first)]
     order = {s['budget']: position for position, s in enumerate(summaries)}
     example.sort(key=lambda row: (row['kind'] != 'describe', row['prompt'], order.get(row['budget'], 0)))
     lines = ['', f'## Example answers ({first["topic"]} frame {first.get("index")} at '

@@ -22,9 +22,9 @@ ROW_KEYS = {'topic', 'index', 'budget', 'prompt'}
 
 
 def result_key(row: dict) -> tuple:
-    """What identifies one piece of work (and one answer) in results.jsonl: the frame is its topic and
-    index in the bag, never its stamp alone (several images may share one stamp)."""
-    return row['topic'], row['index'], row['budget'], row['prompt']
+    """What identifies one piece of work (and one answer) in results.jsonl: the frame is its bag (label),
+    topic and index in that bag, never its stamp alone (several images, or bags, may share one stamp)."""
+    return row.get('bag', ''), row['topic'], row['index'], row['budget'], row['prompt']
 
 
 def load_results(path: pathlib.Path) -> list[dict]:
@@ -75,7 +75,7 @@ def output_row(frame: Any, budget: str, output: Any, *, kind: str, expect: tuple
     """One results.jsonl row from a bag Frame and an engine VlmOutput. `budget` is the point label
     ('64', or 'divprune@64' with --reducers); `reducer` the reducer asked for (the output's reduction when
     the label names none: the engine's default, or "none" when nothing was reduced)."""
-    row = {'topic': frame.topic, 'index': frame.index, 'stamp_ns': frame.stamp_ns, 'budget': budget,
+    row = {'bag': frame.bag, 'topic': frame.topic, 'index': frame.index, 'stamp_ns': frame.stamp_ns, 'budget': budget,
            'reducer': point_reducer(budget) or output.reduction, 'kind': kind, 'expect': list(expect)}
     # The provenance (numpy arrays per patch; per image for several images) is drawn as overlays, never
     # stored in the rows.
