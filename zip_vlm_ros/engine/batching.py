@@ -19,8 +19,9 @@ its ``should_stop`` (cancel, deadline) or an error in its own prefill; the other
 positions (the leaving row is removed from the batch, and padding columns no row needs any more are
 dropped). The batch's cache layers (``RoomyLayer``) are views of buffers with room for ``GROWTH`` more
 positions, written in place: transformers' DynamicLayer copies the whole cache with ``torch.cat`` on every
-step, which for four rows was 14% of a step on the bench preset. A request with several prompts (``generate_many``) answers them in order: when one prompt's
-row ends, the next prompt is prefilled and joins in its place.
+step, which for four rows was 14% of a step on the bench preset. A request with several prompts
+(``generate_many``) answers them in order: when one prompt's row ends, the next prompt is prefilled and
+joins in its place.
 
 Each row keeps its own token chooser (sampling options, a generator seeded afresh per prompt), stream
 (``on_token``) and stop check, so its answer does not depend on which rows run beside it. In float32 a
