@@ -206,3 +206,42 @@ def test_other_families_batch_exactly(request, model_dir):
         assert [r.outputs[0].text for r in requests] == alone
     finally:
         engine.close()
+
+
+def test_a_roomy_layer_holds_what_torch_cat_would_and_leaves_its_inputs_alone():
+    """A batch's cache layer written in place for more steps than its spare room holds (it regrows)."""
+    from zip_vlm_ros.engine.batching import GROWTH, RoomyLayer
+
+    generator = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 3, 5, 4, generator=generator), torch.randn(2, 3, 5, 4, generator=generator)
+    keys_before, values_before = keys.clone(), values.clone()
+    layer = RoomyLayer(keys, values)
+    expected_keys, expected_values = keys, values
+    for _ in range(GROWTH + 7):
+        new_keys, new_values = torch.randn(2, 3, 1, 4, generator=generator), torch.randn(2, 3, 1, 4, generator=generator)
+        got_keys, got_values = layer.update(new_keys, new_values)
+        expected_keys = torch.cat([expected_keys, new_keys], dim=-2)
+        expected_values = torch.cat([expected_values, new_values], dim=-2)
+        assert torch.equal(got_keys, expected_keys) and torch.equal(got_values, expected_values)
+    assert layer.get_seq_length() == 5 + GROWTH + 7
+    assert layer.key_buffer.shape[-2] > GROWTH + 12   # it grew once: the first buffer had room for 5 + GROWTH
+    assert torch.equal(keys, keys_before) and torch.equal(values, values_before)
+
+
+def test_rows_decoding_past_the_spare_room_stay_exact(tiny_model_dir):
+    """Rows longer than one growth of the batch's buffers, joining at different steps, answer as alone."""
+    from zip_vlm_ros.engine.batching import GROWTH
+
+    engine = VlmEngine(EngineConfig(model=str(tiny_model_dir), device="cpu", max_new_tokens=GROWTH + 20))
+    try:
+        # An end token outside the vocabulary: every row runs its whole max_new_tokens, alone and batched.
+        engine.generator.eos_token_ids = {engine.model.config.text_config.vocab_size + 1}
+        cases = [("astronaut", "What is in the image?", GROWTH + 20), ("coffee", "Is the path clear?", GROWTH + 5),
+                 ("rocket", "What color is the sky?", 9)]
+        alone = [engine.generate(IMAGES[name], prompt, max_new_tokens=new) for name, prompt, new in cases]
+        requests = [engine.open_request(IMAGES[name], [prompt], max_new_tokens=new) for name, prompt, new in cases]
+        assert run_batch(engine, requests, join_at=[0, 3, GROWTH - 2]) == 3
+        assert [r.outputs[0].generated_tokens for r in requests] == [new for _, _, new in cases]
+        assert [r.outputs[0].text for r in requests] == [output.text for output in alone]
+    finally:
+        engine.close()

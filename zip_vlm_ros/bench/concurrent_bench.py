@@ -114,6 +114,28 @@ def measure_single_decode(engine: VlmEngine, request: tuple, budget: int, max_ne
             "decode_ms_per_token": output.decode_ms / max(1, output.generated_tokens - 1)}
 
 
+def measure_linear_rows(engine: VlmEngine, max_rows: int, repeats: int, calls: int = 10) -> dict[int, float]:
+    """Milliseconds of one of the LLM's largest linear layers (its first MLP up-projection) on 1..`max_rows`
+    rows, interleaved, minimum of `repeats`: what one decode step's matrix products cost per batch size.
+
+    A decode step is mostly these products; when the per-call time grows with the rows, batching gains
+    less than "read the weights once per step" suggests (on CPU the BLAS kernel changes with the rows).
+    """
+    weight = max((module.weight for module in engine.model.modules() if isinstance(module, torch.nn.Linear)),
+                 key=lambda weight: weight.numel())                                     # [out, in]
+    inputs = torch.randn(max_rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    times: dict[int, list[float]] = {rows: [] for rows in range(1, max_rows + 1)}
+    clock = engine.clock
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first round warms up
+            for rows, samples in times.items():
+                start = clock.now()
+                for _ in range(calls):
+                    torch.nn.functional.linear(inputs[:rows], weight)
+                samples.append(clock.ms_since(start) / calls)
+    return {rows: min(samples[1:]) for rows, samples in times.items()}
+
+
 def run_benchmark(args) -> dict:
     if args.model is None:
         args.model = str(build_checkpoint(default_model_dir(), preset="bench"))
@@ -135,6 +157,7 @@ def run_benchmark(args) -> dict:
             mode: functools.partial(measure_single_decode, engine, requests[0], budget, args.max_new_tokens,
                                     mode == "batch of one")
             for mode in ("batch of one", "generate")}, args.repeats, track_memory=False)
+        linear_rows = measure_linear_rows(engine, args.concurrent, args.repeats)
         speedup = measured["batched"]["tokens_per_s"] / measured["serial"]["tokens_per_s"]
         single_ratio = (single["batch of one"]["decode_ms_per_token"] / single["generate"]["decode_ms_per_token"])
         targets = [SINGLE_TARGET.check(single_ratio)]
@@ -149,6 +172,7 @@ def run_benchmark(args) -> dict:
                            "tokens_per_s_serial": measured["serial"]["tokens_per_s"], "speedup": speedup,
                            "batched": measured["batched"], "serial": measured["serial"]},
             "single_request": {**single, "ratio": single_ratio},
+            "linear_rows_ms": linear_rows,
             "targets": targets,
             "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
         }
@@ -174,6 +198,9 @@ def format_report(results: dict) -> str:
     for mode in ("batch of one", "generate"):
         lines.append(f"{mode:<18} {results['single_request'][mode]['decode_ms_per_token']:>16.2f}")
     lines.append(f"ratio: {results['single_request']['ratio']:.3f}")
+    linear = results["linear_rows_ms"]
+    lines += ["", "largest linear layer, ms per call by rows: "
+              + "  ".join(f"{rows}: {ms:.1f} ({ms / linear[1]:.2f}x)" for rows, ms in linear.items())]
     lines += ["", "targets:"]
     for target in results["targets"]:
         lines.append(f"  {target['name']}: {target['ratio']:.2f}x (target {target['target']}) {target['result']}")
