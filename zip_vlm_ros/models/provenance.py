@@ -20,14 +20,21 @@ __all__ = ["CropBox", "TokenProvenance", "center_crop_box", "provenance_from_sou
 
 @dataclass(frozen=True)
 class CropBox:
-    """Where one square crop the vision tower encoded lies in the frame: pixels (may reach past the edge
-    for padded crops), and the crop's grid of ``side x side`` patches."""
+    """Where one crop the vision tower encoded lies in the frame: pixels (may reach past the edge for
+    padded crops), and the crop's grid of ``side x side`` patches (``side x columns`` when `columns` is
+    given: Qwen2.5-VL's whole resized frame, in merged tokens)."""
 
     top: float
     left: float
     height: float
     width: float
     side: int
+    columns: int = 0
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the crop's patch grid."""
+        return self.side, self.columns or self.side
 
 
 @dataclass
@@ -35,7 +42,7 @@ class TokenProvenance:
     """One image's visual tokens traced back to its frame.
 
     crops: the crops the tower encoded, in the order their patches are numbered.
-    token_of_patch: ``[len(crops), side, side]`` int32: the visual token (index in the order the LLM reads
+    token_of_patch: ``[len(crops), rows, columns]`` int32: the visual token (index in the order the LLM reads
         them) that patch ``(row, col)`` of a crop feeds, -1 for a patch no token stands for (dropped).
     group_sizes: ``[visual tokens]`` int32: how many patches each token stands for (1: a kept patch,
         > 1: a merged group, 0: a token of no patch, e.g. the CLS token VisionZip keeps).
@@ -64,25 +71,25 @@ def center_crop_box(image_size: tuple[int, int], shortest_edge: int, crop_size: 
 
 def provenance_from_sources(sources: torch.Tensor, crops: list[CropBox], first_patch: int) -> TokenProvenance:
     """``sources [tokens, S]`` bool (a reducer's ``ReducedTokens.sources`` for one image; its positions
-    ``first_patch .. first_patch + crops * side**2 - 1`` are the crops' patches in raster order, earlier
+    ``first_patch .. first_patch + crops * rows * columns - 1`` are the crops' patches in raster order, earlier
     positions such as CLS belong to no patch) -> the image's ``TokenProvenance``.
 
     A patch belongs to the first token that stands for it (reducers give each patch to at most one).
     """
-    side = crops[0].side
-    patch_count = len(crops) * side * side
+    rows, columns = crops[0].grid
+    patch_count = len(crops) * rows * columns
     patch_sources = sources[:, first_patch:first_patch + patch_count].cpu()  # [tokens, patches]
     covered = patch_sources.any(dim=0)
     owner = patch_sources.to(torch.uint8).argmax(dim=0)  # the first True per patch
     token_of_patch = torch.where(covered, owner, torch.full_like(owner, -1))
-    return TokenProvenance(list(crops), token_of_patch.numpy().astype(np.int32).reshape(len(crops), side, side),
+    return TokenProvenance(list(crops), token_of_patch.numpy().astype(np.int32).reshape(len(crops), rows, columns),
                            patch_sources.sum(dim=1).numpy().astype(np.int32))
 
 
 def provenance_of_all_patches(crops: list[CropBox], leading_tokens: int = 0) -> TokenProvenance:
     """No reduction: token ``leading_tokens + p`` is patch ``p`` (``leading_tokens`` CLS-like tokens first)."""
-    side = crops[0].side
-    patch_count = len(crops) * side * side
-    token_of_patch = (np.arange(patch_count, dtype=np.int32) + leading_tokens).reshape(len(crops), side, side)
+    rows, columns = crops[0].grid
+    patch_count = len(crops) * rows * columns
+    token_of_patch = (np.arange(patch_count, dtype=np.int32) + leading_tokens).reshape(len(crops), rows, columns)
     group_sizes = np.concatenate([np.zeros(leading_tokens, np.int32), np.ones(patch_count, np.int32)])
     return TokenProvenance(list(crops), token_of_patch, group_sizes)
