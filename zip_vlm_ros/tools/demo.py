@@ -30,18 +30,19 @@ from zip_vlm_ros.client import DOMAIN_IDS, use_local_ros_domain
 # Offline presets: (largest full visual-token count per image, default budget). tiny: 56x56 pixels in
 # 14x14 patches; tiny-next: a base crop and up to a 2x2 grid of them, the budget is 8 tokens per crop;
 # tiny-mini: LLaVA-Mini's one compressed token per image, which no budget changes; tiny-qwen2.5-vl: up to
-# 36 merged tokens (max_pixels 168x168), reduced by DivPrune (Qwen2.5-VL has no CLS token for VisionZip).
+# 36 merged tokens (max_pixels 168x168), reduced by VisionZip's received-attention variant (no CLS token).
 PRESET_TOKENS = {'tiny': (16, 8), 'tiny-next': (88, 40), 'tiny-mini': (1, 1), 'tiny-qwen2.5-vl': (36, 12)}
-PRESET_REDUCERS = {'tiny-qwen2.5-vl': 'divprune'}
+# The families whose adapters report which frame patches each visual token stands for.
+TRACING_MODEL_TYPES = ('llava', 'qwen2_5_vl')
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
 COLUMNS = ('call', 'camera', 'prompt', 'budget', 'visual', 'gen', 'vision', 'reduce', 'prefill',
            'decode', 'total ms', 'age ms', 'reused', 'answer')
 
 
 def traces_visual_tokens(model: str) -> bool:
-    """Whether the checkpoint's family reports which patches each visual token stands for (LLaVA-1.5 so far)."""
+    """Whether the checkpoint's family reports which patches each visual token stands for (LLaVA-1.5, Qwen2.5-VL)."""
     config = pathlib.Path(model) / 'config.json'
-    return config.is_file() and json.loads(config.read_text()).get('model_type') == 'llava'
+    return config.is_file() and json.loads(config.read_text()).get('model_type') in TRACING_MODEL_TYPES
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -144,8 +145,6 @@ def node_parameters(args: argparse.Namespace) -> dict:
                   'request_timeout_s': args.timeout, 'publish_visual_tokens': True}
     if token_budget is not None:
         parameters['token_budget'] = token_budget
-    if not args.model and args.preset in PRESET_REDUCERS:
-        parameters['reducer'] = PRESET_REDUCERS[args.preset]
     return parameters
 
 
