@@ -3,7 +3,7 @@
     vlm_demo                          # tiny random checkpoint (built once into the cache dir)
     vlm_demo --preset tiny-next       # the same as LLaVA-NeXT (AnyRes crops)
     vlm_demo --preset tiny-mini       # the same as LLaVA-Mini (one visual token per image)
-    vlm_demo --preset tiny-qwen2.5-vl # the same as Qwen2.5-VL (dynamic resolution, M-RoPE, DivPrune)
+    vlm_demo --preset tiny-qwen2.5-vl # the same as Qwen2.5-VL (dynamic resolution, M-RoPE, VisionZip)
     vlm_demo --model /models/llava-1.5-7b-hf --token-budget 64
 
 Builds (or reuses) a tiny LLaVA checkpoint, starts vlm_node as a separate process, streams real
