@@ -11,6 +11,7 @@ from node_helpers import publish_frame, running_node
 from zip_vlm_ros.client import wait_until
 from zip_vlm_ros.engine import EngineConfig, VlmEngine
 from zip_vlm_ros.engine.overlay import DIM, draw_overlay
+from zip_vlm_ros.engine.requests import ImageInput
 from zip_vlm_ros.models.qwen_tower_scores import encode_with_received_attention, scoring_layer
 from zip_vlm_ros.node.conversions import rgb_to_image
 from zip_vlm_ros.reducers import split_budget
@@ -155,6 +156,17 @@ def test_reused_prefix_answers_as_from_scratch(engine, budget):
     assert many[0].reduction == ("visionzip" if budget == 7 else "none")
     again = engine.generate(COFFEE, PROMPTS[1], token_budget=budget, frame_key=("qwen-visionzip", budget))
     assert again.prefix_reused and again.text == singles[1].text
+
+
+def test_labelled_images_with_cached_tokens_answer_as_uncached(engine):
+    images = [ImageInput(ODD, "rear", key="rear"), ImageInput(COFFEE, "front", key="front")]
+    fresh = engine.generate_images([ImageInput(item.image, item.label) for item in images], PROMPTS[:2],
+                                   token_budget=10)
+    first = engine.generate_images(images, PROMPTS[:2], token_budget=10)
+    second = engine.generate_images(images, PROMPTS[:2], token_budget=10)
+    assert [o.text for o in first] == [o.text for o in second] == [o.text for o in fresh]
+    assert [(image.visual_tokens, image.reduction) for image in first[0].images] == [(5, "visionzip")] * 2
+    assert second[0].prefix_reused
 
 
 @pytest.mark.parametrize("reducer, budget", [("visionzip", 7), ("divprune", 7), ("visionzip", 10_000)])
