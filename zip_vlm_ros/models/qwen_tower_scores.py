@@ -57,16 +57,18 @@ def encode_with_received_attention(qwen_model, pixel_values: torch.Tensor, image
     def keep_qkv(module, args, output):
         captured["qkv"] = output
 
+    # The window layout, computed once: the tower takes it from its kwargs instead of computing it again.
+    window_index, cu_window_seqlens = get_vision_window_index(image_grid_thw, visual.spatial_merge_size,
+                                                              visual.window_size, visual.patch_size)
     handles = [attention.register_forward_pre_hook(keep_call, with_kwargs=True),
                attention.qkv.register_forward_hook(keep_qkv)]
     try:
-        features = list(qwen_model.get_image_features(pixel_values=pixel_values,
-                                                      image_grid_thw=image_grid_thw).pooler_output)
+        features = list(qwen_model.get_image_features(
+            pixel_values=pixel_values, image_grid_thw=image_grid_thw, window_index=window_index,
+            cu_window_seqlens=cu_window_seqlens).pooler_output)
     finally:
         for handle in handles:
             handle.remove()
-    window_index, _ = get_vision_window_index(image_grid_thw, visual.spatial_merge_size, visual.window_size,
-                                              visual.patch_size)
     stock_order = torch.argsort(window_index.to(pixel_values.device))  # window position of each stock unit
     scores, keys = _window_scores_and_keys(attention, captured, visual.spatial_merge_unit, chunk)
     counts = [feature.shape[0] for feature in features]
