@@ -123,9 +123,14 @@ def test_peak_memory_counts_memory_freed_and_allocated_again():
 
 def test_parse_budgets():
     assert bench.parse_budgets("full, 192,064") == ["full", "192", "64"]
-    for bad, message in (("", "at least one"), ("full,0", "'0'"), ("64,abc", "'abc'"), ("64,064", "repeat")):
+    assert bench.parse_budgets("full,25%,010%") == ["full", "25%", "10%"]
+    for bad, message in (("", "at least one"), ("full,0", "'0'"), ("64,abc", "'abc'"), ("64,064", "repeat"),
+                         ("0%", "'0%'"), ("101%", "'101%'"), ("25%,025%", "repeat")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             bench.parse_budgets(bad)
+    # a share of the frame's full count, rounded, at least one token
+    assert [bench.resolve_budget(label, 1196) for label in ("full", "25%", "10%", "64", "1%")] == [1196, 299, 120, 64, 12]
+    assert bench.resolve_budget("1%", 32) == 1
 
 
 def test_bad_arguments_and_model_fail_with_one_line(tmp_path, capsys):
@@ -158,6 +163,35 @@ def test_llava_next_run_reports_crops_full_count_and_its_targets(tiny_next_model
     bounds = {target["name"]: target["target"] for target in results["targets"]}
     assert bounds["LLM prefill speed-up, stock generate / VisionZip"] == ">= 8x"
     assert bounds["frame KV-cache bytes, VisionZip / full tokens"] == "<= 0.07x"
+
+
+def test_qwen_run_reports_shares_of_the_frame_full_count_and_its_targets(tiny_qwen_model_dir, tmp_path):
+    json_path = tmp_path / "qwen.json"
+    exit_code = cli.main(["--model", str(tiny_qwen_model_dir), "--quick", "--image", "coffee-720p", "--no-questions",
+                          "--json", str(json_path)])
+    assert exit_code == 0
+    results = json.loads(json_path.read_text())
+    # 1280x720 on tiny-qwen2.5-vl (max_pixels 36 * 28 * 28): resized to 112x224, a 4x8 grid of merged tokens
+    assert (results["family"], results["crops"], results["image_size"]) == ("qwen2_5_vl", 1, [720, 1280])
+    assert results["visual_tokens_full"] == 32 == results["stock_generate"]["visual_tokens"]
+    # the Qwen defaults: full, 25% and 10% of the frame's full count, VisionZip (received attention) below it
+    rows = {row["budget"]: (row["visual_tokens"], row["reduction"]) for row in results["budgets"]}
+    assert rows == {"full": (32, "none"), "25%": (8, "visionzip"), "10%": (3, "visionzip")}
+    assert results["target_budget"] == "25%" and results["target_tokens"] == 8
+    assert set(results["vision_stage"]) == {"stock", "visionzip"}  # no reference-style row: that is CLIP code
+    assert {(row["kind"], row["budget"]) for row in results["floors"]} == {
+        ("first", "25%"), ("later", "full"), ("later", "25%"), ("decode", "25%")}
+    assert all(row["engine_ms"] > 0 and row["bare_ms"] > 0 for row in results["floors"])
+    bounds = {target["name"]: (target["target"], target["result"]) for target in results["targets"]}
+    assert bounds["LLM prefill speed-up, stock generate / VisionZip"][0] == ">= 3.5x"
+    assert bounds["time to first token speed-up, stock generate / VisionZip"][0] == ">= 3x"
+    assert bounds["frame KV-cache bytes, VisionZip / full tokens"][0] == "<= 0.3x"
+    assert bounds["vision stage time, VisionZip / stock features"][0] == "<= 1.15x"
+    assert bounds["vision stage speed-up, reference-style / VisionZip"][1] == "N/A"
+    assert all(result != "N/A" for name, (_, result) in bounds.items()
+               if "reference" not in name and "questions" not in name)
+    report = bench.format_report(results)
+    assert "VisionZip at 8 tokens" in report and "reference-style (eager" not in report
 
 
 def test_720p_frames_are_16_by_9_crops_of_the_photos():

@@ -83,3 +83,5 @@ def test_demo_runs_the_qwen2_5_vl_preset(tmp_path):
                if line.split()[:1] in (['surround'], ['history'])}
     assert several['surround'].startswith('24/') and several['history'].startswith('36/')
     assert (tmp_path / 'tiny-qwen2.5-vl' / 'config.json').is_file()
+    # reduced by the node's default reducer (VisionZip, received-attention scoring); the first answer's overlay
+    assert (tmp_path / 'visual_tokens.png').stat().st_size > 0

@@ -161,11 +161,12 @@ def test_labelled_images_with_cached_tokens_answer_as_uncached(engine):
 
 
 def test_reducers_that_need_cls_attention_are_refused_below_the_full_count(engine):
+    # VisPruner reads a CLS query; VisionZip scores by received attention instead (test_qwen_visionzip.py)
     image = IMAGES["odd"]
     with pytest.raises(RequestError, match="divprune"):
-        engine.generate(image, PROMPTS[0], token_budget=4, reducer="visionzip")
+        engine.generate(image, PROMPTS[0], token_budget=4, reducer="vispruner")
     # at the full count no reducer runs, so any reducer name is accepted
-    assert engine.generate(image, PROMPTS[0], token_budget=10_000, reducer="visionzip",
+    assert engine.generate(image, PROMPTS[0], token_budget=10_000, reducer="vispruner",
                            max_new_tokens=2).reduction == "none"
     with pytest.raises(RequestError, match="batch"):
         engine.generate_batch([image, image], PROMPTS[:2], token_budget=10_000)

@@ -518,7 +518,7 @@ def test_offline_replay_of_a_qwen2_5_vl_checkpoint(tmp_path, capsys, bags, quest
     out = tmp_path / 'out'
     # max_pixels of 16 merged tokens (16 * 28 * 28): every frame of the bag is resized to at most 16 tokens.
     status = run_replay(bags['mcap'].path, '--out', out, '--model', tiny_qwen_model_dir, '--budgets', 'full,6',
-                        '--reducers', 'divprune', '--max-pixels', 16 * 28 * 28, '--questions', questions_file,
+                        '--reducers', 'visionzip,divprune', '--max-pixels', 16 * 28 * 28, '--questions', questions_file,
                         '--max-new-tokens', MAX_NEW_TOKENS, '--max-frames', 1, '--topics', RAW_TOPIC)
     assert status == 0, capsys.readouterr().err
     rows = [row for row in read_jsonl(out / 'results.jsonl') if 'reduction' in row]
@@ -527,5 +527,5 @@ def test_offline_replay_of_a_qwen2_5_vl_checkpoint(tmp_path, capsys, bags, quest
         if row['reduction'] == 'none':
             assert row['visual_tokens'] == row['visual_tokens_full']
         else:
-            assert row['reduction'] == 'divprune' and row['visual_tokens'] == 6
-    assert {row['reduction'] for row in rows} == {'none', 'divprune'}
+            assert row['reduction'] in ('visionzip', 'divprune') and row['visual_tokens'] == 6
+    assert {row['reduction'] for row in rows} == {'none', 'visionzip', 'divprune'}

@@ -3,6 +3,9 @@
 ``vlm_bench [--model DIR] [--budgets full,192,128,64,32] [--json FILE] [--repeats 3] [--quick]``
 ``vlm_bench --model DIR_OF_LLAVA_NEXT``: defaults to budgets full,640,320,160 at target 160 on a
 1280x720 frame (``coffee-720p``), with LLaVA-NeXT's targets.
+``vlm_bench --model DIR_OF_QWEN2_5_VL``: defaults to budgets full,25%,10% of the frame's full count (Qwen2.5-VL's
+depends on the frame) at target 25% on ``coffee-720p``, with Qwen2.5-VL's targets; VisionZip there scores by
+received attention (no reference-style row: the VisionZip reference code is CLIP's).
 ``vlm_bench --node [...]``: the node's own overhead instead (``zip_vlm_ros.bench.node_bench``).
 ``vlm_bench --multi-image [...]``: surround-view and history questions (``zip_vlm_ros.bench.multi_image_bench``).
 ``vlm_bench --mini [...]``: LLaVA-Mini against LLaVA-1.5 at 576 and 64 tokens (``zip_vlm_ros.bench.mini_bench``).
@@ -61,10 +64,15 @@ STOCK = "stock generate"
 DEFAULT_BUDGETS = "full,192,128,64,32"
 # Per model family: budgets, target budget and image when the command line gives none. LLaVA-NeXT's are
 # the VisionZip paper's (640/320/160 = 128/64/32 tokens per crop at 5 crops) on a 1280x720 frame.
+# Qwen2.5-VL's full count depends on the frame, so its budgets are shares of it (issue 23).
 FAMILY_DEFAULTS = {
-    "llava": {"budgets": DEFAULT_BUDGETS, "target_budget": 64, "image": "astronaut"},
-    "llava_next": {"budgets": "full,640,320,160", "target_budget": 160, "image": "coffee-720p"},
+    "llava": {"budgets": DEFAULT_BUDGETS, "target_budget": "64", "image": "astronaut"},
+    "llava_next": {"budgets": "full,640,320,160", "target_budget": "160", "image": "coffee-720p"},
+    "qwen2_5_vl": {"budgets": "full,25%,10%", "target_budget": "25%", "image": "coffee-720p"},
 }
+# The vision-stage variants each family has: the reference-style row runs VisionZip's CLIP code.
+VISION_VARIANTS = ("stock", "visionzip", "reference")
+FAMILY_VISION_VARIANTS = {"qwen2_5_vl": ("stock", "visionzip")}
 DEFAULT_PROMPT = "Describe the scene."
 # ---------------------------------------------------------------------------------------------- stages
 
@@ -152,6 +160,9 @@ def _stock_stage_hooks(engine, marks: dict[str, float], prompt_kv_bytes: list[in
     """Forward hooks on the stock model that stamp `marks` (vision and prefill start/end) and keep the
     prompt's KV-cache bytes; the caller removes the returned handles."""
     device, llava = engine.device, engine.model.model
+    # LLaVA: the CLIP tower, then the projector; Qwen2.5-VL: one module (tower and patch merger)
+    vision_start = getattr(llava, "vision_tower", None) or llava.visual
+    vision_end = getattr(llava, "multi_modal_projector", None) or llava.visual
 
     def mark(name):
         def hook(*_):
@@ -163,8 +174,8 @@ def _stock_stage_hooks(engine, marks: dict[str, float], prompt_kv_bytes: list[in
             prompt_kv_bytes.append(cache_nbytes(output.past_key_values))
 
     return [
-        llava.vision_tower.register_forward_pre_hook(mark("vision_start")),
-        llava.multi_modal_projector.register_forward_hook(mark("vision_end")),
+        vision_start.register_forward_pre_hook(mark("vision_start")),
+        vision_end.register_forward_hook(mark("vision_end")),
         llava.language_model.register_forward_pre_hook(mark("prefill_start")),
         llava.language_model.register_forward_hook(mark("prefill_end")),
         llava.language_model.register_forward_hook(keep_prompt_kv),
@@ -233,19 +244,28 @@ class FloorInputs:
     prompt_embeds: torch.Tensor         # [1, prefix + suffix, text_hidden], image features in place
     prefix_cache: object                # the prefix's key/value cache from a bare forward over it
     suffix_ids: torch.Tensor            # [1, suffix] the question's own tokens
+    # M-RoPE families (Qwen2.5-VL): the prompt's [3, 1, length] positions and the state later positions
+    # continue from (``family.text_positions``); None and unused for families that count positions.
+    position_ids: torch.Tensor | None = None
+    prefix_state: object = None
+
+    def text_positions(self, engine, start: int, length: int) -> torch.Tensor | None:
+        return engine.family.text_positions(self.prefix_state, start, length)
 
 
 @torch.inference_mode()
 def prepare_floor_inputs(engine, image, question: str, budget: int, reducer: str = "visionzip") -> FloorInputs:
     visual_tokens = engine.family.visual_token_count(image.shape[:2], budget, reducer)
     prefix_ids, suffix_ids = engine.prompts.tokenize(question, visual_tokens)
-    features = engine.family.encode([image], budget, reducer).features
-    input_ids = torch.tensor([prefix_ids + suffix_ids], dtype=torch.long, device=engine.device)
-    prompt_embeds = engine.family.embed_with_image(input_ids, features)
-    prefix_cache = engine.model(inputs_embeds=prompt_embeds[:, :len(prefix_ids)], use_cache=True,
+    visual = engine.family.encode([image], budget, reducer)
+    embedded = engine.family.embed_prompt(list(prefix_ids + suffix_ids), len(prefix_ids), visual)
+    positions = embedded.position_ids
+    prefix_cache = engine.model(inputs_embeds=embedded.inputs_embeds[:, :len(prefix_ids)], use_cache=True,
+                                position_ids=None if positions is None else positions[..., :len(prefix_ids)],
                                 logits_to_keep=1).past_key_values
-    return FloorInputs(budget, prompt_embeds, prefix_cache,
-                       torch.tensor([suffix_ids], dtype=torch.long, device=engine.device))
+    return FloorInputs(budget, embedded.inputs_embeds, prefix_cache,
+                       torch.tensor([suffix_ids], dtype=torch.long, device=engine.device), positions,
+                       embedded.prefix_state)
 
 
 def measure_engine_first_question(engine, image, question: str, budget: int) -> dict:
@@ -275,7 +295,8 @@ def measure_engine_decode(engine, image, question: str, budget: int, max_new_tok
 def measure_bare_forward(engine, inputs: FloorInputs) -> dict:
     """One bare ``model(inputs_embeds=prompt)`` forward and the argmax of its last position, in ms."""
     start = device_clock(engine.device)
-    logits = engine.model(inputs_embeds=inputs.prompt_embeds, use_cache=True, logits_to_keep=1).logits
+    logits = engine.model(inputs_embeds=inputs.prompt_embeds, position_ids=inputs.position_ids, use_cache=True,
+                          logits_to_keep=1).logits
     logits[:, -1].argmax(dim=-1)
     return {"ms": (device_clock(engine.device) - start) * 1000.0}
 
@@ -284,9 +305,11 @@ def measure_bare_forward(engine, inputs: FloorInputs) -> dict:
 def measure_bare_suffix(engine, inputs: FloorInputs) -> dict:
     """One bare ``model(input_ids=question, past_key_values=prefix)`` forward on a fork of the same
     cached prefix and the argmax of its last position, in ms."""
+    prefix_length, suffix_length = inputs.prompt_embeds.shape[1] - inputs.suffix_ids.shape[1], inputs.suffix_ids.shape[1]
+    positions = inputs.text_positions(engine, prefix_length, suffix_length)
     start = device_clock(engine.device)
     logits = engine.model(input_ids=inputs.suffix_ids, past_key_values=fork_cache(inputs.prefix_cache),
-                          use_cache=True, logits_to_keep=1).logits
+                          position_ids=positions, use_cache=True, logits_to_keep=1).logits
     logits[:, -1].argmax(dim=-1)
     return {"ms": (device_clock(engine.device) - start) * 1000.0}
 
@@ -295,11 +318,14 @@ def measure_bare_suffix(engine, inputs: FloorInputs) -> dict:
 def measure_bare_decode(engine, inputs: FloorInputs, steps: int) -> dict:
     """`steps` bare ``model(input_ids=token, past_key_values=cache)`` steps (greedy) after an untimed
     prefill of the prompt, from the same cache length as the engine's decode: ms per step."""
-    output = engine.model(inputs_embeds=inputs.prompt_embeds, use_cache=True, logits_to_keep=1)
+    output = engine.model(inputs_embeds=inputs.prompt_embeds, position_ids=inputs.position_ids, use_cache=True,
+                          logits_to_keep=1)
     cache, token = output.past_key_values, output.logits[:, -1].argmax(dim=-1)
     start = device_clock(engine.device)
     for _ in range(steps):
-        logits = engine.model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits
+        positions = inputs.text_positions(engine, cache.get_seq_length(), 1)
+        logits = engine.model(input_ids=token[:, None], past_key_values=cache, position_ids=positions,
+                              use_cache=True).logits
         token = logits[:, -1].argmax(dim=-1)
     return {"ms": (device_clock(engine.device) - start) * 1000.0 / steps, "steps": steps}
 
@@ -369,6 +395,14 @@ FAMILY_TARGETS = {
         "prefill": Target("LLM prefill speed-up, stock generate / VisionZip", minimum=8.0),
         "kv": Target("frame KV-cache bytes, VisionZip / full tokens", maximum=0.07),
     },
+    # Qwen2.5-VL at 25% of the frame's full count (issue 23); its VisionZip runs the whole tower and
+    # scores one layer's attention on top, so the vision stage may cost a little more than stock.
+    "qwen2_5_vl": {
+        "vision_vs_stock": Target("vision stage time, VisionZip / stock features", maximum=1.15),
+        "ttft": Target("time to first token speed-up, stock generate / VisionZip", minimum=3.0),
+        "prefill": Target("LLM prefill speed-up, stock generate / VisionZip", minimum=3.5),
+        "kv": Target("frame KV-cache bytes, VisionZip / full tokens", maximum=0.3),
+    },
 }
 
 
@@ -385,7 +419,8 @@ def evaluate_targets(results: dict) -> list[dict]:
     reduced = rows.get(str(target_budget))
     full = rows.get(FULL)
     stock = results["stock_generate"]
-    vision = results["vision_stage"]
+    vision = {name: results["vision_stage"].get(name, {"ms": None, "peak_extra_bytes": None})
+              for name in VISION_VARIANTS}
     questions = {(row["budget"], row["reuse"]): row for row in results["frame_questions"]}
     floors = {(row["kind"], row["budget"]): row for row in results["floors"]}
 
@@ -449,10 +484,12 @@ def format_report(results: dict) -> str:
                  f"stock holds its whole {results['stock_generate']['prompt_tokens']}-token prompt)")
 
     vision = results["vision_stage"]
-    lines += ["", f"vision stage, 1 image, VisionZip at {results['target_budget']} tokens (encoder + selection/merge "
+    lines += ["", f"vision stage, 1 image, VisionZip at {results['target_tokens']} tokens (encoder + selection/merge "
                   f"+ projector; preprocessing excluded):"]
     for name, label in (("stock", "stock get_image_features"), ("visionzip", "VisionZip encode_for_visionzip"),
                         ("reference", "reference-style (eager, all maps)")):
+        if name not in vision:
+            continue
         stage = vision[name]
         lines.append(f"  {label:<36}{_fmt(stage['ms']):>9} ms  peak+ {_mib(stage['peak_extra_bytes']):>7} MiB")
 
@@ -487,15 +524,32 @@ def format_report(results: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+def parse_budget(text: str) -> str:
+    """'64' -> '64', '25%' -> '25%', 'full' -> 'full' (argparse type): an integer >= 1, a share of the
+    frame's full count (1..100 %) or 'full'."""
+    budget = text.strip().lower()
+    number = budget.removesuffix("%")
+    if budget != FULL and not (number.isdigit() and int(number) >= 1 and (number == budget or int(number) <= 100)):
+        raise argparse.ArgumentTypeError(f"budget {text!r} is neither 'full', an integer >= 1 nor a share "
+                                         f"1%..100% of the frame's full count")
+    return budget if budget == FULL else f"{int(number)}{budget[len(number):]}"
+
+
+def resolve_budget(label: str, full: int) -> int:
+    """The token budget of a budget label for a frame of `full` visual tokens ('25%': a quarter, rounded)."""
+    if label == FULL:
+        return full
+    if label.endswith("%"):
+        return max(1, round(full * int(label[:-1]) / 100))
+    return int(label)
+
+
 def parse_budgets(text: str) -> list[str]:
-    """'full,192,64' -> ['full', '192', '64'] (argparse type); positive integers or 'full', no repeats."""
-    budgets = [item.strip().lower() for item in text.split(",") if item.strip()]
+    """'full,192,25%' -> ['full', '192', '25%'] (argparse type): ``parse_budget`` items, no repeats."""
+    budgets = [item for item in text.split(",") if item.strip()]
     if not budgets:
         raise argparse.ArgumentTypeError("give at least one budget, e.g. full,192,128,64,32")
-    for budget in budgets:
-        if budget != FULL and not (budget.isdigit() and int(budget) >= 1):
-            raise argparse.ArgumentTypeError(f"budget {budget!r} is neither 'full' nor an integer >= 1")
-    normalized = [FULL if budget == FULL else str(int(budget)) for budget in budgets]
+    normalized = [parse_budget(budget) for budget in budgets]
     if len(set(normalized)) != len(normalized):
         raise argparse.ArgumentTypeError(f"budgets repeat in {text!r}; list each once")
     return normalized
@@ -509,11 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="LLaVA checkpoint directory or hub id (default: the vlm_tiny_model "
                                         f"'bench' preset, built once under {default_model_dir()})")
     parser.add_argument("--budgets", type=parse_budgets,
-                        help="comma-separated visual-token budgets per image; 'full' = no reduction (default: "
-                             f"{DEFAULT_BUDGETS}; LLaVA-NeXT: {FAMILY_DEFAULTS['llava_next']['budgets']})")
-    parser.add_argument("--target-budget", type=int,
-                        help="VisionZip budget the targets, vision-stage and multi-question rows use "
-                             "(default: 64; LLaVA-NeXT: 160)")
+                        help="comma-separated visual-token budgets per image; 'full' = no reduction, 'N%%' = N%% "
+                             f"of the frame's full count (default: {DEFAULT_BUDGETS}; LLaVA-NeXT: "
+                             f"{FAMILY_DEFAULTS['llava_next']['budgets']}; Qwen2.5-VL: "
+                             f"{FAMILY_DEFAULTS['qwen2_5_vl']['budgets']})".replace("%", "%%"))
+    parser.add_argument("--target-budget", type=parse_budget,
+                        help="VisionZip budget the targets, vision-stage and multi-question rows use, tokens or "
+                             "a share of the frame's full count (default: 64; LLaVA-NeXT: 160; Qwen2.5-VL: 25%%)")
     parser.add_argument("--floor-repeats", type=int,
                         help="measured runs per floor row (default: 10, --quick: 1); single forwards on a noisy "
                              "CPU need more runs than whole answers for their minimum to settle")
@@ -543,7 +599,9 @@ def run_benchmark(args) -> dict:
         image = bench_image(args.image)
         image_size = image.shape[:2]
         full = family.full_token_count(image_size)
-        budget_of = {FULL: full, **{b: engine.check_budget(int(b)) for b in args.budgets if b != FULL}}
+        budget_of = {label: full if label == FULL else engine.check_budget(resolve_budget(label, full))
+                     for label in args.budgets}
+        vision_budget = engine.check_budget(resolve_budget(args.target_budget, full))
         results = {
             "model": args.model, "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(), "image": args.image, "prompt": DEFAULT_PROMPT,
@@ -551,7 +609,7 @@ def run_benchmark(args) -> dict:
             "visual_tokens_full": full,
             "family": family.model_type, "family_label": family.label, "image_size": list(image_size),
             "crops": family.num_crops(image_size),
-            "target_budget": args.target_budget, "questions": len(FRAME_QUESTIONS),
+            "target_budget": args.target_budget, "target_tokens": vision_budget, "questions": len(FRAME_QUESTIONS),
             "memory_method": memory_method(engine.device),
         }
 
@@ -565,10 +623,9 @@ def run_benchmark(args) -> dict:
         results["budgets"] = [{"budget": name, "token_budget": budget_of[name], **rows[name]} for name in args.budgets]
 
         pixels = family.preprocess([image])
-        vision_budget = engine.check_budget(args.target_budget)
         results["vision_stage"] = measure_interleaved({
             variant: functools.partial(measure_vision_stage, engine, pixels, image_size, variant, vision_budget)
-            for variant in ("stock", "visionzip", "reference")
+            for variant in FAMILY_VISION_VARIANTS.get(family.model_type, VISION_VARIANTS)
         }, args.repeats)
 
         frame_keys = itertools.count()
@@ -598,8 +655,8 @@ def main(argv=None) -> int:
     resolve_run_arguments(args, quick_new_tokens=4)
     args.floor_repeats = args.floor_repeats if args.floor_repeats is not None else (1 if args.quick else 10)
     counts = [args.repeats, args.floor_repeats, args.max_new_tokens]
-    if min(counts) < 1 or (args.target_budget is not None and args.target_budget < 1):
-        parser.error("--repeats, --floor-repeats, --max-new-tokens and --target-budget must be >= 1")
+    if min(counts) < 1:
+        parser.error("--repeats, --floor-repeats and --max-new-tokens must be >= 1")
     return run_and_report("vlm_bench", run_benchmark, format_report, args)
 
 

@@ -46,8 +46,9 @@ def draw_overlay(frame: np.ndarray, provenance: TokenProvenance) -> np.ndarray:
     canvas = _DIMMED[frame]
     kept_boxes = []
     for crop, tokens in zip(provenance.crops, provenance.token_of_patch):
-        rows = patch_edges(crop.top, crop.height, crop.side, height)
-        cols = patch_edges(crop.left, crop.width, crop.side, width)
+        grid_rows, grid_columns = crop.grid
+        rows = patch_edges(crop.top, crop.height, grid_rows, height)
+        cols = patch_edges(crop.left, crop.width, grid_columns, width)
         for row, col in zip(*np.nonzero(tokens >= 0)):
             token = int(tokens[row, col])
             top, bottom, left, right = rows[row], rows[row + 1], cols[col], cols[col + 1]

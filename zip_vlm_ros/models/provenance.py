@@ -24,14 +24,21 @@ __all__ = ["CropBox", "TokenProvenance", "center_crop_box", "provenance_from_seq
 
 @dataclass(frozen=True)
 class CropBox:
-    """Where one square crop the vision tower encoded lies in the frame: pixels (may reach past the edge
-    for padded crops), and the crop's grid of ``side x side`` patches."""
+    """Where one crop the vision tower encoded lies in the frame: pixels (may reach past the edge for
+    padded crops), and the crop's grid of ``side x side`` patches (``side x columns`` when `columns` is
+    given: Qwen2.5-VL's whole resized frame, in merged tokens)."""
 
     top: float
     left: float
     height: float
     width: float
     side: int
+    columns: int = 0
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the crop's patch grid."""
+        return self.side, self.columns or self.side
 
 
 @dataclass
@@ -39,7 +46,7 @@ class TokenProvenance:
     """One image's visual tokens traced back to its frame.
 
     crops: the crops the tower encoded, in the order their patches are numbered.
-    token_of_patch: ``[len(crops), side, side]`` int32: the visual token (index in the order the LLM reads
+    token_of_patch: ``[len(crops), rows, columns]`` int32: the visual token (index in the order the LLM reads
         them) that patch ``(row, col)`` of a crop feeds, -1 for a patch no token stands for (dropped).
     group_sizes: ``[visual tokens]`` int32: how many patches each token stands for (1: a kept patch,
         > 1: a merged group, 0: a token of no patch, e.g. the CLS token VisionZip keeps).
@@ -71,25 +78,25 @@ def provenance_of_crops(sources: torch.Tensor, crops: list[CropBox], first_patch
     """A per-crop reducer's output traced to the frame.
 
     sources: ``[len(crops), K, S]`` bool, per crop the reducer's ``ReducedTokens.sources`` (its K output
-        tokens' positions in the crop's sequence; patch ``p`` of the crop is position ``first_patch + p``,
-        earlier positions such as CLS belong to no patch).
+        tokens' positions in the crop's sequence; patch ``p`` of the crop, raster order over its ``grid``,
+        is position ``first_patch + p``; earlier positions such as CLS belong to no patch).
     order: ``[len(crops) * K]``: the LLM's token ``t`` is the per-crop token ``order[t]`` (``crop * K + k``),
         how a layout such as ``anyres_visionzip_layout`` arranges them; None: crop by crop, each in its order.
 
     A patch belongs to the first token that stands for it (reducers give each patch to at most one).
     """
     num_crops, kept, _ = sources.shape
-    side = crops[0].side
+    rows, columns = crops[0].grid
     # numpy from here: a few small single-threaded array ops (torch's would each wait for its thread pool)
-    patch_sources = sources[:, :, first_patch:first_patch + side * side].cpu().numpy()  # [crops, K, P * P] bool
-    covered = patch_sources.any(axis=1)  # [crops, P * P]
+    patch_sources = sources[:, :, first_patch:first_patch + rows * columns].cpu().numpy()  # [crops, K, R * C] bool
+    covered = patch_sources.any(axis=1)  # [crops, R * C]
     owner = patch_sources.argmax(axis=1) + np.arange(num_crops)[:, None] * kept  # the first True per patch
     order = np.arange(num_crops * kept) if order is None else order.cpu().numpy()
     rank = np.empty_like(order)
     rank[order] = np.arange(order.shape[0])  # per-crop token -> its index in the LLM's order
     token_of_patch = np.where(covered, rank[owner], -1)
     group_sizes = patch_sources.sum(axis=2).reshape(-1)[order]
-    return TokenProvenance(list(crops), token_of_patch.astype(np.int32).reshape(num_crops, side, side),
+    return TokenProvenance(list(crops), token_of_patch.astype(np.int32).reshape(num_crops, rows, columns),
                            group_sizes.astype(np.int32))
 
 
@@ -99,14 +106,14 @@ def provenance_from_sequence(token_of_position: np.ndarray, crops: list[CropBox]
     sequence) traced to the frame.
 
     token_of_position: ``[L]`` the visual token that stands for sequence position ``s``, -1 for none.
-    position_of_patch: ``[len(crops) * side * side]`` each patch's position in the sequence (crop by crop,
+    position_of_patch: ``[len(crops) * rows * columns]`` each patch's position in the sequence (crop by crop,
         raster order), -1 for a patch the sequence leaves out. A token of a position that is no patch
         (NeXT's row-closing ``image_newline``) stands for none.
     """
-    side = crops[0].side
+    rows, columns = crops[0].grid
     patch_tokens = np.where(position_of_patch >= 0, token_of_position[position_of_patch.clip(0)], -1)
     group_sizes = np.bincount(patch_tokens[patch_tokens >= 0], minlength=visual_tokens)
-    return TokenProvenance(list(crops), patch_tokens.astype(np.int32).reshape(len(crops), side, side),
+    return TokenProvenance(list(crops), patch_tokens.astype(np.int32).reshape(len(crops), rows, columns),
                            group_sizes.astype(np.int32))
 
 
@@ -130,8 +137,8 @@ def provenance_of_query_grid(crop: CropBox, grid_size: int) -> TokenProvenance:
 
 def provenance_of_all_patches(crops: list[CropBox], leading_tokens: int = 0) -> TokenProvenance:
     """No reduction: token ``leading_tokens + p`` is patch ``p`` (``leading_tokens`` CLS-like tokens first)."""
-    side = crops[0].side
-    patch_count = len(crops) * side * side
-    token_of_patch = (np.arange(patch_count, dtype=np.int32) + leading_tokens).reshape(len(crops), side, side)
+    rows, columns = crops[0].grid
+    patch_count = len(crops) * rows * columns
+    token_of_patch = (np.arange(patch_count, dtype=np.int32) + leading_tokens).reshape(len(crops), rows, columns)
     group_sizes = np.concatenate([np.zeros(leading_tokens, np.int32), np.ones(patch_count, np.int32)])
     return TokenProvenance(list(crops), token_of_patch, group_sizes)

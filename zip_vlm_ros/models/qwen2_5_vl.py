@@ -4,7 +4,19 @@ An image is resized by the processor to a multiple of 28 px within ``min_pixels`
 2x2 block of 14 px patches becomes one LLM token, so the full count depends on the frame (``smart_resize``).
 
 Full path: the model's own ``get_image_features`` (merged tokens in raster order of the merged grid).
-Reduced path: DivPrune on those stock merged tokens (no attention needed), kept tokens in raster order.
+Reduced paths, on those stock merged tokens:
+
+* DivPrune (no attention needed), kept tokens in raster order;
+* VisionZip without CLS (``visionzip_scored_reduce``): each merged token is scored by the attention it
+  receives at the tower's last full-attention layer, averaged over queries and heads and then over the
+  four patches the merger joins (``qwen_tower_scores``, in query chunks, window order undone). The
+  ``dominant`` top-scored tokens are kept (in raster order), the rest merge into ``contextual`` tokens by
+  the cosine similarity of that layer's keys pooled over the four patches; a contextual token is its
+  target token plus the mean of the tokens that joined it, and sits at its target's stock position.
+  ``split_budget`` splits the budget as for LLaVA (no CLS among the dominant tokens here).
+
+Provenance: the processor resizes the whole frame (no crop), so one ``CropBox`` covers the frame with the
+``rows x columns`` grid of merged tokens; a cell is the 2x2 patches one LLM token joins.
 
 Positions (M-RoPE): every LLM token has a (t, h, w) position. For the full image they are
 ``get_rope_index``'s: text counts up by one per token, an image at text position ``p`` gives its token at
@@ -26,22 +38,25 @@ import torch
 
 from zip_vlm_ros.errors import ModelLoadError, RequestError
 from zip_vlm_ros.errors import first_line
-from zip_vlm_ros.models.base import (Encoder, FamilyAdapter, ImageSize, PromptEmbeddings, VisualTokens,
-                                     load_weights_and_processor)
+from zip_vlm_ros.models.base import (EncodedPixels, Encoder, FamilyAdapter, ImageSize, PromptEmbeddings,
+                                     VisualTokens, load_weights_and_processor)
 from zip_vlm_ros.models.clip_features import encode_for_visionzip
-from zip_vlm_ros.reducers import divprune_reduce
+from zip_vlm_ros.models.provenance import CropBox, provenance_of_all_patches, provenance_of_crops
+from zip_vlm_ros.models.qwen_tower_scores import encode_with_received_attention
+from zip_vlm_ros.reducers import divprune_reduce, split_budget, visionzip_scored_reduce
 
 __all__ = ["QwenVLAdapter", "mrope_positions"]
 
-# The reducers this family serves below the full count (VisionZip and VisPruner read a CLS token or
-# CLIP attention that Qwen2.5-VL's tower does not have).
-QWEN_REDUCERS = ("divprune",)
+# The reducers this family serves below the full count (VisPruner reads a CLS token's attention, which
+# Qwen2.5-VL's tower does not have; VisionZip here scores by the attention each token receives).
+QWEN_REDUCERS = ("divprune", "visionzip")
 
 
 class QwenVLAdapter(FamilyAdapter):
     model_type = "qwen2_5_vl"
     label = "Qwen2.5-VL"
     batches_prompts = False
+    traces_visual_tokens = True
     image_slot = "<|vision_start|>{image}<|vision_end|>"
 
     def read_tower_geometry(self, hf_config) -> None:
@@ -128,18 +143,15 @@ class QwenVLAdapter(FamilyAdapter):
         """RequestError when `reducer` cannot run on this family's tokens."""
         if reducer not in QWEN_REDUCERS:
             raise RequestError(f"reducer {reducer!r} needs a CLIP tower's CLS attention, which {self.label} does not "
-                             f"have; use one of {', '.join(QWEN_REDUCERS)} (or a budget at or above the full count)")
+                               f"have; use one of {', '.join(QWEN_REDUCERS)} (or a budget at or above the full count)")
 
     def reduction_settings(self, image_size: ImageSize, budget: int, reducer: str = "divprune") -> tuple:
         if not self.reduced(image_size, budget):
             return ("none", self.max_pixels)
-        return (reducer, budget, self.max_pixels)
+        return (reducer, budget, self.max_pixels, self.reducer_options(reducer))
 
     def multi_image_settings(self, count: int, reducer: str = "divprune") -> tuple:
-        return ("qwen", count, self.max_pixels, reducer)
-
-    def reducer_options(self, reducer: str) -> tuple:
-        return ()
+        return ("qwen", count, self.max_pixels, reducer, self.reducer_options(reducer))
 
     def preprocess(self, images: list[np.ndarray]) -> dict:
         size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
@@ -152,39 +164,68 @@ class QwenVLAdapter(FamilyAdapter):
         start = self.clock()
         pixels = self.preprocess(images)
         image_sizes = [image.shape[:2] for image in images]
-        features, counts, reductions, reduction_ms, kept = self.encode_with_kept(pixels, image_sizes, budget, reducer)
-        vision_ms = (self.clock() - start) * 1000.0 - reduction_ms
+        encoded, anchors = self.encode_with_anchors(pixels, image_sizes, budget, reducer)
+        vision_ms = (self.clock() - start) * 1000.0 - encoded.reduction_ms
         grids = [tuple(int(value) for value in row) for row in pixels["image_grid_thw"].tolist()]
         llm_grids = [(t, h // self.merge_size, w // self.merge_size) for t, h, w in grids]
-        return VisualTokens(features, counts, reductions, vision_ms, reduction_ms, grids=llm_grids, kept=kept)
+        return VisualTokens(encoded.features, encoded.counts, encoded.reductions, vision_ms, encoded.reduction_ms,
+                            grids=llm_grids, kept=anchors, provenance=encoded.provenance)
 
     def encode_pixels(self, pixels: dict, image_sizes: list[ImageSize], budget: int, reducer: str = "divprune", *,
-                      encoder: Encoder = encode_for_visionzip) -> tuple[torch.Tensor, list[int], list[str], float]:
-        features, counts, reductions, reduction_ms, _ = self.encode_with_kept(pixels, image_sizes, budget, reducer)
-        return features, counts, reductions, reduction_ms
+                      encoder: Encoder = encode_for_visionzip) -> EncodedPixels:
+        return self.encode_with_anchors(pixels, image_sizes, budget, reducer)[0]
 
-    def encode_with_kept(self, pixels: dict, image_sizes: list[ImageSize], budget: int, reducer: str):
-        """``(features [sum(counts), text_hidden], counts, reductions, reduction ms, kept)``: `kept` per image
-        the stock (raster) indices of the tokens it feeds, None when it feeds all of them."""
-        image_outputs = self.model.model.get_image_features(
-            pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
-        per_image = list(image_outputs.pooler_output)  # each [rows * columns, text_hidden], raster order
-        features, counts, reductions, kept, reduction_ms = [], [], [], [], 0.0
-        for image_features, image_size in zip(per_image, image_sizes):
+    def encode_with_anchors(self, pixels: dict, image_sizes: list[ImageSize], budget: int,
+                            reducer: str) -> tuple[EncodedPixels, list[torch.Tensor | None]]:
+        """``(EncodedPixels, anchors)``: features ``[sum(counts), text_hidden]`` with their provenance, and
+        per image the stock (raster) index whose M-RoPE position each token takes (None: all tokens, in
+        order). A kept token takes its own; a VisionZip contextual token its target's."""
+        reduced_any = any(self.reduced(image_size, budget) for image_size in image_sizes)
+        if reduced_any:
+            self.check_reducer(reducer)
+        if reduced_any and reducer == "visionzip":
+            tower = encode_with_received_attention(self.model.model, pixels["pixel_values"], pixels["image_grid_thw"])
+            per_image, scores, keys = tower
+        else:
+            per_image = list(self.model.model.get_image_features(
+                pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"]).pooler_output)
+            scores = keys = [None] * len(per_image)  # each [rows * columns, text_hidden], raster order
+        features, counts, reductions, anchors, provenance, reduction_ms = [], [], [], [], [], 0.0
+        for image_features, image_scores, image_keys, image_size in zip(per_image, scores, keys, image_sizes):
+            frame = self.frame_box(image_size)
             if not self.reduced(image_size, budget):
                 features.append(image_features)
-                kept.append(None)
+                anchors.append(None)
                 reductions.append("none")
+                provenance.append(provenance_of_all_patches([frame]))
             else:
-                self.check_reducer(reducer)
                 reduction_start = self.clock()
-                reduced = divprune_reduce(image_features[None], budget)
+                tokens, sources, kept = self.reduce_image(image_features, image_scores, image_keys, budget, reducer)
                 reduction_ms += (self.clock() - reduction_start) * 1000.0
-                features.append(reduced.tokens[0])
-                kept.append(reduced.sources[0].float().argmax(dim=1))  # [budget] ascending stock indices
+                features.append(tokens)
+                anchors.append(kept)
                 reductions.append(reducer)
+                provenance.append(provenance_of_crops(sources[None], [frame], 0))
             counts.append(features[-1].shape[0])
-        return torch.cat(features), counts, reductions, reduction_ms, kept
+        return EncodedPixels(torch.cat(features), counts, reductions, reduction_ms, provenance), anchors
+
+    def reduce_image(self, features: torch.Tensor, scores: torch.Tensor | None, keys: torch.Tensor | None,
+                     budget: int, reducer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One image's ``features [merged, text_hidden]`` (raster order) reduced to `budget` tokens:
+        ``(tokens [budget, text_hidden], sources [budget, merged] bool, anchors [budget])``."""
+        if reducer == "divprune":
+            reduced = divprune_reduce(features[None], budget)
+            sources = reduced.sources[0]
+            return reduced.tokens[0], sources, sources.float().argmax(dim=1)  # ascending stock indices
+        dominant, contextual = split_budget(budget, self.contextual_ratio)
+        reduced = visionzip_scored_reduce(features[None], scores[None], keys[None], dominant, contextual)
+        return reduced.tokens[0], reduced.sources[0], reduced.anchors[0]
+
+    def frame_box(self, image_size: ImageSize) -> CropBox:
+        """The whole frame (the processor resizes it, never crops) with its ``rows x columns`` merged-token
+        grid: each cell is the 2x2 patches one LLM token joins."""
+        rows, columns = self.token_grid(image_size)
+        return CropBox(0.0, 0.0, float(image_size[0]), float(image_size[1]), rows, columns)
 
     # ------------------------------------------------------------------ M-RoPE positions
 
@@ -233,8 +274,9 @@ def mrope_positions(prompt_ids: list[int], image_token_id: int, counts: list[int
     """``[3, len(prompt_ids)]`` (t, h, w) positions of a prompt whose image tokens are `counts` runs, in order.
 
     Image ``k`` has the LLM-side grid ``grids[k] = (t, rows, columns)`` and feeds the stock tokens
-    ``kept[k]`` (raster indices; None: all). Each token gets the position ``get_rope_index`` gives it in
-    the prompt with every image at full size, and text continues as it would after the full image.
+    ``kept[k]`` (per token the raster index whose position it takes; None: all, in order). Each token gets
+    the position ``get_rope_index`` gives that stock token in the prompt with every image at full size, and
+    text continues as it would after the full image.
     """
     positions = torch.empty((3, len(prompt_ids)), dtype=torch.long)
     index = current = image = 0

@@ -3,7 +3,7 @@
     vlm_demo                          # tiny random checkpoint (built once into the cache dir)
     vlm_demo --preset tiny-next       # the same as LLaVA-NeXT (AnyRes crops)
     vlm_demo --preset tiny-mini       # the same as LLaVA-Mini (one visual token per image)
-    vlm_demo --preset tiny-qwen2.5-vl # the same as Qwen2.5-VL (dynamic resolution, M-RoPE, DivPrune)
+    vlm_demo --preset tiny-qwen2.5-vl # the same as Qwen2.5-VL (dynamic resolution, M-RoPE, VisionZip)
     vlm_demo --model /models/llava-1.5-7b-hf --token-budget 64
 
 Builds (or reuses) a tiny LLaVA checkpoint, starts vlm_node as a separate process, streams real
@@ -30,9 +30,8 @@ from zip_vlm_ros.client import DOMAIN_IDS, use_local_ros_domain
 # Offline presets: (largest full visual-token count per image, default budget). tiny: 56x56 pixels in
 # 14x14 patches; tiny-next: a base crop and up to a 2x2 grid of them, the budget is 8 tokens per crop;
 # tiny-mini: LLaVA-Mini's one compressed token per image, which no budget changes; tiny-qwen2.5-vl: up to
-# 36 merged tokens (max_pixels 168x168), reduced by DivPrune (Qwen2.5-VL has no CLS token for VisionZip).
+# 36 merged tokens (max_pixels 168x168), reduced by VisionZip's received-attention variant (no CLS token).
 PRESET_TOKENS = {'tiny': (16, 8), 'tiny-next': (88, 40), 'tiny-mini': (1, 1), 'tiny-qwen2.5-vl': (36, 12)}
-PRESET_REDUCERS = {'tiny-qwen2.5-vl': 'divprune'}
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
 COLUMNS = ('call', 'camera', 'prompt', 'budget', 'visual', 'gen', 'vision', 'reduce', 'prefill',
            'decode', 'total ms', 'age ms', 'reused', 'answer')
@@ -40,7 +39,8 @@ COLUMNS = ('call', 'camera', 'prompt', 'budget', 'visual', 'gen', 'vision', 'red
 
 def traces_visual_tokens(model: str) -> bool:
     """Whether the local checkpoint's family reports which patches each visual token stands for
-    (``FamilyAdapter.traces_visual_tokens``: LLaVA-1.5, LLaVA-NeXT, LLaVA-Mini)."""
+    (``FamilyAdapter.traces_visual_tokens``: LLaVA-1.5, LLaVA-NeXT, LLaVA-Mini,
+    Qwen2.5-VL)."""
     from zip_vlm_ros.models import FAMILIES
 
     config = pathlib.Path(model) / 'config.json'
@@ -148,8 +148,6 @@ def node_parameters(args: argparse.Namespace) -> dict:
                   'request_timeout_s': args.timeout, 'publish_visual_tokens': True}
     if token_budget is not None:
         parameters['token_budget'] = token_budget
-    if not args.model and args.preset in PRESET_REDUCERS:
-        parameters['reducer'] = PRESET_REDUCERS[args.preset]
     return parameters
 
 
