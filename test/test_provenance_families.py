@@ -194,3 +194,20 @@ def test_mini_with_four_queries_draws_each_over_its_cell(mini_c2_dir):
         engine.close()
     assert provenance.group_sizes.tolist() == [4, 4, 4, 4]
     assert provenance.token_of_patch[0].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+
+
+@pytest.mark.parametrize("reducer", ["divprune", "visionzip"])
+def test_qwen_multi_image_answers_trace_each_whole_frame(tiny_qwen_model_dir, reducer):
+    # Qwen2.5-VL resizes each frame whole (no crop): each image's provenance is its own frame on the grid of
+    # merged tokens, and its tokens are the ones the LLM read of that image.
+    engine = VlmEngine(EngineConfig(model=str(tiny_qwen_model_dir), device="cpu", max_new_tokens=2))
+    try:
+        output = engine.generate_images([ImageInput(COFFEE, "front"), ImageInput(ASTRONAUT, "rear")], ["What?"],
+                                        token_budget=12, reducer=reducer)[0]
+    finally:
+        engine.close()
+    assert [_boxes(image.provenance.crops) for image in output.images] == [[(0, 0, 400, 600)], [(0, 0, 512, 512)]]
+    for image in output.images:
+        assert image.provenance.visual_tokens == image.visual_tokens < image.visual_tokens_full
+        drawn = np.unique(image.provenance.token_of_patch)
+        assert set(drawn[drawn >= 0]) <= set(range(image.visual_tokens))
