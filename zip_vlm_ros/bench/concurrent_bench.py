@@ -26,9 +26,8 @@ import torch
 
 from zip_vlm_ros.bench.harness import (Target, add_run_arguments, measure_interleaved, resolve_run_arguments,
                                       run_and_report)
-from zip_vlm_ros.bench.inputs import FRAME_QUESTIONS, IMAGES, bench_image, default_model_dir
-from zip_vlm_ros.engine import EngineConfig, VlmEngine
-from zip_vlm_ros.tools.tiny_model import build_checkpoint
+from zip_vlm_ros.bench.inputs import FRAME_QUESTIONS, IMAGES, bench_image, open_bench_engine
+from zip_vlm_ros.engine import VlmEngine
 
 __all__ = ["main", "measure_batched", "measure_serial"]
 
@@ -137,10 +136,7 @@ def measure_linear_rows(engine: VlmEngine, max_rows: int, repeats: int, calls: i
 
 
 def run_benchmark(args) -> dict:
-    if args.model is None:
-        args.model = str(build_checkpoint(default_model_dir(), preset="bench"))
-    engine = VlmEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                    max_new_tokens=args.max_new_tokens))
+    engine = open_bench_engine(args)
     try:
         load_at_start = os.getloadavg()[0]
         budget = engine.check_budget(args.token_budget)

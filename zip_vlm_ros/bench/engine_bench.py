@@ -53,11 +53,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from zip_vlm_ros.bench.harness import (PeakMemory, Target, add_run_arguments, device_clock, measure_interleaved,
                                       memory_method, resolve_run_arguments, run_and_report)
-from zip_vlm_ros.bench.inputs import FRAME_QUESTIONS, IMAGES, bench_image, default_model_dir
-from zip_vlm_ros.engine import EngineConfig, VlmEngine
+from zip_vlm_ros.bench.inputs import FRAME_QUESTIONS, IMAGES, bench_image, default_model_dir, open_bench_engine
 from zip_vlm_ros.models.clip_features import encode_for_visionzip, encode_reference_style
 from zip_vlm_ros.models.kv_cache import cache_nbytes, fork_cache
-from zip_vlm_ros.tools.tiny_model import build_checkpoint
 
 FULL = "full"
 STOCK = "stock generate"
@@ -585,10 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_benchmark(args) -> dict:
     """Load the engine, run every section, and return the results dict (JSON-ready)."""
-    if args.model is None:
-        args.model = str(build_checkpoint(default_model_dir(), preset="bench"))
-    engine = VlmEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                    max_new_tokens=args.max_new_tokens))
+    engine = open_bench_engine(args)
     try:
         load_at_start = os.getloadavg()[0]
         family = engine.family

@@ -1,5 +1,5 @@
 """What every benchmark measures on: the real photos (and 720p camera frames made from them), the questions
-asked about one frame, and where the offline bench checkpoints are built."""
+asked about one frame, where the offline bench checkpoints are built, and the engine a bench measures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 import skimage.data
 
-__all__ = ["FRAME_QUESTIONS", "IMAGES", "PHOTOS", "bench_image", "default_model_dir"]
+__all__ = ["FRAME_QUESTIONS", "IMAGES", "PHOTOS", "bench_image", "default_model_dir", "open_bench_engine"]
 
 # Issue 6: several questions about the same frame, as a robot's operator would ask them.
 FRAME_QUESTIONS = (
@@ -42,3 +42,16 @@ def default_model_dir() -> pathlib.Path:
     """Where ``vlm_tiny_model``'s bench presets are built once and reused: ``$XDG_CACHE_HOME/zip_vlm_ros``."""
     cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
     return cache / "zip_vlm_ros" / "bench"
+
+
+def open_bench_engine(args):
+    """The engine of `args` (``--model``, ``--device``, ``--dtype``, ``--max-new-tokens``). Without a
+    ``--model`` the ``bench`` preset is built once under ``default_model_dir()`` and `args.model` names it,
+    so the report says which checkpoint was measured."""
+    from zip_vlm_ros.engine import EngineConfig, VlmEngine
+    from zip_vlm_ros.tools.tiny_model import build_checkpoint
+
+    if args.model is None:
+        args.model = str(build_checkpoint(default_model_dir(), preset="bench"))
+    return VlmEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                  max_new_tokens=args.max_new_tokens))

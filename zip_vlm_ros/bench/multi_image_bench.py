@@ -25,10 +25,9 @@ import itertools
 import numpy as np
 import skimage.data
 
-from zip_vlm_ros.bench.inputs import default_model_dir
+from zip_vlm_ros.bench.inputs import open_bench_engine
 from zip_vlm_ros.bench.harness import add_run_arguments, measure_interleaved, resolve_run_arguments, run_and_report
-from zip_vlm_ros.engine import EngineConfig, ImageInput, VlmEngine
-from zip_vlm_ros.tools.tiny_model import build_checkpoint
+from zip_vlm_ros.engine import ImageInput, VlmEngine
 
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'retina', 'hubble_deep_field', 'motorcycle_left',
           'motorcycle_right')
@@ -86,10 +85,7 @@ def measure_one_frame(engine: VlmEngine, frame: np.ndarray, per_image: int, max_
 
 
 def run(args) -> dict:
-    if args.model is None:
-        args.model = str(build_checkpoint(default_model_dir(), preset="bench"))
-    engine = VlmEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                    max_new_tokens=args.max_new_tokens))
+    engine = open_bench_engine(args)
     try:
         frames = photos(max(args.cameras, args.history_frames))
         per_image = max(1, args.total_budget // args.cameras)

@@ -26,10 +26,8 @@ from zip_vlm_ros.bench.engine_bench import (measure_bare_suffix, measure_engine_
                                             prepare_floor_inputs)
 from zip_vlm_ros.bench.harness import (Target, add_run_arguments, measure_interleaved, memory_method,
                                       resolve_run_arguments, run_and_report)
-from zip_vlm_ros.bench.inputs import FRAME_QUESTIONS, bench_image, default_model_dir
-from zip_vlm_ros.engine import EngineConfig, VlmEngine
+from zip_vlm_ros.bench.inputs import FRAME_QUESTIONS, bench_image, open_bench_engine
 from zip_vlm_ros.reducers import REDUCERS
-from zip_vlm_ros.tools.tiny_model import build_checkpoint
 
 STOCK = "stock features"
 LATER_TARGET = Target("later question TTFT / bare forward on the cached prefix", maximum=1.25)
@@ -49,10 +47,7 @@ def measure_first_question(engine, image, question: str, budget: int, reducer: s
 
 
 def run(args) -> dict:
-    if args.model is None:
-        args.model = str(build_checkpoint(default_model_dir(), preset="bench"))
-    engine = VlmEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                    max_new_tokens=args.max_new_tokens))
+    engine = open_bench_engine(args)
     try:
         image = bench_image("astronaut")
         size = image.shape[:2]
