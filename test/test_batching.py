@@ -228,6 +228,19 @@ def test_a_roomy_layer_holds_what_torch_cat_would_and_leaves_its_inputs_alone():
     assert torch.equal(keys, keys_before) and torch.equal(values, values_before)
 
 
+def test_a_roomy_layer_takes_an_update_longer_than_its_spare_room():
+    from zip_vlm_ros.engine.batching import GROWTH, RoomyLayer
+
+    generator = torch.Generator().manual_seed(4)
+    keys, values = torch.randn(1, 2, 3, 4, generator=generator), torch.randn(1, 2, 3, 4, generator=generator)
+    layer = RoomyLayer(keys, values)
+    new_keys, new_values = (torch.randn(1, 2, 2 * GROWTH, 4, generator=generator),
+                            torch.randn(1, 2, 2 * GROWTH, 4, generator=generator))
+    got_keys, got_values = layer.update(new_keys, new_values)
+    assert torch.equal(got_keys, torch.cat([keys, new_keys], dim=-2))
+    assert torch.equal(got_values, torch.cat([values, new_values], dim=-2))
+
+
 def test_rows_decoding_past_the_spare_room_stay_exact(tiny_model_dir):
     """Rows longer than one growth of the batch's buffers, joining at different steps, answer as alone."""
     from zip_vlm_ros.engine.batching import GROWTH

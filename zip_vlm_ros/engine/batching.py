@@ -282,11 +282,12 @@ class RoomyLayer(DynamicLayer):
         self.key_buffer = self.value_buffer = None
         self._store(keys, values)
 
-    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Copy `keys` and `values` ``[rows, kv_heads, length, head_dim]`` into new buffers with room to grow."""
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, room: int = GROWTH) -> None:
+        """Copy `keys` and `values` ``[rows, kv_heads, length, head_dim]`` into new buffers with `room` more
+        positions."""
         rows, heads, length, head_dim = keys.shape
-        self.key_buffer = keys.new_empty((rows, heads, length + GROWTH, head_dim))
-        self.value_buffer = values.new_empty((rows, heads, length + GROWTH, values.shape[-1]))
+        self.key_buffer = keys.new_empty((rows, heads, length + room, head_dim))
+        self.value_buffer = values.new_empty((rows, heads, length + room, values.shape[-1]))
         self.key_buffer[:, :, :length] = keys
         self.value_buffer[:, :, :length] = values
         self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
@@ -294,7 +295,7 @@ class RoomyLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         length, added = self.keys.shape[-2], key_states.shape[-2]
         if length + added > self.key_buffer.shape[-2]:
-            self._store(self.keys, self.values)
+            self._store(self.keys, self.values, room=max(GROWTH, added))
         self.key_buffer[:, :, length:length + added] = key_states
         self.value_buffer[:, :, length:length + added] = value_states
         self.keys = self.key_buffer[:, :, :length + added]
