@@ -13,7 +13,7 @@ import pytest
 
 from zip_vlm_ros.replay import cli, results
 from zip_vlm_ros.replay.offline import BAG_REPORTS_DIR, EXIT_INTERRUPTED
-from zip_vlm_ros.replay.ray_fleet import LOOPBACK_ADDRESSES, WORKER_NAMESPACE, connect, worker_name
+from zip_vlm_ros.replay.ray_fleet import LOOPBACK_ADDRESSES, WORKER_NAMESPACE, WorkerPool, connect, worker_name
 from zip_vlm_ros.tools import sample_bag
 
 MAX_NEW_TOKENS = '4'
@@ -150,12 +150,34 @@ def test_two_ray_workers_write_the_single_process_results_listening_on_loopback_
     assert [s for s in seen if s[1].removeprefix('::ffff:') not in LOOPBACK_ADDRESSES] == []
 
 
+def kill_before_its_second_task(monkeypatch, ray, index: int) -> None:
+    """Kill worker `index` when the driver is about to hand it its second task, and wait until Ray has
+    it dead: its first task may still be running, and its second is then certain to reach a dead worker
+    (killing it after some rows are written instead would race the workers: a worker that has already
+    finished its tasks dies with nothing to lose)."""
+    submit = WorkerPool.submit
+    given = []
+
+    def kill_then_submit(self, task):
+        if self.least_loaded() == index:
+            given.append(task)
+            if len(given) == 2:
+                actor = self.actors[index]
+                ray.kill(actor)
+                while True:  # an idle worker may answer a call or two before the kill lands
+                    try:
+                        ray.get(actor.facts.remote(), timeout=60)
+                    except ray.exceptions.RayActorError:
+                        break
+        submit(self, task)
+
+    monkeypatch.setattr(WorkerPool, 'submit', kill_then_submit)
+
+
 def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, capsys, monkeypatch, local_ray, bag, tiny_model_dir,
                                                       questions_file, single_process):
     out = tmp_path / 'ray'
-    after_first_rows(monkeypatch, lambda: local_ray.kill(local_ray.get_actor(worker_name(1),
-                                                                             namespace=WORKER_NAMESPACE)))
-    # One frame per task: worker 1 then still holds frames when the first rows are written.
+    kill_before_its_second_task(monkeypatch, local_ray, 1)
     status = replay(bag, out, tiny_model_dir, questions_file, '--ray', '--workers', 2, '--frames-per-task', 1)
     stderr = capsys.readouterr().err
     assert status == 0, stderr

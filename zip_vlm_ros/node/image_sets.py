@@ -21,7 +21,11 @@ from zip_vlm_ros.node.overlays import image_set_views
 from zip_vlm_ros.msg import VlmResult
 from zip_vlm_ros.engine.multi_image import ImageInput
 
-__all__ = ['ImageSetRequest', 'SelectedImage', 'image_set_request', 'resolve_total_budget', 'run_image_set']
+__all__ = ['HISTORY_UNAVAILABLE', 'ImageSetRequest', 'SelectedImage', 'image_set_request', 'resolve_total_budget',
+           'run_image_set']
+
+# In the refusal of a history its camera's buffer cannot give (a client may wait for frames and ask again).
+HISTORY_UNAVAILABLE = 'has no history of'
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ def _history(spec: ImageSetRequest, feeds: dict[str, CameraFeed],
         picks = pick_history(buffered, stamps_s, spec.history_frames, spec.history_s)
     except HistoryUnavailable as error:
         raise RequestRejected(('history', camera), (
-            f'camera {camera!r} cannot give {spec.history_frames} frames over the last {spec.history_s:g} s: '
+            f'camera {camera!r} {HISTORY_UNAVAILABLE} {spec.history_frames} frames over the last {spec.history_s:g} s: '
             f'{error}; ask a shorter history_s, or raise frame_history_length / frame_history_bytes')) from None
     newest_s = max(stamps_s)
     return [SelectedImage(camera, pick.frame, _decode(feed, pick.frame), history_label(camera, newest_s - pick.stamp_s))

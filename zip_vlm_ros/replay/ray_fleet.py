@@ -113,13 +113,17 @@ class WorkerPool:
     def has_room(self) -> bool:
         return len(self.running) < len(self.actors) * (1 + TASKS_AHEAD_PER_WORKER)
 
-    def submit(self, task: FrameTask) -> None:
-        """To the live worker holding the fewest tasks."""
+    def least_loaded(self) -> int:
+        """The index of the live worker holding the fewest tasks (the first of them on a tie)."""
         load = {index: 0 for index in self.actors}
         for index, _ in self.running.values():
             if index in load:  # frames of a worker that died are counted on no one
                 load[index] += 1
-        index = min(load, key=load.get)
+        return min(load, key=load.get)
+
+    def submit(self, task: FrameTask) -> None:
+        """To the live worker holding the fewest tasks."""
+        index = self.least_loaded()
         task.attempts += 1
         self.running[self.actors[index].evaluate.remote(task.frames, task.todos)] = (index, task)
 
