@@ -28,6 +28,7 @@ from zip_vlm_ros.bench.harness import (Target, add_run_arguments, measure_interl
                                       run_and_report)
 from zip_vlm_ros.bench.inputs import FRAME_QUESTIONS, IMAGES, bench_image, open_bench_engine
 from zip_vlm_ros.engine import VlmEngine
+from zip_vlm_ros.engine.cpu_linear import cpu_linear
 
 __all__ = ["main", "measure_batched", "measure_serial"]
 
@@ -113,9 +114,10 @@ def measure_single_decode(engine: VlmEngine, request: tuple, budget: int, max_ne
             "decode_ms_per_token": output.decode_ms / max(1, output.generated_tokens - 1)}
 
 
-def measure_linear_rows(engine: VlmEngine, max_rows: int, repeats: int, calls: int = 10) -> dict[int, float]:
+def measure_linear_rows(engine: VlmEngine, max_rows: int, repeats: int, calls: int = 10) -> dict[str, dict[int, float]]:
     """Milliseconds of one of the LLM's largest linear layers (its first MLP up-projection) on 1..`max_rows`
-    rows, interleaved, minimum of `repeats`: what one decode step's matrix products cost per batch size.
+    rows, interleaved, minimum of `repeats`, as ``F.linear`` computes it and as the engine does
+    (``cpu_linear``): what one decode step's matrix products cost per batch size.
 
     A decode step is mostly these products; when the per-call time grows with the rows, batching gains
     less than "read the weights once per step" suggests (on CPU the BLAS kernel changes with the rows).
@@ -123,16 +125,19 @@ def measure_linear_rows(engine: VlmEngine, max_rows: int, repeats: int, calls: i
     weight = max((module.weight for module in engine.model.modules() if isinstance(module, torch.nn.Linear)),
                  key=lambda weight: weight.numel())                                     # [out, in]
     inputs = torch.randn(max_rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    times: dict[int, list[float]] = {rows: [] for rows in range(1, max_rows + 1)}
+    kernels = {"F.linear": torch.nn.functional.linear, "engine": cpu_linear}
+    times = {(kernel, rows): [] for rows in range(1, max_rows + 1) for kernel in kernels}
     clock = engine.clock
     with torch.inference_mode():
         for _ in range(repeats + 1):  # the first round warms up
-            for rows, samples in times.items():
+            for (kernel, rows), samples in times.items():
+                linear = kernels[kernel]
                 start = clock.now()
                 for _ in range(calls):
-                    torch.nn.functional.linear(inputs[:rows], weight)
+                    linear(inputs[:rows], weight, None)
                 samples.append(clock.ms_since(start) / calls)
-    return {rows: min(samples[1:]) for rows, samples in times.items()}
+    return {kernel: {rows: min(samples[1:]) for (name, rows), samples in times.items() if name == kernel}
+            for kernel in kernels}
 
 
 def run_benchmark(args) -> dict:
@@ -194,9 +199,12 @@ def format_report(results: dict) -> str:
     for mode in ("batch of one", "generate"):
         lines.append(f"{mode:<18} {results['single_request'][mode]['decode_ms_per_token']:>16.2f}")
     lines.append(f"ratio: {results['single_request']['ratio']:.3f}")
-    linear = results["linear_rows_ms"]
-    lines += ["", "largest linear layer, ms per call by rows: "
-              + "  ".join(f"{rows}: {ms:.1f} ({ms / linear[1]:.2f}x)" for rows, ms in linear.items())]
+    lines += ["", "largest linear layer, ms per call by rows (x: against 1 row by F.linear):"]
+    by_kernel = results["linear_rows_ms"]
+    one_row = by_kernel["F.linear"][1]
+    for kernel, linear in by_kernel.items():
+        lines.append(f"  {kernel:<13} " + "  ".join(f"{rows}: {ms:.1f} ({ms / one_row:.2f}x)"
+                                                   for rows, ms in linear.items()))
     lines += ["", "targets:"]
     for target in results["targets"]:
         lines.append(f"  {target['name']}: {target['ratio']:.2f}x (target {target['target']}) {target['result']}")

@@ -71,6 +71,7 @@ from zip_vlm_ros.engine.requests import (ImageInput, check_budget, check_context
                                          check_max_new_tokens, check_prompts, check_reducer)
 from zip_vlm_ros.engine.sampling import SamplingOptions, check_sampling
 from zip_vlm_ros.errors import EngineError, RequestError
+from zip_vlm_ros.engine.cpu_linear import route_cpu_linears
 from zip_vlm_ros.models import VisualTokens, load_family
 
 __all__ = ["VlmEngine"]
@@ -98,6 +99,8 @@ class VlmEngine:
         self.family = load_family(config.model, self.dtype, self.device, config.contextual_ratio, self.clock.now,
                                   config.vision_tower, config.max_pixels)
         self.model, self.processor = self.family.model, self.family.processor
+        for module in self.family.torch_modules():
+            route_cpu_linears(module)  # on CPU in float32: oneDNN's kernel, not MKL's (cpu_linear.py says why)
         self.tokenizer = self.processor.tokenizer
         self.image_processor = self.processor.image_processor
         self.visual_tokens_full = self.family.visual_tokens_full

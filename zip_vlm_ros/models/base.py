@@ -132,6 +132,10 @@ class FamilyAdapter:
         self.clock = clock  # perf_counter after the device's queued work (the engine's)
         self.read_tower_geometry(hf_config)
 
+    def torch_modules(self) -> list[torch.nn.Module]:
+        """Every torch module the family runs (the engine chooses their CPU kernels)."""
+        return [self.model]
+
     def read_tower_geometry(self, hf_config) -> None:
         """The vision tower's token geometry from the checkpoint's config (a CLIP tower's here)."""
         self.feature_layer = hf_config.vision_feature_layer

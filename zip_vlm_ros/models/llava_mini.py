@@ -131,6 +131,9 @@ class LlavaMiniAdapter(FamilyAdapter):
 
     # ------------------------------------------------------------------ loading
 
+    def torch_modules(self) -> list[torch.nn.Module]:
+        return [self.model, self.vision_tower, self.projector, self.compressor, self.prefusion]
+
     @classmethod
     def read_config(cls, name: str) -> LlavaMiniConfig:
         return read_llava_mini_config(name)
