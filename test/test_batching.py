@@ -193,9 +193,11 @@ def test_bad_requests_are_refused_before_any_model_work(engine):
         engine.open_request(np.zeros((4, 4), np.uint8), ["Hi?"])
 
 
-@pytest.mark.parametrize("model_dir", ["tiny_next_model_dir", "tiny_mini_model_dir"])
+@pytest.mark.parametrize("model_dir", ["tiny_next_model_dir", "tiny_mini_model_dir", "tiny_qwen_model_dir"])
 def test_other_families_batch_exactly(request, model_dir):
-    """LLaVA-NeXT (AnyRes prompts of different lengths per image) and LLaVA-Mini (pre-fused prompts)."""
+    """LLaVA-NeXT (AnyRes prompts of different lengths per image), LLaVA-Mini (pre-fused prompts) and
+    Qwen2.5-VL (M-RoPE: each row's text continues after its own frame's positions, which differ with the
+    frame's size)."""
     engine = VlmEngine(EngineConfig(model=str(request.getfixturevalue(model_dir)), device="cpu", max_new_tokens=8))
     try:
         cases = [("astronaut", "What is in the image?", 6), ("coffee", "Describe the table in detail.", 8),

@@ -117,9 +117,7 @@ class DecodeBatch:
     @property
     def accepts(self) -> bool:
         """Whether a request may be admitted now (a free row, and caches that can share a batch)."""
-        # A family that positions text itself (Qwen2.5-VL's M-RoPE, ``batches_prompts`` False) decodes one row.
-        return not self.rows or (len(self.rows) < self.max_rows and self._mergeable
-                                 and self.generator.family.batches_prompts)
+        return not self.rows or (len(self.rows) < self.max_rows and self._mergeable)
 
     @torch.inference_mode()
     def admit(self, request: BatchRequest) -> bool:
@@ -194,13 +192,15 @@ class DecodeBatch:
     def _forward(self) -> None:
         """Feed every row's last token; each row's logits become the next step's."""
         next_tokens = torch.cat([row.generated[:, -1:] for row in self.rows])          # [rows, 1]
+        family = self.generator.family
         attention_mask = position_ids = None
         if self.attention_mask is not None:
             attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((len(self.rows), 1))], 1)
+        if not family.batches_prompts:  # M-RoPE (Qwen2.5-VL): each row's own positions after its own images
+            position_ids = torch.cat([family.text_positions(row.step.prefix.family_state, row.length, 1)
+                                      for row in self.rows], dim=1)                     # [3, rows, 1]
+        elif attention_mask is not None:  # left-padded rows: each row's count of real tokens
             position_ids = torch.tensor([[row.length] for row in self.rows], device=next_tokens.device)
-        elif not self.generator.family.batches_prompts:  # one row: the family's own positions for its next token
-            row = self.rows[0]
-            position_ids = self.generator.family.text_positions(row.step.prefix.family_state, row.length, 1)
         logits = self.generator.model(input_ids=next_tokens, attention_mask=attention_mask, position_ids=position_ids,
                                       past_key_values=self.kv_cache, use_cache=True).logits[:, -1].float()
         self.attention_mask = attention_mask
