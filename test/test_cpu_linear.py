@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from zip_vlm_ros.engine import EngineConfig, VlmEngine
-from zip_vlm_ros.engine.cpu_linear import _forward, cpu_linear, route_cpu_linears
+from zip_vlm_ros.engine.cpu_linear import MAX_FEW_ROWS, _forward, cpu_linear, route_cpu_linears
 
 
 def weights(dtype=torch.float32):
@@ -15,7 +15,7 @@ def weights(dtype=torch.float32):
     return weight, bias
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16, 300])
+@pytest.mark.parametrize("rows", [1, 4, MAX_FEW_ROWS, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_equals_f_linear_up_to_the_order_of_sums(rows, with_bias):
     weight, bias = weights()
@@ -30,11 +30,13 @@ def test_equals_f_linear_up_to_the_order_of_sums(rows, with_bias):
                                torch.nn.functional.linear(longer[:, -1:], weight, bias), rtol=1e-5, atol=1e-5)
 
 
-def test_the_kernel_is_onednn_in_float32_and_f_linear_otherwise():
+def test_the_kernel_is_onednn_for_few_float32_rows_and_f_linear_otherwise():
     weight, bias = weights()
     with torch.profiler.profile() as profile:
         cpu_linear(torch.randn(4, 64), weight, bias)
     assert "mkldnn::_linear_pointwise" in {event.key for event in profile.key_averages()}
+    many = torch.randn(MAX_FEW_ROWS + 1, 64)
+    assert torch.equal(cpu_linear(many, weight, bias), torch.nn.functional.linear(many, weight, bias))
     half_weight, half_bias = weights(torch.bfloat16)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     assert torch.equal(cpu_linear(x, half_weight, half_bias), torch.nn.functional.linear(x, half_weight, half_bias))

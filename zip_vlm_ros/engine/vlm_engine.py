@@ -100,7 +100,7 @@ class VlmEngine:
                                   config.vision_tower, config.max_pixels)
         self.model, self.processor = self.family.model, self.family.processor
         for module in self.family.torch_modules():
-            route_cpu_linears(module)  # on CPU in float32: oneDNN's kernel, not MKL's (cpu_linear.py says why)
+            route_cpu_linears(module)  # decode steps on CPU in float32: oneDNN, not MKL (cpu_linear.py: why)
         self.tokenizer = self.processor.tokenizer
         self.image_processor = self.processor.image_processor
         self.visual_tokens_full = self.family.visual_tokens_full
