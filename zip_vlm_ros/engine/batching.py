@@ -14,7 +14,8 @@ Decoding reads every weight once per step whatever the number of rows, so k rows
 one. A request is prefilled alone (``Generator.prefill_step``: its frame's cached prefix is forked,
 never written) and its key/value cache then joins the batch's: rows of different lengths are left-padded
 with zeros that an attention mask hides, and each row's next position is its own count of real tokens,
-as stock ``generate`` does for a left-padded batch. A row leaves on EOS, ``max_new_tokens``, a stop from
+as stock ``generate`` does for a left-padded batch (a family with positions of its own, Qwen2.5-VL's
+M-RoPE, gives each row its ``text_positions`` after that row's own images). A row leaves on EOS, ``max_new_tokens``, a stop from
 its ``should_stop`` (cancel, deadline) or an error in its own prefill; the others keep their caches and
 positions (the leaving row is removed from the batch, and padding columns no row needs any more are
 dropped). The batch's cache layers (``RoomyLayer``) are views of buffers with room for ``GROWTH`` more

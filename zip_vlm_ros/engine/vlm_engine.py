@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from zip_vlm_ros.engine.config import EngineConfig, check_engine_config
+from zip_vlm_ros.engine.cpu_linear import route_cpu_linears
 from zip_vlm_ros.engine.devices import DeviceClock, resolve_device, resolve_dtype
 from zip_vlm_ros.engine.batching import BatchRequest, DecodeBatch
 from zip_vlm_ros.engine.generation import Generator, PrefillStep
@@ -71,7 +72,6 @@ from zip_vlm_ros.engine.requests import (ImageInput, check_budget, check_context
                                          check_max_new_tokens, check_prompts, check_reducer)
 from zip_vlm_ros.engine.sampling import SamplingOptions, check_sampling
 from zip_vlm_ros.errors import EngineError, RequestError
-from zip_vlm_ros.engine.cpu_linear import route_cpu_linears
 from zip_vlm_ros.models import VisualTokens, load_family
 
 __all__ = ["VlmEngine"]

@@ -117,7 +117,8 @@ class FamilyAdapter:
     # patches each visual token stands for), so that an overlay can be drawn of every answer.
     traces_visual_tokens = False
     # False for a family whose prompts carry their own positions (Qwen2.5-VL's M-RoPE): ``generate_batch``'s
-    # left-padded rows count positions from the attention mask, which such a family cannot use.
+    # left-padded rows count positions from the attention mask, which such a family cannot use, and a
+    # ``DecodeBatch`` gives each of its rows the family's ``text_positions`` instead.
     batches_prompts = True
 
     def __init__(self, name: str, hf_config, model, processor, contextual_ratio: float,
